@@ -1,0 +1,366 @@
+"""ViT backbones: friendly names -> timm models, weights, hidden-state taps, LoRA adapters.
+
+Tap convention (ViT-Up): tap ``0`` is the token sequence entering the first block (patch embedding,
+position embedding, prefix tokens dropped); tap ``i > 0`` is the residual stream after block ``i``.
+Every tap is normalised the way the network itself normalises it next: tap ``i < depth`` by block
+``i + 1``'s first LayerNorm, tap ``depth`` by the final norm. Taps are returned NCHW, ``(B, C, h, w)``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import re
+import socket
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from vitup_cli.errors import VitupError
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    """A friendly backbone name and the timm model (and default hub tag) behind it."""
+
+    timm_name: str
+    tag: str | None
+    note: str = ""
+
+
+BACKBONES: dict[str, BackboneSpec] = {
+    "dinov3_s": BackboneSpec("vit_small_patch16_dinov3", "lvd1689m", "ViT-S/16, 384-d, 12 blocks"),
+    "dinov3_s+": BackboneSpec("vit_small_plus_patch16_dinov3", "lvd1689m", "ViT-S+/16, 384-d, 12 blocks (paper)"),
+    "dinov3_b": BackboneSpec("vit_base_patch16_dinov3", "lvd1689m", "ViT-B/16, 768-d, 12 blocks"),
+    "dinov3_l": BackboneSpec("vit_large_patch16_dinov3", "lvd1689m", "ViT-L/16, 1024-d, 24 blocks"),
+    "dinov2_s": BackboneSpec("vit_small_patch14_dinov2", "lvd142m", "ViT-S/14, 384-d, 12 blocks"),
+    "dinov2_b": BackboneSpec("vit_base_patch14_dinov2", "lvd142m", "ViT-B/14, 768-d, 12 blocks"),
+    "dinov2_s_reg": BackboneSpec("vit_small_patch14_reg4_dinov2", "lvd142m", "ViT-S/14 + 4 registers"),
+    "dinov2_b_reg": BackboneSpec("vit_base_patch14_reg4_dinov2", "lvd142m", "ViT-B/14 + 4 registers"),
+}
+ALIASES: dict[str, str] = {"dinov3_splus": "dinov3_s+"}
+
+# Anchored so that only the backbone's own layers match (a bare "proj" also matches other modules).
+_LORA_TARGETS = r"^(patch_embed\.proj|blocks\.\d+\.attn\.(qkv|proj|q_proj|k_proj|v_proj))$"
+
+
+def resolve_name(name: str) -> tuple[str, str | None]:
+    """``dinov3_b`` / ``vit_base_patch16_dinov3`` / ``vit_base_patch16_dinov3.lvd1689m`` -> (timm name, tag)."""
+    import timm
+
+    key = ALIASES.get(name, name)
+    if key in BACKBONES:
+        spec = BACKBONES[key]
+        return spec.timm_name, spec.tag
+    timm_name, _, tag = name.partition(".")
+    if not timm.is_model(timm_name):
+        known = ", ".join(sorted([*BACKBONES, *ALIASES]))
+        raise VitupError(
+            f"unknown backbone '{name}': use one of {known} or a timm ViT name (see `timm.list_models('vit_*')`)"
+        )
+    return timm_name, tag or None
+
+
+def default_taps(depth: int, num_blocks: int = 6) -> list[int]:
+    """Evenly spaced taps: ``[0, 2, 4, ..., 12]`` for 12 blocks, ``[0, 4, ..., 24]`` for 24."""
+    return [int(i * depth / num_blocks + 0.5) for i in range(num_blocks + 1)]
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _hub_offline() -> bool:
+    """True when the Hugging Face hub cannot be reached; decided in seconds, not a minute of retries."""
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in {"1", "true", "yes", "on"}:
+        return True
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+    host = re.sub(r"^https?://", "", endpoint).split("/")[0]
+    hostname, _, port = host.partition(":")
+    try:
+        with socket.create_connection((hostname, int(port or 443)), timeout=3):
+            return False
+    except OSError:
+        return True
+
+
+def _cached_hub_file(hub_id: str) -> Path | None:
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:  # pragma: no cover - huggingface_hub ships with timm
+        return None
+    for filename in ("model.safetensors", "pytorch_model.bin"):
+        found = try_to_load_from_cache(hub_id, filename)
+        if isinstance(found, str):
+            return Path(found)
+    return None
+
+
+def _no_weights_message(friendly: str, hub_id: str) -> str:
+    return (
+        f"no weights for backbone '{friendly}': {hub_id} is not in the Hugging Face cache and the hub "
+        "is unreachable. Fix: go online (or pre-download it with `hf download "
+        f"{hub_id}`), or pass --weights PATH (a .safetensors or .pth state dict), or "
+        "--pretrained none (random init, for tests and demos only)"
+    )
+
+
+class Backbone(nn.Module):
+    """A timm ViT with hidden-state taps, input normalisation and optional LoRA adapters.
+
+    Attributes:
+        name: the name the user gave (``dinov3_s+`` or a timm name).
+        timm_name: the timm architecture.
+        weights_id: where the base weights came from (hub id, ``file:<name>@sha256:<hex>`` or
+            ``none (random init)``).
+        taps: the default hidden-state indices, ``len == num_blocks + 1``.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        name: str,
+        timm_name: str,
+        weights_id: str,
+        overrides: dict[str, Any] | None = None,
+        taps: Sequence[int] | None = None,
+    ) -> None:
+        super().__init__()
+        import timm.data
+
+        self.model = model
+        self.name = name
+        self.timm_name = timm_name
+        self.weights_id = weights_id
+        self.overrides = dict(overrides or {})
+        self.depth = len(model.blocks)
+        self.embed_dim = int(model.embed_dim)
+        self.num_prefix_tokens = int(getattr(model, "num_prefix_tokens", 0))
+        patch = model.patch_embed.patch_size
+        self.patch_size = int(patch[0] if isinstance(patch, (tuple, list)) else patch)
+        self.taps = list(taps) if taps is not None else default_taps(self.depth)
+        bad = [t for t in self.taps if not 0 <= t <= self.depth]
+        if bad:
+            raise VitupError(f"--taps {bad} out of range: this backbone has taps 0..{self.depth}")
+        data_cfg = timm.data.resolve_data_config({}, model=model)
+        self.register_buffer("mean", torch.tensor(data_cfg["mean"]).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(data_cfg["std"]).view(1, 3, 1, 1), persistent=False)
+        self._is_eva = type(model).__name__ == "Eva"
+        self.lora: dict[str, float] | None = None
+        model.eval()
+        for p in model.parameters():
+            p.requires_grad_(False)
+
+    # -- inputs ---------------------------------------------------------------------------------
+    def normalize(self, images: torch.Tensor) -> torch.Tensor:
+        """``(B, 3, H, W)`` RGB in ``[0, 1]`` -> the backbone's normalised input."""
+        return (images - self.mean.to(images.dtype)) / self.std.to(images.dtype)
+
+    @property
+    def random_init(self) -> bool:
+        return self.weights_id.startswith("none")
+
+    # -- features -------------------------------------------------------------------------------
+    def hidden_states(self, x: torch.Tensor, taps: Sequence[int] | None = None) -> list[torch.Tensor]:
+        """Normalised hidden states at ``taps``.
+
+        Args:
+            x: ``(B, 3, H, W)`` normalised images, H and W multiples of the patch size.
+        Returns:
+            one ``(B, C, H/p, W/p)`` map per tap, in the order asked.
+        """
+        taps = list(self.taps if taps is None else taps)
+        m = self.model
+        B, _, H, W = x.shape
+        h, w = H // self.patch_size, W // self.patch_size
+        tokens = m.patch_embed(x)
+        if tokens.ndim == 4:  # dynamic-size patch embeds are NHWC
+            tokens = tokens.reshape(B, h * w, -1)
+        rope = None
+        if self._is_eva:
+            tokens, rope = m._pos_embed(tokens.reshape(B, h, w, -1) if m.dynamic_img_size else tokens)
+        else:
+            tokens = m._pos_embed(tokens.reshape(B, h, w, -1) if m.dynamic_img_size else tokens)
+        if getattr(m, "patch_drop", None) is not None:
+            tokens = m.patch_drop(tokens)
+        tokens = m.norm_pre(tokens)
+        wanted = set(taps)
+        found: dict[int, torch.Tensor] = {}
+        last = max(wanted)
+        for i, block in enumerate(m.blocks):
+            if i in wanted:
+                found[i] = block.norm1(tokens)
+            if i >= last:
+                break
+            if self._is_eva:
+                block_rope = rope[i] if isinstance(rope, (list, tuple)) else rope
+                tokens = block(tokens, rope=block_rope)
+            else:
+                tokens = block(tokens)
+        if self.depth in wanted:
+            found[self.depth] = m.norm(tokens)
+        p = self.num_prefix_tokens
+        return [found[t][:, p:].transpose(1, 2).reshape(B, -1, h, w) for t in taps]
+
+    def patch_embed_grid(self, x: torch.Tensor) -> torch.Tensor:
+        """The (possibly LoRA-adapted) patch embedding alone: ``(B, 3, H, W)`` -> ``(B, C, H/p, W/p)``."""
+        B, _, H, W = x.shape
+        h, w = H // self.patch_size, W // self.patch_size
+        emb = self.model.patch_embed(x)
+        if emb.ndim == 4:
+            return emb.permute(0, 3, 1, 2)
+        return emb.transpose(1, 2).reshape(B, -1, h, w)
+
+    # -- LoRA -----------------------------------------------------------------------------------
+    def add_lora(self, r: int = 16, alpha: float = 32, dropout: float = 0.05) -> None:
+        """Inject LoRA adapters (peft) on the patch embedding and attention projections.
+
+        ``B`` is zero-initialised, so the adapted network equals the teacher until trained.
+        """
+        if self.lora is not None:
+            raise VitupError("LoRA adapters are already attached to this backbone")
+        from peft import LoraConfig, inject_adapter_in_model
+
+        for block in self.model.blocks:
+            attn = block.attn
+            # `*_qkvb` models call F.linear(x, qkv.weight, bias) and bypass the adapter. Adding the bias
+            # after `self.qkv(x)` (timm's `qkv_bias_separate` path) is the same function and lets it work.
+            if getattr(attn, "q_bias", None) is not None and hasattr(attn, "qkv_bias_separate"):
+                attn.qkv_bias_separate = True
+        config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=_LORA_TARGETS)
+        inject_adapter_in_model(config, self.model)
+        n_adapted = sum(1 for n, _ in self.model.named_modules() if n.endswith("lora_A"))
+        if n_adapted == 0:
+            raise VitupError(f"no LoRA target found in {self.timm_name} (looked for {_LORA_TARGETS})")
+        self.lora = {"r": r, "alpha": alpha, "dropout": dropout}
+
+    def lora_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
+        for name, param in self.named_parameters():
+            if "lora_" in name:
+                yield name, param
+
+    def _tuner_layers(self) -> list[nn.Module]:
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        return [m for m in self.model.modules() if isinstance(m, BaseTunerLayer)]
+
+    @contextlib.contextmanager
+    def adapters_disabled(self) -> Iterator[Backbone]:
+        """Within the block, the backbone is the frozen teacher (LoRA off); restored on exit."""
+        layers = self._tuner_layers()
+        trainable = {name: p.requires_grad for name, p in self.model.named_parameters()}
+        for layer in layers:
+            layer.enable_adapters(False)
+        try:
+            yield self
+        finally:
+            for layer in layers:
+                layer.enable_adapters(True)
+            for name, p in self.model.named_parameters():  # peft's toggle also flips requires_grad
+                p.requires_grad_(trainable[name])
+
+    def describe(self) -> dict[str, Any]:
+        """What a checkpoint or store records about this backbone."""
+        return {
+            "name": self.name,
+            "timm_name": self.timm_name,
+            "weights_id": self.weights_id,
+            "overrides": self.overrides,
+            "taps": self.taps,
+            "embed_dim": self.embed_dim,
+            "depth": self.depth,
+            "patch_size": self.patch_size,
+            "lora": self.lora,
+        }
+
+
+def load_backbone(
+    name: str = "dinov3_s+",
+    *,
+    weights: str | Path | None = None,
+    pretrained: str = "hub",
+    overrides: dict[str, Any] | None = None,
+    taps: Sequence[int] | None = None,
+) -> Backbone:
+    """Build a frozen backbone.
+
+    Args:
+        name: friendly name (``dinov3_b``), timm name, or ``timm_name.tag``.
+        weights: local state-dict file (``.safetensors``; ``.pth``/``.bin`` loaded with
+            ``weights_only=True``). Wins over ``pretrained``.
+        pretrained: ``"hub"`` for the name's default tag, a tag such as ``"lvd1689m"``, or ``"none"``
+            for random init (tests and demos only; recorded as such everywhere).
+        overrides: timm constructor overrides (``depth``, ``embed_dim``, ``num_heads``) for shrunk models.
+        taps: hidden-state indices; default evenly spaced (``default_taps``).
+    """
+    import timm
+
+    timm_name, tag = resolve_name(name)
+    overrides = dict(overrides or {})
+    kwargs: dict[str, Any] = {"num_classes": 0, "dynamic_img_size": True, **overrides}
+    if weights is not None:
+        path = Path(weights)
+        if not path.is_file():
+            raise VitupError(f"--weights {path}: no such file")
+        weights_id = f"file:{path.name}@sha256:{_sha256(path)}"
+        try:
+            model = timm.create_model(timm_name, pretrained=True, pretrained_cfg_overlay={"file": str(path)}, **kwargs)
+        except Exception as exc:
+            raise VitupError(
+                f"--weights {path}: cannot load it into {timm_name} ({type(exc).__name__}: "
+                f"{str(exc).splitlines()[0][:200]}); pass a state dict for this architecture"
+            ) from None
+    elif pretrained == "none":
+        weights_id = "none (random init)"
+        model = timm.create_model(timm_name, pretrained=False, **kwargs)
+    else:
+        tag = tag if pretrained == "hub" else pretrained
+        if not tag:
+            raise VitupError(
+                f"backbone '{name}' has no default hub tag: pass --pretrained TAG, --weights PATH, or --pretrained none"
+            )
+        hub_id = f"timm/{timm_name}.{tag}"
+        cached = _cached_hub_file(hub_id)
+        if cached is not None:
+            model = timm.create_model(
+                f"{timm_name}.{tag}", pretrained=True, pretrained_cfg_overlay={"file": str(cached)}, **kwargs
+            )
+        elif _hub_offline():
+            raise VitupError(_no_weights_message(name, hub_id))
+        else:
+            model = timm.create_model(f"{timm_name}.{tag}", pretrained=True, **kwargs)
+        weights_id = hub_id
+    return Backbone(model, name=name, timm_name=timm_name, weights_id=weights_id, overrides=overrides, taps=taps)
+
+
+def parse_overrides(text: str | None) -> dict[str, Any]:
+    """``"depth=4,embed_dim=192,num_heads=3"`` -> ``{"depth": 4, ...}`` (ints, floats, bools, strings)."""
+    if not text:
+        return {}
+    out: dict[str, Any] = {}
+    for item in text.split(","):
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise VitupError(f"--backbone-args '{text}': expected KEY=VALUE[,KEY=VALUE...]")
+        value = value.strip()
+        parsed: Any = value
+        for cast in (int, float):
+            try:
+                parsed = cast(value)
+                break
+            except ValueError:
+                continue
+        if value.lower() in {"true", "false"}:
+            parsed = value.lower() == "true"
+        out[key.strip()] = parsed
+    return out

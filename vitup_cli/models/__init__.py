@@ -1,0 +1,42 @@
+"""Upsamplers behind one interface (``features`` / ``query``), built by name."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from vitup_cli.backbones import Backbone
+from vitup_cli.errors import VitupError
+from vitup_cli.models.base import Upsampler, grid_xy, sample_map
+from vitup_cli.models.simple import BilinearUpsampler, LowresUpsampler, NearestUpsampler
+from vitup_cli.models.vitup import ViTUp, ViTUpConfig
+
+UPSAMPLERS: dict[str, Callable[..., Upsampler]] = {
+    "vitup": lambda backbone, config=None, **_: ViTUp(backbone, config),
+    "bilinear": lambda backbone, input_size=None, **_: BilinearUpsampler(backbone, input_size),
+    "nearest": lambda backbone, input_size=None, **_: NearestUpsampler(backbone, input_size),
+    "lowres": lambda backbone, input_size=None, **_: LowresUpsampler(backbone, input_size),
+}
+TRAINING_FREE = ("bilinear", "nearest", "lowres")
+
+
+def build_upsampler(name: str, backbone: Backbone, **kwargs: Any) -> Upsampler:
+    """An upsampler by registry name over ``backbone`` (``vitup`` starts untrained: load a checkpoint)."""
+    if name not in UPSAMPLERS:
+        raise VitupError(f"unknown upsampler '{name}': use one of {', '.join(UPSAMPLERS)}")
+    return UPSAMPLERS[name](backbone, **kwargs)
+
+
+__all__ = [
+    "TRAINING_FREE",
+    "UPSAMPLERS",
+    "BilinearUpsampler",
+    "LowresUpsampler",
+    "NearestUpsampler",
+    "Upsampler",
+    "ViTUp",
+    "ViTUpConfig",
+    "build_upsampler",
+    "grid_xy",
+    "sample_map",
+]

@@ -1,0 +1,92 @@
+"""The interface every upsampler keeps, so stores, probes and pictures can compare them side by side.
+
+Coordinates: ``xy`` in ``[0, 1]^2``, x to the right, y down, pixel-centre convention: the centre of
+pixel ``(i, j)`` of an ``H x W`` grid is ``((j + 0.5) / W, (i + 0.5) / H)``.
+Images: ``(B, 3, H, W)`` float RGB in ``[0, 1]`` at any size; each upsampler resizes to its backbone
+input size and normalises.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vitup_cli.backbones import Backbone
+
+
+def grid_xy(height: int, width: int, device: torch.device | str | None = None) -> torch.Tensor:
+    """Pixel-centre coordinates of an ``H x W`` grid, row-major: ``(H * W, 2)`` in ``[0, 1]``."""
+    ys = (torch.arange(height, device=device, dtype=torch.float32) + 0.5) / height
+    xs = (torch.arange(width, device=device, dtype=torch.float32) + 0.5) / width
+    yy, xx = torch.meshgrid(ys, xs, indexing="ij")
+    return torch.stack([xx.reshape(-1), yy.reshape(-1)], dim=-1)
+
+
+def sample_map(fmap: torch.Tensor, xy: torch.Tensor, mode: str = "bilinear") -> torch.Tensor:
+    """Sample ``(B, C, h, w)`` at ``xy`` ``(B, N, 2)`` -> ``(B, N, C)`` (border padding, pixel centres)."""
+    grid = (xy * 2 - 1).unsqueeze(1).to(fmap.dtype)  # (B, 1, N, 2)
+    out = F.grid_sample(fmap, grid, mode=mode, padding_mode="border", align_corners=False)
+    return out[:, :, 0].transpose(1, 2)
+
+
+def _as_size(size: int | tuple[int, int]) -> tuple[int, int]:
+    return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+
+
+class Upsampler(nn.Module, ABC):
+    """Dense features from a backbone at any resolution.
+
+    Subclasses implement ``query``; ``features`` defaults to querying a pixel-centre grid.
+    ``tap`` selects which hidden-state index to return (default: the last tap, "the" feature).
+    """
+
+    name: str = "upsampler"
+    #: True when ``features`` ignores ``size`` and returns the native token grid.
+    native_resolution_only: bool = False
+
+    def __init__(self, backbone: Backbone, input_size: int | None = None) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.input_size = int(input_size or 28 * backbone.patch_size)
+        if self.input_size % backbone.patch_size:
+            raise ValueError(f"input size {self.input_size} is not a multiple of the patch size {backbone.patch_size}")
+
+    @property
+    def dim(self) -> int:
+        return self.backbone.embed_dim
+
+    @property
+    def token_grid(self) -> tuple[int, int]:
+        side = self.input_size // self.backbone.patch_size
+        return side, side
+
+    def prepare(self, images: torch.Tensor) -> torch.Tensor:
+        """``(B, 3, H, W)`` in ``[0, 1]`` -> normalised ``(B, 3, S, S)`` at the backbone input size."""
+        if images.shape[-2:] != (self.input_size, self.input_size):
+            images = F.interpolate(
+                images,
+                size=(self.input_size, self.input_size),
+                mode="bilinear",
+                align_corners=False,
+                antialias=True,
+            )
+        return self.backbone.normalize(images)
+
+    def tokens(self, images: torch.Tensor, tap: int | None = None) -> torch.Tensor:
+        """Backbone tokens ``(B, C, h, w)`` at ``tap`` (default the last tap)."""
+        tap = self.backbone.taps[-1] if tap is None else tap
+        return self.backbone.hidden_states(self.prepare(images), [tap])[0]
+
+    @abstractmethod
+    def query(self, images: torch.Tensor, xy: torch.Tensor, tap: int | None = None) -> torch.Tensor:
+        """Features at continuous coordinates: images ``(B, 3, H, W)``, xy ``(B, N, 2)`` -> ``(B, N, C)``."""
+
+    def features(self, images: torch.Tensor, size: int | tuple[int, int], tap: int | None = None) -> torch.Tensor:
+        """Dense features on a pixel-centre grid: ``(B, 3, H, W)`` -> ``(B, C, size_h, size_w)``."""
+        out_h, out_w = _as_size(size)
+        xy = grid_xy(out_h, out_w, device=images.device).expand(images.shape[0], -1, -1)
+        feats = self.query(images, xy, tap=tap)
+        return feats.transpose(1, 2).reshape(images.shape[0], -1, out_h, out_w)

@@ -1,0 +1,314 @@
+"""ViT-Up: predict a ViT's own features at any image coordinate from its intermediate hidden states.
+
+Per image, once: the backbone's hidden states at the taps (``h x w`` tokens, 28 per side by default)
+and a query-embedding grid (the patch embedding of the image resized to a ``224 x 224`` token grid).
+Per query ``xy``: ``q0`` is a bilinear sample of that grid; six blocks each read one tap
+(transition MLP, cross-attention with continuous 2D RoPE, FeatX, fusion MLP); one decoder per tap maps
+``q0`` and each block's output into that tap's feature space. Queries run in chunks against the cache,
+so memory is bounded at any output resolution and results do not depend on the chunk size.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vitup_cli.backbones import Backbone
+from vitup_cli.errors import VitupError
+from vitup_cli.models.base import Upsampler, sample_map
+
+
+@dataclass
+class ViTUpConfig:
+    """ViT-Up hyperparameters; the defaults are the paper's."""
+
+    num_blocks: int = 6
+    input_tokens: int = 28  # backbone input, tokens per side (448 px at patch 16)
+    query_grid: int = 224  # query-embedding grid, tokens per side (3584 px at patch 16)
+    num_heads: int | None = None  # None: C // 64 (6 for a 384-d backbone)
+    fourier_bands: int = 16
+    fourier_max_res: float = 10.0
+    rope_base: float = 100.0
+    window: int | None = None  # cross-attention window in tokens; None = global
+    chunk_queries: int = 112 * 112
+    transition_ratio: int = 2
+    mlp_ratio: int = 4
+
+    @property
+    def code_dim(self) -> int:
+        return 2 + 2 * 2 * self.fourier_bands
+
+
+# -- position codes ---------------------------------------------------------------------------------
+def fourier_code(offset: torch.Tensor, bands: int = 16, max_res: float = 10.0) -> torch.Tensor:
+    """Fourier features of an offset ``(..., 2)`` -> ``(..., 2 + 4 * bands)`` (sin, cos, then raw)."""
+    freqs = torch.linspace(1.0, max_res / 2, bands, device=offset.device, dtype=offset.dtype)
+    angles = offset.unsqueeze(-1) * freqs * math.pi  # (..., 2, bands)
+    code = torch.cat([angles.sin(), angles.cos()], dim=-1).flatten(-2)
+    return torch.cat([code, offset], dim=-1)
+
+
+def rope_angles(pos: torch.Tensor, head_dim: int, base: float = 100.0) -> torch.Tensor:
+    """Continuous 2D RoPE angles: positions ``(..., 2)`` in token units -> ``(..., head_dim // 2)``.
+
+    Half the rotation pairs follow x, half follow y; periods run from 1 to ``base`` tokens
+    (angle = 2 pi * coordinate / period).
+    """
+    n = head_dim // 4
+    periods = base ** (torch.arange(n, device=pos.device, dtype=torch.float32) / n)
+    ang = 2 * math.pi * pos.float().unsqueeze(-1) / periods  # (..., 2, n)
+    return ang.flatten(-2)
+
+
+def apply_rope(t: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
+    """Rotate ``t`` ``(B, heads, N, D)`` by ``angles`` ``(B, 1, N, D/2)`` (rotate-half pairing)."""
+    half = t.shape[-1] // 2
+    cos, sin = angles.cos().to(t.dtype), angles.sin().to(t.dtype)
+    t1, t2 = t[..., :half], t[..., half:]
+    return torch.cat([t1 * cos - t2 * sin, t1 * sin + t2 * cos], dim=-1)
+
+
+def token_centres(h: int, w: int, device: torch.device | str | None = None) -> torch.Tensor:
+    """Token-centre positions in token units, row-major: ``(h * w, 2)`` as (x, y)."""
+    ys = torch.arange(h, device=device, dtype=torch.float32) + 0.5
+    xs = torch.arange(w, device=device, dtype=torch.float32) + 0.5
+    yy, xx = torch.meshgrid(ys, xs, indexing="ij")
+    return torch.stack([xx.reshape(-1), yy.reshape(-1)], dim=-1)
+
+
+def window_index(h: int, w: int, window: int, device: torch.device | str | None = None) -> torch.Tensor:
+    """For each token, the flat indices of the ``window x window`` tokens around it, shifted to stay
+    inside the grid: ``(h * w, wy * wx)``."""
+    wy, wx = min(window, h), min(window, w)
+    sy = (torch.arange(h, device=device) - wy // 2).clamp(0, h - wy)
+    sx = (torch.arange(w, device=device) - wx // 2).clamp(0, w - wx)
+    rows = sy[:, None] + torch.arange(wy, device=device)  # (h, wy)
+    cols = sx[:, None] + torch.arange(wx, device=device)  # (w, wx)
+    idx = rows[:, None, :, None] * w + cols[None, :, None, :]  # (h, w, wy, wx)
+    return idx.reshape(h * w, wy * wx)
+
+
+def _mlp(dim: int, hidden: int, out: int | None = None) -> nn.Sequential:
+    return nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, out or dim))
+
+
+# -- layers -----------------------------------------------------------------------------------------
+class CrossAttention(nn.Module):
+    """Queries at continuous positions attend to a token grid; 2D RoPE on q and k; optional windows."""
+
+    def __init__(self, dim: int, num_heads: int, rope_base: float, window: int | None) -> None:
+        super().__init__()
+        if dim % num_heads or (dim // num_heads) % 4:
+            raise ValueError(f"width {dim} with {num_heads} heads: head dim must be a multiple of 4")
+        self.num_heads, self.head_dim = num_heads, dim // num_heads
+        self.rope_base, self.window = rope_base, window
+        self.norm_q, self.norm_kv = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.q = nn.Linear(dim, dim, bias=True)
+        self.kv = nn.Linear(dim, 2 * dim, bias=True)
+        self.proj = nn.Linear(dim, dim)
+
+    def _heads(self, x: torch.Tensor) -> torch.Tensor:
+        B, N, _ = x.shape
+        return x.reshape(B, N, self.num_heads, self.head_dim).transpose(1, 2)
+
+    def keys_values(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(B, C, h, w)`` -> RoPE'd keys and values ``(B, heads, h*w, D)``, once per image."""
+        h, w = tokens.shape[-2:]
+        k, v = self.kv(self.norm_kv(tokens.flatten(2).transpose(1, 2))).chunk(2, dim=-1)
+        ang = rope_angles(token_centres(h, w, tokens.device), self.head_dim, self.rope_base)
+        return apply_rope(self._heads(k), ang[None, None]), self._heads(v)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        pos: torch.Tensor,
+        kv: tuple[torch.Tensor, torch.Tensor],
+        nearest: torch.Tensor,
+        grid: tuple[int, int],
+    ) -> torch.Tensor:
+        """x ``(B, N, C)`` at ``pos`` ``(B, N, 2)`` (token units); ``nearest`` ``(B, N)`` flat token ids."""
+        B, N, C = x.shape
+        q = apply_rope(self._heads(self.q(self.norm_q(x))), rope_angles(pos, self.head_dim, self.rope_base)[:, None])
+        k, v = kv
+        h, w = grid
+        if self.window is None or (self.window >= h and self.window >= w):
+            out = F.scaled_dot_product_attention(q, k, v)
+        else:
+            out = self._windowed(q, k, v, nearest, window_index(h, w, self.window, x.device))
+        return self.proj(out.transpose(1, 2).reshape(B, N, C))
+
+    @staticmethod
+    def _windowed(
+        q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, nearest: torch.Tensor, windows: torch.Tensor
+    ) -> torch.Tensor:
+        """Group queries by their nearest token; each group attends to that token's window.
+
+        Cost is one gather per (image, token) rather than per query.
+        """
+        B, H, N, D = q.shape
+        T = k.shape[2]
+        group = (torch.arange(B, device=q.device)[:, None] * T + nearest).reshape(-1)
+        order = torch.argsort(group, stable=True)
+        uniq, counts = torch.unique_consecutive(group[order], return_counts=True)
+        members = torch.repeat_interleave(torch.arange(len(uniq), device=q.device), counts)
+        starts = torch.cumsum(counts, 0) - counts
+        rank = torch.arange(B * N, device=q.device) - torch.repeat_interleave(starts, counts)
+        q_sorted = q.permute(0, 2, 1, 3).reshape(B * N, H, D)[order]
+        grouped = q.new_zeros(len(uniq), int(counts.max()), H, D)
+        grouped[members, rank] = q_sorted
+        img, tok = uniq // T, uniq % T
+        win = windows[tok]  # (U, W)
+        k_win = k.permute(0, 2, 1, 3)[img[:, None], win]  # (U, W, H, D)
+        v_win = v.permute(0, 2, 1, 3)[img[:, None], win]
+        out = F.scaled_dot_product_attention(
+            grouped.transpose(1, 2), k_win.transpose(1, 2), v_win.transpose(1, 2)
+        ).transpose(1, 2)  # (U, G, H, D)
+        result = torch.empty_like(q_sorted)
+        result[order] = out[members, rank]
+        return result.reshape(B, N, H, D).permute(0, 2, 1, 3)
+
+
+class FeatX(nn.Module):
+    """Sub-token detail: the nearest token, FiLM-modulated by its offset code, through an MLP."""
+
+    def __init__(self, dim: int, code_dim: int, mlp_ratio: int) -> None:
+        super().__init__()
+        self.norm_in = nn.LayerNorm(dim)
+        self.film = _mlp(code_dim, dim, 2 * dim)
+        nn.init.zeros_(self.film[-1].weight)
+        nn.init.zeros_(self.film[-1].bias)
+        self.norm_mid = nn.LayerNorm(dim)
+        self.mlp = _mlp(dim, mlp_ratio * dim)
+        self.norm_out = nn.LayerNorm(dim)
+
+    def modulate(self, token: torch.Tensor, code: torch.Tensor) -> torch.Tensor:
+        """``(1 + gamma) * token + beta`` with (gamma, beta) from the offset code; identity at init.
+
+        ``token`` is already ``norm_in``-normalised (done once per image, see ``ViTUp.decode``)."""
+        gamma, beta = self.film(code).chunk(2, dim=-1)
+        return (1 + gamma) * token + beta
+
+    def forward(self, token: torch.Tensor, code: torch.Tensor) -> torch.Tensor:
+        return self.norm_out(self.mlp(self.norm_mid(self.modulate(token, code))))
+
+
+class ViTUpBlock(nn.Module):
+    def __init__(self, dim: int, num_heads: int, config: ViTUpConfig) -> None:
+        super().__init__()
+        self.norm_transition = nn.LayerNorm(dim)
+        self.transition = _mlp(dim, config.transition_ratio * dim)
+        self.attn = CrossAttention(dim, num_heads, config.rope_base, config.window)
+        self.featx = FeatX(dim, config.code_dim, config.mlp_ratio)
+        self.norm_fusion = nn.LayerNorm(dim)
+        self.fusion = _mlp(dim, config.mlp_ratio * dim)
+
+    def forward(
+        self,
+        q: torch.Tensor,
+        pos: torch.Tensor,
+        code: torch.Tensor,
+        nearest: torch.Tensor,
+        kv: tuple[torch.Tensor, torch.Tensor],
+        tokens: torch.Tensor,
+        grid: tuple[int, int],
+    ) -> torch.Tensor:
+        """q ``(B, N, C)`` -> ``(B, N, C)``; ``tokens`` ``(B, h*w, C)``: this block's tap, ``featx.norm_in``'d."""
+        x = q + self.transition(self.norm_transition(q))
+        x_attn = self.attn(x, pos, kv, nearest, grid)
+        token = torch.gather(tokens, 1, nearest.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]))
+        fused = x + x_attn + self.featx(token, code)
+        return fused + self.fusion(self.norm_fusion(fused))
+
+
+@dataclass
+class ViTUpCache:
+    """Per-image state, computed once: ``states[k]`` ``(B, C, h, w)`` at ``taps[k]``;
+    ``query_grid`` ``(B, C, Q, Q)``."""
+
+    states: list[torch.Tensor]
+    query_grid: torch.Tensor
+
+
+class ViTUp(Upsampler):
+    """The ViT-Up upsampler over a (LoRA-adapted) backbone. ``levels`` index ``backbone.taps``:
+    level 0 decodes ``q0``, level t decodes block t's output."""
+
+    name = "vitup"
+
+    def __init__(self, backbone: Backbone, config: ViTUpConfig | None = None) -> None:
+        config = config or ViTUpConfig()
+        super().__init__(backbone, config.input_tokens * backbone.patch_size)
+        if len(backbone.taps) != config.num_blocks + 1:
+            raise VitupError(
+                f"ViT-Up with {config.num_blocks} blocks needs {config.num_blocks + 1} taps, got {backbone.taps}"
+            )
+        self.config = config
+        dim = backbone.embed_dim
+        heads = config.num_heads or max(1, dim // 64)
+        self.blocks = nn.ModuleList(ViTUpBlock(dim, heads, config) for _ in range(config.num_blocks))
+        self.decoders = nn.ModuleList(
+            nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, dim)) for _ in range(config.num_blocks + 1)
+        )
+
+    def upsampler_parameters(self) -> list[tuple[str, nn.Parameter]]:
+        """The upsampler's own parameters (blocks, decoders), without the backbone."""
+        return [(n, p) for n, p in self.named_parameters() if not n.startswith("backbone.")]
+
+    def level_of(self, tap: int | None) -> int:
+        taps = self.backbone.taps
+        if tap is None:
+            return len(taps) - 1
+        if tap not in taps:
+            raise VitupError(f"--tap {tap}: this ViT-Up decodes taps {taps}")
+        return len(taps) - 1 - taps[::-1].index(tap)
+
+    def encode(self, images: torch.Tensor) -> ViTUpCache:
+        """``(B, 3, H, W)`` in ``[0, 1]`` -> hidden states at every tap and the query-embedding grid."""
+        states = self.backbone.hidden_states(self.prepare(images))
+        side = self.config.query_grid * self.backbone.patch_size
+        big = F.interpolate(images, size=(side, side), mode="bilinear", align_corners=False, antialias=True)
+        return ViTUpCache(states=states, query_grid=self.backbone.patch_embed_grid(self.backbone.normalize(big)))
+
+    def decode(
+        self,
+        cache: ViTUpCache,
+        xy: torch.Tensor,
+        levels: Sequence[int] | None = None,
+        chunk: int | None = None,
+    ) -> list[torch.Tensor]:
+        """Features at ``xy`` ``(B, N, 2)`` for each level -> list of ``(B, N, C)``, chunk by chunk."""
+        levels = [len(self.decoders) - 1] if levels is None else list(levels)
+        depth = max(levels)
+        h, w = cache.states[0].shape[-2:]
+        kv = [self.blocks[t - 1].attn.keys_values(cache.states[t]) for t in range(1, depth + 1)]
+        # LN(gather(tokens)) == gather(LN(tokens)): normalise the h*w tokens once, not every query
+        normed = [
+            self.blocks[t - 1].featx.norm_in(cache.states[t].flatten(2).transpose(1, 2)) for t in range(1, depth + 1)
+        ]
+        chunk = chunk or self.config.chunk_queries
+        outs: list[list[torch.Tensor]] = [[] for _ in levels]
+        for start in range(0, xy.shape[1], chunk):
+            part = xy[:, start : start + chunk]
+            q = sample_map(cache.query_grid, part)
+            pos = part * part.new_tensor([w, h])
+            cell = pos.floor().long()
+            cx, cy = cell[..., 0].clamp(0, w - 1), cell[..., 1].clamp(0, h - 1)
+            nearest = cy * w + cx
+            offset = pos - torch.stack([cx, cy], dim=-1).to(pos.dtype) - 0.5
+            code = fourier_code(offset, self.config.fourier_bands, self.config.fourier_max_res)
+            decoded = {0: self.decoders[0](q)} if 0 in levels else {}
+            for t in range(1, depth + 1):
+                q = self.blocks[t - 1](q, pos, code, nearest, kv[t - 1], normed[t - 1], (h, w))
+                if t in levels:
+                    decoded[t] = self.decoders[t](q)
+            for i, level in enumerate(levels):
+                outs[i].append(decoded[level])
+        return [torch.cat(o, dim=1) for o in outs]
+
+    def query(self, images: torch.Tensor, xy: torch.Tensor, tap: int | None = None) -> torch.Tensor:
+        return self.decode(self.encode(images), xy, [self.level_of(tap)])[0]
