@@ -1,0 +1,1 @@
+"""Data loading: robust image reading (``images``) and datasets."""
