@@ -18,7 +18,6 @@ reported with the batch, never fatal.
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -99,19 +98,17 @@ class CanvasDataset(Dataset):
         self.files = [Path(f) for f in files]
         self.spec = spec
         self.stream = stream
-        self._orders: dict[int, np.ndarray] = {}
-        self._lock = threading.Lock()
+        self._orders: dict[int, np.ndarray] = {}  # per process: each loader worker keeps its own
 
     def __len__(self) -> int:
         return len(self.files)
 
     def _order(self, epoch: int) -> np.ndarray:
-        with self._lock:
-            if epoch not in self._orders:
-                if len(self._orders) > 4:
-                    self._orders.pop(min(self._orders))
-                self._orders[epoch] = epoch_order(len(self.files), self.spec.seed, epoch)
-            return self._orders[epoch]
+        if epoch not in self._orders:
+            if len(self._orders) > 4:
+                self._orders.pop(min(self._orders))
+            self._orders[epoch] = epoch_order(len(self.files), self.spec.seed, epoch)
+        return self._orders[epoch]
 
     def image_index(self, position: int) -> int:
         n = len(self.files)

@@ -142,6 +142,13 @@ def _all_reduce_mean(values: torch.Tensor, d: _Dist) -> torch.Tensor:
     return values
 
 
+def _barrier(d: _Dist) -> None:
+    if d.world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
 def _gather(obj: Any, d: _Dist) -> list[Any]:
     if d.world == 1:
         return [obj]
@@ -350,6 +357,7 @@ def _train(
         )
     if resume and run_dir is not None and not (run_dir / STATE_NAME).is_file():
         raise VitupError(f"--resume {run_dir}: no {STATE_NAME} there; the run never reached its first save")
+    _barrier(d)  # every process has checked the folder before rank 0 writes into it
     check(cfg, d.world)
     train_list = list_images(cfg.data)
     val_files = list_images(cfg.val_data).files if cfg.val_data else []
@@ -433,12 +441,12 @@ def _train(
         for part in _gather(run.bad_files, d):
             bad.update(part)
         run.bad_files = bad
+        run.last_checkpoint_step = step
         if not d.main:
             return
         save_checkpoint(run_dir / "last", model, checkpoint_extra(step, loss=loss))
         if cfg.keep_every and step % cfg.keep_every == 0:
             save_checkpoint(run_dir / f"step-{step:07d}", model, checkpoint_extra(step, loss=loss))
-        run.last_checkpoint_step = step
         save_state(
             run_dir / STATE_NAME,
             model=model,
