@@ -123,7 +123,7 @@ class RichReporter:
         self.progress.update(self.task, completed=step, rate=f"{rate:.2f} it/s", losses=_fmt(metrics))
 
     def message(self, text: str) -> None:
-        self.progress.console.print(text)
+        self.progress.console.print(text, markup=False, highlight=False)
 
     def close(self) -> None:
         self.progress.stop()
