@@ -116,7 +116,7 @@ print("ok")
 
 @pytest.mark.parametrize("name", FORMATS)
 def test_unwritten_rows_are_pending_and_nan(tmp_path, name):
-    feats, tokens, status, sizes, valid, errors = _rows()
+    feats, _tokens, status, sizes, valid, errors = _rows()
     layout = StoreLayout.for_images(7, 5, 60, 70, 3)
     writer = create_writer(tmp_path / name, layout, PATHS, {})
     writer.write_shard(1, feats[3:6], status[3:6], sizes[3:6], valid[3:6], errors[3:6])
@@ -174,7 +174,7 @@ def test_bad_paths_and_suffixes(tmp_path):
 
 @pytest.mark.parametrize("name", FORMATS)
 def test_writer_refuses_partial_shards_and_existing_paths(tmp_path, name):
-    feats, tokens, status, sizes, valid, errors = _rows()
+    feats, _tokens, status, sizes, valid, _errors = _rows()
     layout = StoreLayout.for_images(7, 5, 60, 70, 3)
     writer = create_writer(tmp_path / name, layout, PATHS, {})
     with pytest.raises(ValueError, match="whole shards"):
@@ -217,7 +217,7 @@ def test_zarr_group_chunks_keep_parallel_writers_apart():
 
 
 def test_zarr_resume_discards_interrupted_writes(tmp_path):
-    feats, tokens, status, sizes, valid, errors = _rows()
+    feats, _tokens, status, sizes, valid, errors = _rows()
     layout = StoreLayout.for_images(7, 5, 60, 70, 3)
     writer = create_writer(tmp_path / "a.zarr", layout, PATHS, {})
     writer.write_shard(0, feats[:3], status[:3], sizes[:3], valid[:3], errors[:3])
