@@ -225,7 +225,9 @@ def test_zarr_resume_discards_interrupted_writes(tmp_path):
     shard.parent.mkdir(parents=True, exist_ok=True)
     shard.write_bytes(b"half a shard")  # as if a writer died mid-shard without the atomic rename
     (shard.parent / "0.abc.partial").write_bytes(b"temporary file of a killed write")
-    reopened = open_writer(tmp_path / "a.zarr")
+    assert open_writer(tmp_path / "a.zarr").done_shards() == {0}
+    assert list((tmp_path / "a.zarr").rglob("*.partial"))  # a plain open leaves other writers' files alone
+    reopened = open_writer(tmp_path / "a.zarr", recover=True)
     assert not list((tmp_path / "a.zarr").rglob("*.partial"))
     assert reopened.done_shards() == {0}
     reopened.write_shard(1, feats[3:6], status[3:6], sizes[3:6], valid[3:6], errors[3:6])

@@ -506,31 +506,66 @@ class _BackgroundWriter:
 # =================================================================================================
 @dataclass
 class _Dist:
+    """Coordination between ``torchrun`` ranks: small messages through the rendezvous key-value store.
+
+    No process group is created: a gloo group's worker threads can still hold Python tensors when a rank
+    exits and abort the interpreter, and its 30-minute collective timeout is shorter than the time a
+    rank may wait for the slowest one. When the caller already initialised ``torch.distributed``, its
+    group is used instead.
+    """
+
     rank: int = 0
     world: int = 1
     local_rank: int = 0
     local_world: int = 1
-    created: bool = False
+    store: Any = None
+    _seq: int = 0
+
+    _WAIT = _dt.timedelta(days=7)
 
     @classmethod
     def setup(cls) -> _Dist:
         import torch.distributed as dist
 
-        world = int(os.environ.get("WORLD_SIZE", "1"))
+        local = int(os.environ.get("LOCAL_RANK", "0")), int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
         if dist.is_available() and dist.is_initialized():
-            return cls(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")),
-                       int(os.environ.get("LOCAL_WORLD_SIZE", "1")))  # fmt: skip
+            return cls(dist.get_rank(), dist.get_world_size(), *local)
+        world = int(os.environ.get("WORLD_SIZE", "1"))
         if world <= 1:
             return cls()
-        dist.init_process_group("gloo")  # only small objects travel between ranks
-        return cls(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")),
-                   int(os.environ.get("LOCAL_WORLD_SIZE", "1")), created=True)  # fmt: skip
+        try:
+            store, rank, world = next(dist.rendezvous("env://", timeout=cls._WAIT))
+        except (ValueError, RuntimeError) as exc:
+            raise VitupError(
+                f"WORLD_SIZE={world} but the torchrun rendezvous failed ({exc}); launch with torchrun"
+            ) from None
+        return cls(rank, world, *local, store=dist.PrefixStore("vitup-extract/", store))
+
+    def _key(self) -> str:
+        self._seq += 1
+        return str(self._seq)
 
     def teardown(self) -> None:
-        if self.created:
-            import torch.distributed as dist
+        if self.store is not None:  # rank 0 may host the store: it leaves last
+            key = self._key()
+            self.store.set(f"{key}/{self.rank}", b"1")
+            if self.rank == 0:
+                self.store.wait([f"{key}/{r}" for r in range(self.world)], self._WAIT)
 
-            dist.destroy_process_group()
+    def _broadcast(self, value: Any) -> Any:
+        import pickle  # our own objects between our own ranks (what torch's object collectives do)
+
+        import torch.distributed as dist
+
+        if self.store is None:
+            box = [value]
+            dist.broadcast_object_list(box, src=0)
+            return box[0]
+        key = self._key()
+        if self.rank == 0:
+            self.store.set(key, pickle.dumps(value))
+            return value
+        return pickle.loads(self.store.get(key))
 
     def on_rank0(self, fn: Callable[[], Any]) -> Any:
         """Run ``fn`` on rank 0 and hand its result (or its ``VitupError``) to every rank."""
@@ -541,29 +576,26 @@ class _Dist:
             except VitupError as exc:
                 error = str(exc)
         if self.world > 1:
-            import torch.distributed as dist
-
-            box = [(result, error)]
-            dist.broadcast_object_list(box, src=0)
-            result, error = box[0]
+            result, error = self._broadcast((result, error))
         if error is not None:
             raise VitupError(error)
         return result
 
-    def barrier(self) -> None:
-        if self.world > 1:
-            import torch.distributed as dist
-
-            dist.barrier()
-
     def gather(self, value: Any) -> list[Any]:
+        """Every rank's ``value``, in rank order, on every rank."""
         if self.world == 1:
             return [value]
+        import pickle
+
         import torch.distributed as dist
 
-        out: list[Any] = [None] * self.world
-        dist.all_gather_object(out, value)
-        return out
+        if self.store is None:
+            out: list[Any] = [None] * self.world
+            dist.all_gather_object(out, value)
+            return out
+        key = self._key()
+        self.store.set(f"{key}/{self.rank}", pickle.dumps(value))
+        return [pickle.loads(self.store.get(f"{key}/{r}")) for r in range(self.world)]
 
 
 # =================================================================================================
@@ -917,10 +949,9 @@ def _run(
         finally:
             reporter.finish()
     loop_seconds = time.perf_counter() - loop_start
-    stats = dist_ctx.gather(
+    stats = dist_ctx.gather(  # also waits for every rank to finish writing
         {"rows": background.rows, "model": model_seconds, "write": background.seconds, "loop": loop_seconds}
     )
-    dist_ctx.barrier()
 
     def finish() -> ExtractSummary:
         return _finalize(config, writer, plan, stats, started, reporter)
@@ -951,7 +982,7 @@ def _prepare(
             "Pass --resume to continue it or --overwrite to replace it"
         )
     if exists and config.resume:
-        writer = stores.open_writer(out)
+        writer = stores.open_writer(out, recover=True)  # no other rank writes yet
         old = writer.attrs.get("settings", {})
         diffs = _differences(old, settings)
         if not diffs and writer.paths() != paths:

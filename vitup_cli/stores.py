@@ -210,7 +210,11 @@ class FeatureStore:
 
     # -- plumbing -------------------------------------------------------------------------------
     def _keys(self) -> set[str]:
-        return set(self._h.array_keys()) if self.format == "zarr" else set(self._h.keys())
+        if self.format == "hdf5":
+            return set(self._h.keys())
+        with warnings.catch_warnings():  # zarr warns about temporary files of writes in flight
+            warnings.simplefilter("ignore")
+            return set(self._h.array_keys())
 
     def _array(self, name: str) -> Any:
         if name not in self._keys():
@@ -500,6 +504,10 @@ class StoreWriter(ABC):
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release file handles (nothing to do for the built-in formats)."""
 
+    @abstractmethod
+    def recover(self) -> None:
+        """Delete temporary files that interrupted writes left (see ``open_writer(recover=True)``)."""
+
     def __enter__(self) -> StoreWriter:
         return self
 
@@ -613,11 +621,18 @@ def create_writer(
     return cls.create(p, layout, list(paths), full, pca)
 
 
-def open_writer(path: str | Path) -> StoreWriter:
-    """Reopen an existing store (or an unfinished HDF5 one) to continue writing it."""
+def open_writer(path: str | Path, *, recover: bool = False) -> StoreWriter:
+    """Reopen an existing store (or an unfinished HDF5 one) to continue writing it.
+
+    ``recover``: first delete the temporary files of writes that a killed writer left behind. Only when no
+    other process is writing this store (``vitup extract`` does it on rank 0 before any rank starts).
+    """
     p = Path(path)
     cls = _ZarrWriter if store_format(p) == "zarr" else _H5Writer
-    return cls.open(p)
+    writer = cls.open(p)
+    if recover:
+        writer.recover()
+    return writer
 
 
 def remove_store(path: str | Path) -> None:
@@ -720,9 +735,11 @@ class _ZarrWriter(StoreWriter):
                 f"{path}: not a complete vitup store (creation was interrupted, or another tool made it); "
                 "use --overwrite to start over"
             )
-        for leftover in path.rglob("*.partial"):  # temporary files of writes a kill interrupted
-            leftover.unlink(missing_ok=True)
         return cls(path, StoreLayout.from_json(attrs["layout"]), attrs, group)
+
+    def recover(self) -> None:
+        for leftover in self.path.rglob("*.partial"):  # zarr's temporary files of interrupted writes
+            leftover.unlink(missing_ok=True)
 
     def status(self) -> np.ndarray:
         return np.asarray(self._arrays["status"][...], dtype=np.uint8)
@@ -800,16 +817,23 @@ class _H5Writer(StoreWriter):
                 attrs = store.attrs
             if attrs.get("format") != STORE_FORMAT:
                 raise VitupError(f"{path}: not a vitup store; use --overwrite to replace it")
-            if parts.is_dir():
-                shutil.rmtree(parts)
             return cls(path, StoreLayout.from_json(attrs["layout"]), attrs)
         manifest = parts / _MANIFEST
         if not manifest.is_file():
             raise VitupError(f"{parts}: an HDF5 store whose creation was interrupted; use --overwrite to start over")
         attrs = json.loads(manifest.read_text())["attrs"]
-        for leftover in parts.glob(".*.tmp"):
-            leftover.unlink(missing_ok=True)
         return cls(path, StoreLayout.from_json(attrs["layout"]), attrs)
+
+    def recover(self) -> None:
+        if self.finished and self._parts.is_dir():  # a kill came between the final rename and the cleanup
+            shutil.rmtree(self._parts)
+        if self._parts.is_dir():
+            for leftover in self._parts.glob(".*.tmp"):  # parts being written when a kill came
+                leftover.unlink(missing_ok=True)
+            for part in self._parts.glob("shard-*.h5"):
+                if not _h5_readable(part):
+                    part.unlink()
+        self.path.with_name(f".{self.path.name}.tmp").unlink(missing_ok=True)  # an interrupted join
 
     @property
     def finished(self) -> bool:
@@ -832,8 +856,11 @@ class _H5Writer(StoreWriter):
             part = self._part(k)
             if part.is_file():
                 a, b = self.layout.shard_rows(k)
-                with h5py.File(part, "r") as h5:
-                    out[a:b] = h5[name][...]
+                try:
+                    with h5py.File(part, "r") as h5:
+                        out[a:b] = h5[name][...]
+                except (OSError, KeyError):  # e.g. emptied by a power loss before it reached the disk
+                    continue
         return out
 
     def status(self) -> np.ndarray:
@@ -887,9 +914,7 @@ class _H5Writer(StoreWriter):
             h5["valid"][...] = rows["valid"]
             h5["error"][...] = rows["error"]
             h5["status"][...] = rows["status"]
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, final)
+        os.replace(tmp, final)  # atomic: a part is complete or absent (unreadable ones count as absent)
 
     def finalize(self, attrs: dict[str, Any] | None = None) -> Path:
         """Join the shards into ``STORE`` (compressed chunks copied as they are), then drop the parts."""
@@ -938,6 +963,16 @@ class _H5Writer(StoreWriter):
         os.replace(tmp, self.path)
         shutil.rmtree(self._parts)
         return self.path
+
+
+def _h5_readable(path: Path) -> bool:
+    import h5py
+
+    try:
+        with h5py.File(path, "r") as h5:
+            return "status" in h5
+    except OSError:
+        return False
 
 
 def _chunk_grid(chunks: tuple[int, ...], shape: tuple[int, ...]) -> Iterator[tuple[int, ...]]:
