@@ -21,6 +21,7 @@ from vitup_cli.data.images import load_image
 from vitup_cli.errors import VitupError
 from vitup_cli.extract import (
     ExtractConfig,
+    RichReporter,
     SilentReporter,
     box_to_grid,
     dense_features,
@@ -392,6 +393,20 @@ def test_pca_stores_round_trip_through_their_projection(tmp_path):
         assert np.allclose(comps.T @ comps, top @ top.T, atol=1e-3)
     result = _cli(images, "--out", tmp_path / "bad.zarr", *common, "--pca", "65")
     assert result.exit_code == 2 and "only 64 channels" in result.stderr
+
+
+def test_rich_progress_and_resume_of_a_finished_hdf5_store(tmp_path):
+    images = _folder(tmp_path / "in", n=3)
+    config = ExtractConfig(
+        images, tmp_path / "r.h5", res=(8, 8), backbone="dinov3_s", pretrained="none", backbone_args=TINY,
+        input_size=64, workers=0,
+    )  # fmt: skip
+    assert run_extract(config, reporter=RichReporter()).done == 3
+    before = _store_digest(tmp_path / "r.h5")
+    config.resume = True
+    summary = run_extract(config, reporter=RichReporter())
+    assert (summary.skipped, summary.processed, summary.done) == (3, 0, 3)
+    assert _store_digest(tmp_path / "r.h5") == before  # a finished HDF5 file is not reopened for writing
 
 
 def test_api_returns_a_summary(tmp_path):

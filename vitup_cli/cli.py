@@ -185,7 +185,12 @@ def extract_cmd(
     ] = False,
     batch_size: Annotated[
         int | None,
-        typer.Option("--batch-size", "-B", rich_help_panel=_EX_RUN, help="Images per batch and per shard (default 8)."),
+        typer.Option(
+            "--batch-size",
+            "-B",
+            rich_help_panel=_EX_RUN,
+            help="Images per batch and per shard (default: up to 8, within 256 MB of features).",
+        ),
     ] = None,
     workers: Annotated[
         int | None,

@@ -49,6 +49,7 @@ from vitup_cli.models import Upsampler, ViTUp, grid_xy
 FITS = ("squash", "crop", "pad")
 DTYPES = ("float16", "float32")
 _BUDGET_BYTES = 256 << 20  # float32 features computed at once by the generic path
+_SHARD_BYTES = 256 << 20  # stored features per batch (= per shard) when --batch-size is not given
 
 
 # =================================================================================================
@@ -183,7 +184,7 @@ def dense_features(
             part = upsampler.decode(cache, xy, [level], chunk=xy.shape[1])[0]  # (B, n, C)
             if comps is not None:
                 part = (part - mean) @ comps.T
-            out[:, :, r0:r1] = part.transpose(1, 2).reshape(B, channels, r1 - r0, width).to("cpu", dtype)
+            out[:, :, r0:r1].copy_(part.transpose(1, 2).reshape(B, channels, r1 - r0, width))  # cast on the way
         return out, tokens
     per_image = upsampler.dim * height * width * 4
     step = max(1, min(B, _BUDGET_BYTES // max(1, per_image)))
@@ -192,7 +193,7 @@ def dense_features(
         feats = upsampler.features(images[b0:b1], (height, width), tap=tap).float()
         if comps is not None:
             feats = torch.einsum("kc,bchw->bkhw", comps, feats - mean[:, None, None])
-        out[b0:b1] = feats.to("cpu", dtype)
+        out[b0:b1].copy_(feats)  # cast and copy to the host in one pass
         del feats
     if with_tokens:
         tokens = (
@@ -210,7 +211,8 @@ class ExtractConfig:
 
     ``images``: a folder (recursive, sorted), ``@list.txt`` or one image. ``out``: ``*.zarr`` or
     ``*.h5``. ``res``: output grid ``(H, W)``. ``batch_size`` (images per model batch = per shard): None
-    takes 8 for a new store and the store's own for ``resume``. ``workers``: DataLoader processes (None:
+    takes as many images as fit in 256 MB of stored features (at most 8) for a new store, so memory does
+    not grow with the output grid, and the store's own for ``resume``. ``workers``: DataLoader processes (None:
     half the CPUs, at most 8). ``pca``: store ``K`` principal components fitted on ``pca_images`` images.
     ``lowres``: also store the backbone tokens. ``seed`` seeds the random init of ``pretrained='none'``.
     """
@@ -1013,6 +1015,12 @@ def _prepare(
         len(paths), channels, grid[0], grid[1], config.batch_size or 8, dtype=config.dtype, lowres=lowres,
         pca=config.pca, backbone_channels=upsampler.dim,
     )  # fmt: skip
+    if config.batch_size is None:  # memory must not grow with the output grid: bound the bytes per shard
+        auto = max(1, min(8, _SHARD_BYTES // layout.image_bytes))
+        layout = stores.StoreLayout.for_images(
+            len(paths), channels, grid[0], grid[1], auto, dtype=config.dtype, lowres=lowres, pca=config.pca,
+            backbone_channels=upsampler.dim,
+        )  # fmt: skip
     needed = layout.n * layout.image_bytes * (2 if fmt == "hdf5" else 1)
     _check_space(out, needed, config.force, reporter, layout, layout.n)
     pca = None

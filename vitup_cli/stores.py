@@ -922,9 +922,7 @@ class _H5Writer(StoreWriter):
 
         if attrs:
             self.attrs.update(attrs)
-        if self.finished:
-            with h5py.File(self.path, "r+") as h5:
-                h5.attrs.update(_h5_attrs_encode(self.attrs))
+        if self.finished:  # nothing was left to write; an HDF5 file is never reopened for writing
             return self.path
         lay = self.layout
         missing = [k for k in range(lay.num_shards) if not self._part(k).is_file()]
