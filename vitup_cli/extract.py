@@ -918,20 +918,17 @@ def _run(
                 )
             t0 = time.perf_counter()
             n = len(ok)
-            feats = torch.full((n, layout.channels, layout.height, layout.width), float("nan"), dtype=out_dtype)
-            tokens = torch.full((n, *layout.lowres), float("nan"), dtype=out_dtype) if layout.lowres else None
+            feats = tokens = None
             if batch["images"] is not None:
                 x = batch["images"].to(device, non_blocking=True).float().div_(255)
-                f, t = dense_features(
+                feats, tokens = dense_features(
                     upsampler, x, grid, tap=tap, chunk_queries=config.chunk_queries, projection=projection,
-                    dtype=out_dtype, with_tokens=tokens is not None,
+                    dtype=out_dtype, with_tokens=layout.lowres is not None,
                 )  # fmt: skip
-                if ok.all():
-                    feats, tokens = f, t
-                else:
-                    feats[torch.from_numpy(ok)] = f
-                    if tokens is not None:
-                        tokens[torch.from_numpy(ok)] = t
+            if not ok.all():  # failed rows are NaN
+                feats = _scatter_rows(feats, ok, (layout.channels, layout.height, layout.width), out_dtype)
+                if layout.lowres:
+                    tokens = _scatter_rows(tokens, ok, layout.lowres, out_dtype)
             model_seconds += time.perf_counter() - t0
             valid = np.zeros((n, 4), dtype=np.int64)
             for i in np.flatnonzero(ok):
@@ -961,6 +958,16 @@ def _run(
     summary = dist_ctx.on_rank0(finish)
     writer.close()
     return summary
+
+
+def _scatter_rows(
+    values: torch.Tensor | None, ok: np.ndarray, shape: tuple[int, ...], dtype: torch.dtype
+) -> torch.Tensor:
+    """``values`` for the rows where ``ok``, NaN elsewhere: ``(sum(ok), *shape)`` -> ``(len(ok), *shape)``."""
+    full = torch.full((len(ok), *shape), float("nan"), dtype=dtype)
+    if values is not None:
+        full[torch.from_numpy(ok)] = values
+    return full
 
 
 def _prepare(
