@@ -10,6 +10,12 @@ For each output resolution R (default 224 and 448), in a fresh child process (so
 then prints images/s for both, their ratio (goal >= 0.9), and the peak resident memory of each run side by
 side with the 448/224 ratio (goal <= 1.3). All in one invocation, on the same images.
 
+Two diagnostics explain a ratio below 1: ``stall``, the share of the end-to-end loop in which the model
+step was not running (waiting for decoded images or for the writer's queue, start-up, the last write),
+and ``model slowdown``, how much slower the very same model step ran end to end than alone (the
+decoding workers and the writer's compression competing for the same CPU cores; on a GPU box the model
+step does not share them).
+
     PYTHONPATH=. python benchmarks/extract_throughput.py                      # synthetic images, CPU
     PYTHONPATH=. python benchmarks/extract_throughput.py --images ./photos --backbone dinov3_b \\
         --pretrained lvd1689m --device cuda --count 512
@@ -222,13 +228,18 @@ def main() -> None:
         f"input {args.input_size}, batch {[r['batch_size'] for r in results]}, {args.workers} decode worker(s), "
         f"{first['threads']} torch thread(s), {first['device']}, {args.format}, {args.dtype}"
     )
-    header = f"{'R':>5} {'model img/s':>12} {'end-to-end img/s':>17} {'ratio':>6} {'peak RSS MB':>12} {'+workers MB':>12} {'stored MB':>10}"  # noqa: E501
-    print(header)
+    print(
+        f"{'R':>5} {'model img/s':>12} {'end-to-end img/s':>17} {'ratio':>6} {'stall':>6} {'model slowdown':>15} "
+        f"{'peak RSS MB':>12} {'+workers MB':>12} {'stored MB':>10}"
+    )
     for r in results:
         tree = f"{r['peak_rss_tree'] / mb:12.0f}" if r["peak_rss_tree"] else f"{'-':>12}"
+        loop = r["images"] / r["e2e_ips"]
+        stall = 1 - r["e2e_model_s"] / loop  # share of the loop the model step waited (data, disk, start, tail)
+        slowdown = r["e2e_model_s"] / (r["images"] / r["model_ips"])  # the same model step, sharing the CPU
         print(
             f"{r['res']:>5} {r['model_ips']:12.2f} {r['e2e_ips']:17.2f} {r['e2e_ips'] / r['model_ips']:6.2f} "
-            f"{r['peak_rss'] / mb:12.0f} {tree} {r['stored_bytes'] / mb:10.1f}"
+            f"{stall:6.1%} {slowdown:14.2f}x {r['peak_rss'] / mb:12.0f} {tree} {r['stored_bytes'] / mb:10.1f}"
         )
     ratio = first["e2e_ips"] / first["model_ips"]
     print(f"end-to-end / model-only at R={first['res']}: {ratio:.2f} (goal >= 0.9)")
