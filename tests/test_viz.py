@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -250,6 +252,9 @@ def test_cli_default_name_and_no_silent_overwrite(photo):
     assert result.exit_code == 0, result.output
     out = photo.with_name("photo.vitup.png")
     assert out.is_file() and "2x4 panels" in result.output
+    umask = os.umask(0)
+    os.umask(umask)
+    assert out.stat().st_mode & 0o777 == 0o666 & ~umask  # a normal file, not the temp file's 0600
     before = out.read_bytes()
     line = _error_line(_run(photo, *TINY_ARGS))
     assert "already exists" in line and "--overwrite" in line
@@ -274,3 +279,11 @@ def test_cli_bad_inputs_give_one_line_and_exit_2(photo, tmp_path):
     for needle, args in cases.items():
         assert needle in _error_line(_run(*args)), needle
     assert not list(tmp_path.glob("*.vitup.png"))
+
+
+def test_cli_help_shows_options_and_examples():
+    result = CliRunner().invoke(app, ["visualize", "--help"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0
+    for flag in ("--checkpoint", "--compare", "--res", "--point", "--index", "--out", "--dpi", "--panel-size"):
+        assert flag in result.output
+    assert "vitup visualize feats.zarr --index 0" in result.output

@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import io
 import math
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -360,8 +361,16 @@ def render_rows(
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=options.dpi)
     atomic_write_bytes(Path(out), buf.getvalue())
+    _umask_permissions(Path(out))
     width_px, height_px = (round(fig_w * options.dpi), round(fig_h * options.dpi))
     return RenderResult(path=Path(out), grid=(nrows, ncols), size_px=(width_px, height_px), explained=explained)
+
+
+def _umask_permissions(path: Path) -> None:
+    """Give a picture the usual permissions (the atomic writer's temporary file is private, 0600)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(path, 0o666 & ~mask)
 
 
 # -- output names -----------------------------------------------------------------------------------
