@@ -287,3 +287,175 @@ def test_cli_help_shows_options_and_examples():
     for flag in ("--checkpoint", "--compare", "--res", "--point", "--index", "--out", "--dpi", "--panel-size"):
         assert flag in result.output
     assert "vitup visualize feats.zarr --index 0" in result.output
+
+
+# -- from a store ------------------------------------------------------------------------------------
+C_STORE, GRID, PAD_VALUE = 24, 16, 1e4
+
+
+def _make_store(folder, suffix=".zarr", pca_k=None, lowres=True, statuses=(1, 1, 1)):
+    """Three photos (30x60, 40x40, 60x30) -> a store as `extract --fit pad --res 16` lays it out: the
+    image fills the valid box of the 16x16 grid, the padding holds huge values."""
+    from vitup_cli.stores import StoreLayout, create_writer
+
+    sizes = [(30, 60), (40, 40), (60, 30)]
+    valid = [(4, 0, 12, 16), (0, 0, 16, 16), (0, 4, 16, 12)]
+    names = []
+    for k, (h, w) in enumerate(sizes):
+        names.append(f"img{k}.png")
+        _photo(folder / names[-1], h=h, w=w, seed=k)
+    g = torch.Generator().manual_seed(5)
+    n = len(sizes)
+    feats = torch.full((n, C_STORE, GRID, GRID), PAD_VALUE)
+    for k, (y0, x0, y1, x1) in enumerate(valid):
+        feats[k, :, y0:y1, x0:x1] = torch.randn(C_STORE, y1 - y0, x1 - x0, generator=g)
+    tokens = torch.randn(n, C_STORE, 4, 4, generator=g)
+    pca = None
+    stored = feats.numpy()
+    if pca_k:
+        comps = torch.linalg.qr(torch.randn(C_STORE, pca_k, generator=g))[0].T.contiguous().numpy()  # (K, C)
+        mean = torch.randn(C_STORE, generator=g).numpy()
+        pca = (comps, mean)
+        stored = np.einsum("kc,nchw->nkhw", comps, stored - mean[None, :, None, None])
+    layout = StoreLayout.for_images(
+        n,
+        pca_k or C_STORE,
+        GRID,
+        GRID,
+        shard_size=n,
+        dtype="float32",
+        lowres=(C_STORE, 4, 4) if lowres else None,
+        pca=pca_k,
+        backbone_channels=C_STORE,
+    )
+    path = folder / f"feats{suffix}"
+    attrs = {"upsampler": "bilinear", "fit": "pad", "backbone": "dinov3_s", "weights_id": "none (random init)"}
+    writer = create_writer(path, layout, names, attrs, pca=pca)
+    status = np.array(statuses, dtype=np.uint8)
+    writer.write_rows(
+        0,
+        stored,
+        np.where(status == 0, 2, status),
+        np.array(sizes),
+        np.array(valid),
+        ["" if s else "broken file" for s in status],
+        tokens.numpy() if lowres else None,
+    )
+    writer.finalize()
+    return path, feats, tokens, valid
+
+
+@pytest.fixture
+def no_model(monkeypatch):
+    """Loading any model is an error: store rows must be drawn from the store alone."""
+
+    def refuse(*_a, **_k):
+        raise AssertionError("a model was loaded")
+
+    import vitup_cli.backbones
+    import vitup_cli.checkpoints
+    import vitup_cli.models
+
+    for module, name in [
+        (vitup_cli.backbones, "load_backbone"),
+        (vitup_cli.checkpoints, "open_upsampler"),
+        (vitup_cli.checkpoints, "load_checkpoint"),
+        (vitup_cli.models, "build_upsampler"),
+    ]:
+        monkeypatch.setattr(module, name, refuse)
+
+
+@pytest.fixture
+def pca_spy(monkeypatch):
+    calls = []
+    real = viz.fit_joint_pca
+
+    def spy(maps, **kw):
+        calls.append([m.clone() for m in maps])
+        return real(maps, **kw)
+
+    monkeypatch.setattr(viz, "fit_joint_pca", spy)
+    return calls
+
+
+@pytest.mark.parametrize("suffix", [".zarr", ".h5"])
+def test_store_rows_render_without_a_model_and_crop_the_padding(tmp_path, suffix, no_model, pca_spy):
+    path, feats, tokens, valid = _make_store(tmp_path, suffix)
+    result = _run(path, "--index", "0", "--index", "2", "--point", "5,5", "--dpi", "40", "--panel-size", "1.5")
+    assert result.exit_code == 0, result.output
+    out = tmp_path / "feats.row0-2.png"
+    assert out.is_file() and "4x3 panels" in result.output  # 2 rows x (PCA + point); input | tokens | stored
+    assert "not found" not in result.output  # the input images were found next to the store
+    for call, k in zip(pca_spy, (0, 2), strict=True):
+        stored_tokens, stored = call
+        y0, x0, y1, x1 = valid[k]
+        torch.testing.assert_close(stored, feats[k, :, y0:y1, x0:x1])  # the valid box, no padding
+        assert stored.abs().max() < PAD_VALUE
+        # tokens: only those over the image (a 16-grid box of 4..12 is token rows 1..3)
+        ty0, tx0, ty1, tx1 = (v // 4 for v in (y0, x0, y1 + 3, x1 + 3))
+        torch.testing.assert_close(stored_tokens, tokens[k, :, ty0:ty1, tx0:tx1])
+
+
+def test_pca_compressed_store_rows_are_unprojected(tmp_path, no_model, pca_spy):
+    path, feats, *_ = _make_store(tmp_path, pca_k=8, lowres=False)
+    res = viz.visualize_store(path, [1], options=viz.FigureOptions(panel_size=1.5, dpi=40))
+    assert res.grid == (1, 2) and res.path == tmp_path / "feats.row1.png"
+    (stored,) = pca_spy[0]
+    assert stored.shape == (C_STORE, GRID, GRID)  # back in the backbone's 24-d space, not the 8 stored
+    # an 8-d projection keeps the part of each feature in its span: unprojecting is that projection
+    from vitup_cli.stores import open_store
+
+    with open_store(path) as store:
+        comps, mean = store.pca
+    x = feats[1].reshape(C_STORE, -1).T.numpy() - mean
+    expected = (x @ comps.T @ comps + mean).T.reshape(C_STORE, GRID, GRID)
+    np.testing.assert_allclose(stored.numpy(), expected, atol=1e-4)
+
+
+def test_store_similarity_marks_the_same_image_point(tmp_path, no_model):
+    """The cell picked for a point is where that point lies in the padded grid."""
+    path, *_ = _make_store(tmp_path)
+    from vitup_cli.stores import open_store
+
+    with open_store(path) as store:
+        row = viz._store_row(store, 0, [tmp_path], [(59, 29)], print)
+    tokens, stored = row.panels
+    xy = viz.point_to_xy(row.local((59, 29)), row.size, row.label)
+    assert viz.point_cell(xy, *stored.features.shape[1:], stored.box) == (7, 15)  # last cell of the 8x16 crop
+    assert viz.point_cell(xy, *tokens.features.shape[1:], tokens.box) == (2, 3)  # grid row 11 -> token row 2
+    assert viz.cosine_similarity_map(tokens.features, xy, tokens.box)[2, 3] == 1.0
+
+
+def test_store_bad_inputs_give_one_line_and_exit_2(tmp_path, no_model):
+    import zarr
+
+    path, *_ = _make_store(tmp_path, statuses=(1, 0, 1))
+    foreign = zarr.open_group(tmp_path / "other.zarr", mode="w")
+    foreign.create_array("something", shape=(2,), dtype="float32")
+    cases = {
+        "out of range: feats.zarr has 3 rows (0..2)": [path, "--index", "3"],
+        "--index -1 is out of range": [path, "--index", "-1"],
+        "choose rows with --index": [path],
+        "is failed (broken file)": [path, "--index", "1"],
+        "no 'features' array": [tmp_path / "other.zarr", "--index", "0"],
+        "no such store": [tmp_path / "missing.zarr", "--index", "0"],
+        "outside row 0: img0.png (60x30 pixels)": [path, "--index", "0", "--point", "60,3"],
+        "do not apply to a store": [path, "--index", "0", "--compare", "bilinear"],
+    }
+    for needle, args in cases.items():
+        assert needle in _error_line(_run(*args)), needle
+    assert not list(tmp_path.glob("*.row*.png"))
+    # the image may live elsewhere: --images finds it, and a missing one is a blank panel, not an error
+    moved = tmp_path / "moved"
+    moved.mkdir()
+    (tmp_path / "img0.png").rename(moved / "img0.png")
+    result = _run(path, "--index", "0", "--out", tmp_path / "a.png")
+    assert result.exit_code == 0 and "img0.png not found" in result.output
+    result = _run(path, "--index", "0", "--out", tmp_path / "b.png", "--images", moved)
+    assert result.exit_code == 0 and "not found" not in result.output
+
+
+def test_crop_fit_region_is_centred_with_the_grid_aspect():
+    assert viz._crop_region((30, 60), (16, 16)) == (0, 15, 30, 45)
+    assert viz._crop_region((60, 30), (16, 16)) == (15, 0, 45, 30)
+    assert viz._crop_region((40, 40), (16, 32)) == (10, 0, 30, 40)

@@ -160,6 +160,16 @@ def visualize_cmd(
     overwrite: Annotated[
         bool, typer.Option("--overwrite", rich_help_panel=_VIZ_IO, help="Replace an existing PNG.")
     ] = False,
+    images: Annotated[
+        Path | None,
+        typer.Option(
+            "--images",
+            rich_help_panel=_VIZ_IO,
+            file_okay=False,
+            help="Stores: the folder the stored image paths are relative to [default: as recorded, or "
+            "next to the store].",
+        ),
+    ] = None,
     point: Annotated[
         list[str] | None,
         typer.Option(
@@ -229,7 +239,14 @@ def visualize_cmd(
         if checkpoint is not None or compare is not None:
             raise VitupError("--checkpoint/--compare do not apply to a store: its rows are drawn as stored")
         result = viz.visualize_store(
-            inputs[0], index or [], out, points=points, options=options, overwrite=overwrite, log=log
+            inputs[0],
+            index or [],
+            out,
+            points=points,
+            image_root=images,
+            options=options,
+            overwrite=overwrite,
+            log=log,
         )
     else:
         if index:

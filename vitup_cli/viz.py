@@ -121,18 +121,26 @@ def fit_joint_pca(
 
 
 # -- similarity -------------------------------------------------------------------------------------
-def point_cell(xy: tuple[float, float], height: int, width: int) -> tuple[int, int]:
-    """The ``(row, col)`` of the cell of an ``height x width`` grid that contains ``xy`` in ``[0, 1]^2``."""
-    col = min(max(math.floor(xy[0] * width), 0), width - 1)
-    row = min(max(math.floor(xy[1] * height), 0), height - 1)
+Box = tuple[float, float, float, float]
+
+
+def point_cell(xy: tuple[float, float], height: int, width: int, box: Box | None = None) -> tuple[int, int]:
+    """The ``(row, col)`` of the cell of a ``height x width`` grid that contains ``xy`` in ``[0, 1]^2``.
+
+    ``box`` ``(y0, x0, y1, x1)``, in grid cells, is where the image lies in the grid (default: all of it).
+    """
+    y0, x0, y1, x1 = box if box is not None else (0.0, 0.0, float(height), float(width))
+    col = min(max(math.floor(x0 + xy[0] * (x1 - x0)), 0), width - 1)
+    row = min(max(math.floor(y0 + xy[1] * (y1 - y0)), 0), height - 1)
     return row, col
 
 
-def cosine_similarity_map(fmap: torch.Tensor, xy: tuple[float, float]) -> torch.Tensor:
+def cosine_similarity_map(fmap: torch.Tensor, xy: tuple[float, float], box: Box | None = None) -> torch.Tensor:
     """Cosine similarity of every feature of ``fmap`` ``(C, H, W)`` to the feature of the cell holding
-    ``xy`` (``[0, 1]^2``, x right, y down) -> ``(H, W)``; exactly 1 at that cell, the maximum."""
+    ``xy`` (``[0, 1]^2`` of the image, x right, y down; ``box`` as in ``point_cell``) -> ``(H, W)``;
+    exactly 1 at that cell, the maximum."""
     C, H, W = fmap.shape
-    row, col = point_cell(xy, H, W)
+    row, col = point_cell(xy, H, W, box)
     flat = torch.nn.functional.normalize(fmap.detach().to("cpu", torch.float64).reshape(C, -1), dim=0)
     sim = (flat[:, row * W + col] @ flat).reshape(H, W)
     sim[row, col] = 1.0 if flat[:, row * W + col].norm() > 0 else 0.0  # guard rounding (0.9999999...)
@@ -180,11 +188,39 @@ def grid_shape(res: int, size: tuple[int, int]) -> tuple[int, int]:
 # -- rows and rendering -----------------------------------------------------------------------------
 @dataclass
 class FeaturePanel:
-    """One method's features over the whole image: ``features`` ``(C, h, w)``."""
+    """One method's features ``(C, h, w)`` over the image.
+
+    ``box`` ``(y0, x0, y1, x1)``, in grid cells (fractions allowed), is where the image lies in the grid
+    when the grid reaches past it (a token grid over a padded canvas); None: the grid is the image.
+    """
 
     method: str
     features: torch.Tensor
     nearest: bool = False  # draw with nearest interpolation (token grids)
+    box: Box | None = None
+
+    def extent(self, size: tuple[int, int]) -> tuple[float, float, float, float]:
+        """matplotlib ``extent`` (left, right, bottom, top) that puts the image part on ``(0..W, 0..H)``."""
+        H, W = size
+        h, w = self.features.shape[-2:]
+        y0, x0, y1, x1 = self.box if self.box is not None else (0.0, 0.0, float(h), float(w))
+        sy, sx = H / (y1 - y0), W / (x1 - x0)
+        return (-x0 * sx, (w - x0) * sx, (h - y0) * sy, -y0 * sy)
+
+    def image_cells(self) -> torch.Tensor:
+        """The features of the cells that overlap the image ``(C, h', w')`` (all of them without a box)."""
+        if self.box is None:
+            return self.features
+        y0, x0, y1, x1 = self.box
+        return self.features[:, math.floor(y0) : math.ceil(y1), math.floor(x0) : math.ceil(x1)]
+
+    @property
+    def grid_label(self) -> str:
+        C, h, w = self.features.shape
+        if self.box is None:
+            return f"{w}x{h} · {C}-d"
+        y0, x0, y1, x1 = self.box
+        return f"{x1 - x0:.3g}x{y1 - y0:.3g} of {w}x{h} · {C}-d"
 
 
 @dataclass
@@ -198,6 +234,12 @@ class VizRow:
     image: np.ndarray | None = None
     points: list[tuple[float, float]] = field(default_factory=list)
     note: str = ""
+    #: ``(y, x)`` of the shown region in the original image (non-zero for centre-cropped store rows)
+    origin: tuple[int, int] = (0, 0)
+
+    def local(self, point: tuple[float, float]) -> tuple[float, float]:
+        """A point in original-image pixels -> pixels of the shown region."""
+        return point[0] - self.origin[1], point[1] - self.origin[0]
 
 
 @dataclass
@@ -236,10 +278,6 @@ def figure_size(rows: Sequence[VizRow], options: FigureOptions) -> tuple[float, 
     return ncols * options.panel_size, height, nrows, ncols
 
 
-def _fmt_res(t: torch.Tensor) -> str:
-    return f"{t.shape[2]}x{t.shape[1]} · {t.shape[0]}-d"
-
-
 def _panel_axes(fig: Any, top_in: float, col: int, row_h: float, options: FigureOptions, fig_w: float, fig_h: float):
     """An axes for column ``col`` whose box starts ``top_in`` inches below the figure top."""
     x0 = col * options.panel_size + PANEL_PAD
@@ -272,6 +310,29 @@ def _draw_image(ax: Any, row: VizRow) -> None:
         ax.set_aspect("equal")
 
 
+def _fit_text(text: str, width_in: float, max_size: float = 9.0, max_lines: int = 2) -> tuple[str, float]:
+    """Wrap one-line ``text`` to at most ``max_lines`` lines (existing line breaks are kept) and pick a
+    font size in points, at most ``max_size``, at which the longest line fits ``width_in`` inches."""
+    import textwrap
+
+    char_w = 0.6  # average glyph width in em (DejaVu Sans)
+    lines = text.split("\n")
+    if len(lines) == 1 and len(text) * max_size * char_w > width_in * 72 and max_lines > 1:
+        lines = textwrap.wrap(text, width=math.ceil(len(text) / max_lines) + 8, break_long_words=False)[:max_lines]
+    longest = max(len(line) for line in lines)
+    return "\n".join(lines), max(4.0, min(max_size, width_in * 72 / (longest * char_w)))
+
+
+def _title(ax: Any, text: str, options: FigureOptions) -> None:
+    text, size = _fit_text(text, options.panel_size - 2 * PANEL_PAD, max_size=8.0)
+    ax.set_title(text, fontsize=size)
+
+
+def _clip(ax: Any, size: tuple[int, int]) -> None:
+    ax.set_xlim(0, size[1])
+    ax.set_ylim(size[0], 0)
+
+
 def _mark(ax: Any, point: tuple[float, float]) -> None:
     x, y = math.floor(point[0]) + 0.5, math.floor(point[1]) + 0.5
     ax.plot([x], [y], marker="o", markersize=9, markerfacecolor="none", markeredgecolor="white", markeredgewidth=2)
@@ -300,59 +361,63 @@ def render_rows(
     fig = Figure(figsize=(fig_w, fig_h), dpi=options.dpi)
     FigureCanvasAgg(fig)
     if title:
-        fig.text(0.5, 1 - HEADER_H * 0.5 / fig_h, title, ha="center", va="center", fontsize=9)
+        text, size = _fit_text(title, fig_w)
+        fig.text(0.5, 1 - HEADER_H * 0.5 / fig_h, text, ha="center", va="center", fontsize=size)
     top = HEADER_H
     explained: list[list[float]] = []
     for row in rows:
         H, W = row.size
         row_h = options.panel_size * _aspect(row.size)
-        pca = fit_joint_pca([p.features for p in row.panels])
+        pca = fit_joint_pca([p.image_cells() for p in row.panels])
         explained.append([float(v) for v in pca.explained])
         # PCA row
         ax = _panel_axes(fig, top, 0, row_h, options, fig_w, fig_h)
         _draw_image(ax, row)
-        ax.set_title(f"input: {row.label}\n{W}x{H} px" + (f" · {row.note}" if row.note else ""), fontsize=8)
+        _title(ax, f"input: {row.label}\n{W}x{H} px" + (f" · {row.note}" if row.note else ""), options)
         for c, panel in enumerate(row.panels, start=1):
             ax = _panel_axes(fig, top, c, row_h, options, fig_w, fig_h)
             ax.imshow(
                 pca.colorize(panel.features),
-                extent=(0, W, H, 0),
+                extent=panel.extent(row.size),
                 interpolation="nearest" if panel.nearest else "antialiased",
             )
-            ax.set_title(f"{panel.method}\n{_fmt_res(panel.features)}", fontsize=8)
+            _clip(ax, row.size)
+            _title(ax, f"{panel.method}\n{panel.grid_label}", options)
         parts = " · ".join(f"PC{i + 1} ({'RGB'[i]}) {100 * v:.1f}%" for i, v in enumerate(explained[-1]))
-        fig.text(
-            0.5,
-            1 - (top + TITLE_H + row_h + FOOTER_H * 0.35) / fig_h,
+        legend, size = _fit_text(
             f"one PCA fitted jointly on the {len(row.panels)} feature panels · explained variance: {parts} "
             f"(total {100 * sum(explained[-1]):.1f}%)",
-            ha="center",
-            va="center",
-            fontsize=7,
+            fig_w,
+            max_size=7.0,
+        )
+        fig.text(
+            0.5, 1 - (top + TITLE_H + row_h + FOOTER_H * 0.35) / fig_h, legend, ha="center", va="center", fontsize=size
         )
         top += TITLE_H + row_h + FOOTER_H
         # similarity rows
         for point in row.points:
-            xy = point_to_xy(point, row.size, row.label)
-            sims = [cosine_similarity_map(p.features, xy) for p in row.panels]
+            local = row.local(point)
+            xy = point_to_xy(local, row.size, row.label)
+            sims = [cosine_similarity_map(p.features, xy, p.box) for p in row.panels]
             vmin = min(float(s.min()) for s in sims)
             norm = Normalize(vmin=min(vmin, 0.999), vmax=1.0)
             ax = _panel_axes(fig, top, 0, row_h, options, fig_w, fig_h)
             _draw_image(ax, row)
-            _mark(ax, point)
-            ax.set_title(f"query point ({point[0]:g}, {point[1]:g})\n{row.label}", fontsize=8)
+            _mark(ax, local)
+            _title(ax, f"query point ({point[0]:g}, {point[1]:g})\n{row.label}", options)
             image = None
             for c, (panel, sim) in enumerate(zip(row.panels, sims, strict=True), start=1):
                 ax = _panel_axes(fig, top, c, row_h, options, fig_w, fig_h)
                 image = ax.imshow(
                     sim.numpy(),
-                    extent=(0, W, H, 0),
+                    extent=panel.extent(row.size),
                     cmap=options.cmap,
                     norm=norm,
                     interpolation="nearest" if panel.nearest else "antialiased",
                 )
-                _mark(ax, point)
-                ax.set_title(f"cosine similarity · {panel.method}\n{_fmt_res(panel.features)}", fontsize=8)
+                _clip(ax, row.size)
+                _mark(ax, local)
+                _title(ax, f"similarity: {panel.method}\n{panel.grid_label}", options)
             cax = _footer_axes(fig, top, row_h, ncols, fig_w, fig_h, options)
             cbar = fig.colorbar(image, cax=cax, orientation="horizontal")
             cbar.ax.tick_params(labelsize=6)
@@ -555,5 +620,173 @@ def visualize_images(
                 panels.insert(1 + methods.index("vitup"), vit)
         rows.append(VizRow(label=p.name, size=size, panels=panels, image=_display_image(pil), points=list(points)))
     title = _describe_source(primary, model.checkpoint)
+    log(f"drawing {out}")
+    return render_rows(rows, out, options, title=title)
+
+
+# -- from a store -----------------------------------------------------------------------------------
+_ROOT_KEYS = ("images", "images_root", "image_root", "input", "inputs", "root", "source")
+
+
+def _store_image_root(store_path: Path, attrs: dict[str, Any], image_root: Path | None) -> list[Path]:
+    """Folders where a store's relative image paths may live, most specific first."""
+    roots = [Path(image_root)] if image_root is not None else []
+    for key in _ROOT_KEYS:
+        value = attrs.get(key)
+        if isinstance(value, str) and value:
+            value = value[1:] if value.startswith("@") else value
+            p = Path(value)
+            roots.append(p.parent if p.suffix else p)
+    roots.append(store_path.parent)
+    return roots
+
+
+def _store_title(store_path: Path, attrs: dict[str, Any]) -> str:
+    backbone = attrs.get("backbone")
+    weights = attrs.get("weights_id") or attrs.get("weights")
+    if isinstance(backbone, dict):
+        weights = weights or backbone.get("weights_id")
+        backbone = backbone.get("name") or backbone.get("timm_name")
+    parts = [f"store {store_path.name}"]
+    if backbone:
+        parts.append(f"backbone {backbone}" + (f" [{weights}]" if weights else ""))
+    for key in ("upsampler", "tap", "fit"):
+        if attrs.get(key) is not None:
+            parts.append(f"{key} {attrs[key]}")
+    text = " · ".join(parts)
+    if isinstance(weights, str) and weights.startswith("none"):
+        text += " · RANDOM-INIT BACKBONE: demo only, not meaningful features"
+    return text
+
+
+def _crop_region(size: tuple[int, int], grid: tuple[int, int]) -> tuple[int, int, int, int]:
+    """``--fit crop``: the centred box of the image (y0, x0, y1, x1) with the grid's aspect ratio."""
+    H, W = size
+    gh, gw = grid
+    if W * gh >= H * gw:  # image wider than the grid: crop the sides
+        w = max(1, round(H * gw / gh))
+        x0 = (W - w) // 2
+        return 0, x0, H, x0 + w
+    h = max(1, round(W * gh / gw))
+    y0 = (H - h) // 2
+    return y0, 0, y0 + h, W
+
+
+def _store_row(store: Any, index: int, roots: list[Path], points: Sequence[tuple[float, float]], log: Log) -> VizRow:
+    from vitup_cli.data.images import ImageLoadError, load_image
+    from vitup_cli.stores import DONE, STATUS_CODES
+
+    name = store.path.name
+    status = int(store.status[index])
+    rel = store.paths[index]
+    if status != DONE:
+        reason = store.errors[index] if status != 0 else ""
+        raise VitupError(
+            f"--index {index}: row {index} of {name} ({rel}) is {STATUS_CODES.get(status, status)}"
+            + (f" ({reason})" if reason else "")
+            + "; pick a done row (or finish the store with `vitup extract ... --resume`)"
+        )
+    attrs = store.attrs
+    feats = store[index]  # (C or K, Hg, Wg)
+    pca = store.pca
+    note = ""
+    if pca is not None:
+        note = f"PCA {pca[0].shape[0]}->{pca[0].shape[1]}-d"
+        feats = store.unproject(feats)
+    Hg, Wg = feats.shape[-2:]
+    y0, x0, y1, x1 = (int(v) for v in store.valid[index])
+    if not (0 <= y0 < y1 <= Hg and 0 <= x0 < x1 <= Wg):
+        y0, x0, y1, x1 = 0, 0, Hg, Wg  # no box recorded: the grid is the image
+    size = tuple(int(v) for v in store.sizes[index])
+    if min(size) < 1:
+        size = (y1 - y0, x1 - x0)
+    fit = str(attrs.get("fit", "pad"))
+    region = _crop_region(size, (y1 - y0, x1 - x0)) if fit == "crop" else (0, 0, size[0], size[1])
+    shown = (region[2] - region[0], region[3] - region[1])
+    method = str(attrs.get("upsampler", "stored features"))
+    panels = []
+    tokens = store.lowres(index)
+    if tokens is not None:
+        h, w = tokens.shape[-2:]
+        box = (y0 * h / Hg, x0 * w / Wg, y1 * h / Hg, x1 * w / Wg)
+        panels.append(FeaturePanel("low-res tokens (stored)", torch.from_numpy(tokens), nearest=True, box=box))
+    crop = torch.from_numpy(np.ascontiguousarray(feats[:, y0:y1, x0:x1]))
+    panels.append(FeaturePanel(f"{method} (stored)", crop, nearest=method in ("nearest", LOWRES)))
+    image = None
+    for root in roots:
+        candidate = Path(rel) if Path(rel).is_absolute() else root / rel
+        if candidate.exists():
+            try:
+                pil = load_image(candidate)
+            except ImageLoadError as exc:
+                log(f"row {index}: cannot show the input image ({exc.reason})")
+                break
+            if (pil.height, pil.width) != size:
+                log(f"row {index}: {candidate} is {pil.width}x{pil.height}, the store says {size[1]}x{size[0]}")
+                break
+            if fit == "crop":
+                pil = pil.crop((region[1], region[0], region[3], region[2]))
+            image = _display_image(pil)
+            break
+    else:
+        log(f"row {index}: input image {rel} not found (pass --images FOLDER to show it)")
+    label = f"row {index}: {rel}"
+    for point in points:
+        local = (point[0] - region[1], point[1] - region[0])
+        if not (0 <= local[0] < shown[1] and 0 <= local[1] < shown[0]):
+            where = (
+                f"the stored region x {region[1]}..{region[3]}, y {region[0]}..{region[2]} of " if fit == "crop" else ""
+            )
+            raise VitupError(
+                f"--point {point[0]:g},{point[1]:g} is outside {where}{label} ({size[1]}x{size[0]} pixels)"
+            )
+    return VizRow(
+        label=label,
+        size=shown,
+        panels=panels,
+        image=image,
+        points=list(points),
+        note=note,
+        origin=(region[0], region[1]),
+    )
+
+
+def visualize_store(
+    store_path: Path,
+    indices: Sequence[int],
+    out: Path | None = None,
+    *,
+    points: Sequence[tuple[float, float]] = (),
+    image_root: Path | None = None,
+    options: FigureOptions | None = None,
+    overwrite: bool = False,
+    log: Log | None = None,
+) -> RenderResult:
+    """One PNG for stored rows of a feature store, without loading any model.
+
+    Each row: the input image (when found under ``image_root``, the store's recorded input folder, or
+    next to the store) | the stored low-res tokens (if any) | the stored features, cropped to the row's
+    ``valid`` box and mapped back through the store's PCA when it has one; joint PCA colours and one
+    similarity row per point, as for images. ``points`` are pixels of the original images.
+    """
+    from vitup_cli.stores import open_store
+
+    log = log or (lambda _msg: None)
+    store_path = Path(store_path)
+    if not indices:
+        raise VitupError(f"{store_path} is a feature store: choose rows with --index I (repeatable)")
+    with open_store(store_path) as store:
+        n = len(store)
+        for i in indices:
+            if not 0 <= i < n:
+                raise VitupError(f"--index {i} is out of range: {store_path.name} has {n} rows (0..{n - 1})")
+        stem = store_path.name.rsplit(".", 1)[0]
+        rows_tag = "-".join(str(i) for i in indices)
+        out = _check_output(
+            Path(out) if out is not None else store_path.with_name(f"{stem}.row{rows_tag}.png"), overwrite
+        )
+        roots = _store_image_root(store_path, store.attrs, image_root)
+        rows = [_store_row(store, i, roots, points, log) for i in indices]
+        title = _store_title(store_path, store.attrs)
     log(f"drawing {out}")
     return render_rows(rows, out, options, title=title)
