@@ -455,7 +455,18 @@ def test_store_bad_inputs_give_one_line_and_exit_2(tmp_path, no_model):
     assert result.exit_code == 0 and "not found" not in result.output
 
 
-def test_crop_fit_region_is_centred_with_the_grid_aspect():
-    assert viz._crop_region((30, 60), (16, 16)) == (0, 15, 30, 45)
-    assert viz._crop_region((60, 30), (16, 16)) == (15, 0, 45, 30)
-    assert viz._crop_region((40, 40), (16, 32)) == (10, 0, 30, 40)
+def test_crop_fit_region_is_the_centre_square_extract_uses():
+    assert viz._crop_region((30, 60)) == (0, 15, 30, 45)
+    assert viz._crop_region((61, 30)) == (15, 0, 45, 30)
+    assert viz._crop_region((40, 40), 64) == (0, 0, 40, 40)
+    assert viz._crop_region((300, 451), 448) == (0, 75, 300, 375)
+    try:
+        from vitup_cli.extract import fit_image
+    except ImportError:  # extract not merged yet
+        return
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 255, (300, 451, 3), dtype=np.uint8))
+    fitted, _ = fit_image(img, 448, "crop")
+    y0, x0, y1, x1 = viz._crop_region((300, 451), 448)
+    expected = img.crop((x0, y0, x1, y1)).resize((448, 448), Image.Resampling.BICUBIC)
+    diff = np.abs(fitted.permute(1, 2, 0).numpy() * 255 - np.asarray(expected, np.float32))
+    assert diff.mean() < 3  # the same region (a 1-pixel shift would give tens of levels on noise)

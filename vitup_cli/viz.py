@@ -636,7 +636,7 @@ def _store_image_root(store_path: Path, attrs: dict[str, Any], image_root: Path 
         if isinstance(value, str) and value:
             value = value[1:] if value.startswith("@") else value
             p = Path(value)
-            roots.append(p.parent if p.suffix else p)
+            roots.append(p.parent if p.is_file() else p)
     roots.append(store_path.parent)
     return roots
 
@@ -654,22 +654,24 @@ def _store_title(store_path: Path, attrs: dict[str, Any]) -> str:
         if attrs.get(key) is not None:
             parts.append(f"{key} {attrs[key]}")
     text = " · ".join(parts)
-    if isinstance(weights, str) and weights.startswith("none"):
+    if attrs.get("random_init") or (isinstance(weights, str) and weights.startswith("none")):
         text += " · RANDOM-INIT BACKBONE: demo only, not meaningful features"
     return text
 
 
-def _crop_region(size: tuple[int, int], grid: tuple[int, int]) -> tuple[int, int, int, int]:
-    """``--fit crop``: the centred box of the image (y0, x0, y1, x1) with the grid's aspect ratio."""
+def _crop_region(size: tuple[int, int], input_size: int | None = None) -> tuple[int, int, int, int]:
+    """``--fit crop`` (as ``vitup extract`` does it: short side to the input size ``S``, centre square):
+    the part of the original image the features cover, ``(y0, x0, y1, x1)`` in original pixels."""
     H, W = size
-    gh, gw = grid
-    if W * gh >= H * gw:  # image wider than the grid: crop the sides
-        w = max(1, round(H * gw / gh))
-        x0 = (W - w) // 2
-        return 0, x0, H, x0 + w
-    h = max(1, round(W * gh / gw))
-    y0 = (H - h) // 2
-    return y0, 0, y0 + h, W
+    side = min(H, W)
+    if input_size:
+        scale = input_size / side
+        nw, nh = max(input_size, round(W * scale)), max(input_size, round(H * scale))
+        x0, y0 = round((nw - input_size) // 2 / scale), round((nh - input_size) // 2 / scale)
+    else:
+        x0, y0 = (W - side) // 2, (H - side) // 2
+    x0, y0 = min(x0, W - side), min(y0, H - side)
+    return y0, x0, y0 + side, x0 + side
 
 
 def _store_row(store: Any, index: int, roots: list[Path], points: Sequence[tuple[float, float]], log: Log) -> VizRow:
@@ -701,7 +703,9 @@ def _store_row(store: Any, index: int, roots: list[Path], points: Sequence[tuple
     if min(size) < 1:
         size = (y1 - y0, x1 - x0)
     fit = str(attrs.get("fit", "pad"))
-    region = _crop_region(size, (y1 - y0, x1 - x0)) if fit == "crop" else (0, 0, size[0], size[1])
+    input_size = attrs.get("input_size")
+    region = _crop_region(size, input_size if isinstance(input_size, int) else None)
+    region = region if fit == "crop" else (0, 0, size[0], size[1])
     shown = (region[2] - region[0], region[3] - region[1])
     method = str(attrs.get("upsampler", "stored features"))
     panels = []
