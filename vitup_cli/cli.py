@@ -115,10 +115,157 @@ def train_cmd() -> None:
     _not_built("train", 4)
 
 
-@app.command("extract")
-def extract_cmd() -> None:
+_EX_IO, _EX_MODEL, _EX_FEAT, _EX_RUN, _EX_SAFE = "Input and output", "Upsampler", "Features", "Run", "Safety"
+_EXTRACT_EPILOG = (
+    "Examples:\n\n"
+    "  vitup extract ./images --out feats.zarr --res 224 --checkpoint runs/b/last\n\n"
+    "  vitup extract @list.txt --out feats.h5 --upsampler bilinear --backbone dinov3_b --pca 64 --resume\n\n"
+    "  torchrun --nproc-per-node 8 -m vitup_cli extract ./images --out feats.zarr --checkpoint runs/b/last"
+)
+
+
+@app.command("extract", epilog=_EXTRACT_EPILOG)
+def extract_cmd(
+    images: Annotated[
+        str, typer.Argument(help="A folder (recursive, sorted), @list.txt (one path a line), or one image.")
+    ],
+    out: Annotated[
+        Path, typer.Option("--out", "-o", rich_help_panel=_EX_IO, help="The store: NAME.zarr (Zarr v3) or NAME.h5.")
+    ],
+    res: Annotated[
+        str, typer.Option("--res", "-r", rich_help_panel=_EX_FEAT, help="Output grid: R (R x R) or H,W.")
+    ] = "224",
+    checkpoint: Annotated[
+        Path | None,
+        typer.Option("--checkpoint", "-c", rich_help_panel=_EX_MODEL, help="A ViT-Up checkpoint from `vitup train`."),
+    ] = None,
+    upsampler: Annotated[
+        str,
+        typer.Option(
+            "--upsampler", "-u", rich_help_panel=_EX_MODEL, help="Without --checkpoint: bilinear, nearest or lowres."
+        ),
+    ] = "bilinear",
+    backbone: BackboneOpt = "dinov3_s+",
+    weights: WeightsOpt = None,
+    pretrained: PretrainedOpt = "hub",
+    backbone_args: BackboneArgsOpt = None,
+    input_size: Annotated[
+        int | None,
+        typer.Option(
+            "--input-size", rich_help_panel=_EX_MODEL, help="Backbone input side in pixels (default 28 tokens)."
+        ),
+    ] = None,
+    tap: Annotated[
+        int | None,
+        typer.Option("--tap", rich_help_panel=_EX_MODEL, help="Hidden-state index to store (default: the last)."),
+    ] = None,
+    fit: Annotated[
+        str,
+        typer.Option(
+            "--fit",
+            rich_help_panel=_EX_FEAT,
+            help="squash, crop (centre) or pad (keeps the aspect; `valid` records the image).",
+        ),
+    ] = "pad",
+    dtype: Annotated[str, typer.Option("--dtype", rich_help_panel=_EX_FEAT, help="float16 or float32.")] = "float16",
+    pca: Annotated[
+        int | None,
+        typer.Option(
+            "--pca",
+            rich_help_panel=_EX_FEAT,
+            help="Store K principal components (fitted on a sample, stored so readers can map back).",
+        ),
+    ] = None,
+    pca_images: Annotated[
+        int, typer.Option("--pca-images", rich_help_panel=_EX_FEAT, help="Images the PCA is fitted on.")
+    ] = 64,
+    tokens: Annotated[
+        bool,
+        typer.Option("--tokens", rich_help_panel=_EX_FEAT, help="Also store the backbone tokens (`lowres`)."),
+    ] = False,
+    batch_size: Annotated[
+        int | None,
+        typer.Option("--batch-size", "-B", rich_help_panel=_EX_RUN, help="Images per batch and per shard (default 8)."),
+    ] = None,
+    workers: Annotated[
+        int | None,
+        typer.Option("--workers", "-j", rich_help_panel=_EX_RUN, help="Image decoding processes (default: auto)."),
+    ] = None,
+    device: Annotated[str, typer.Option("--device", rich_help_panel=_EX_RUN, help="auto, cpu or cuda.")] = "auto",
+    chunk_queries: Annotated[
+        int | None,
+        typer.Option("--chunk-queries", rich_help_panel=_EX_RUN, help="ViT-Up queries per chunk (bounds memory)."),
+    ] = None,
+    seed: Annotated[
+        int, typer.Option("--seed", rich_help_panel=_EX_RUN, help="Seeds a random-init backbone (--pretrained none).")
+    ] = 0,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", rich_help_panel=_EX_SAFE, help="Replace an existing store.")
+    ] = False,
+    resume: Annotated[
+        bool,
+        typer.Option(
+            "--resume", rich_help_panel=_EX_SAFE, help="Continue an existing store (same inputs and settings)."
+        ),
+    ] = False,
+    force: Annotated[
+        bool, typer.Option("--force", rich_help_panel=_EX_SAFE, help="Start even if the disk looks too small.")
+    ] = False,
+    strict: Annotated[
+        bool, typer.Option("--strict", rich_help_panel=_EX_SAFE, help="Stop at the first unreadable image.")
+    ] = False,
+) -> None:
     """Write upsampled dense features for image folders to Zarr or HDF5 stores."""
-    _not_built("extract", 3)
+    import os
+    import shlex
+    import sys
+
+    from vitup_cli.backbones import parse_overrides
+    from vitup_cli.extract import ExtractConfig, Reporter, RichReporter, human_bytes, parse_res, run_extract
+
+    config = ExtractConfig(
+        images=images,
+        out=out,
+        res=parse_res(res),
+        upsampler=upsampler,
+        checkpoint=checkpoint,
+        backbone=backbone,
+        weights=weights,
+        pretrained=pretrained,
+        backbone_args=parse_overrides(backbone_args),
+        input_size=input_size,
+        fit=fit,
+        tap=tap,
+        dtype=dtype,
+        pca=pca,
+        pca_images=pca_images,
+        lowres=tokens,
+        batch_size=batch_size,
+        workers=workers,
+        device=device,
+        chunk_queries=chunk_queries,
+        overwrite=overwrite,
+        resume=resume,
+        force=force,
+        strict=strict,
+        seed=seed,
+        command=shlex.join(["vitup", "extract", *sys.argv[2:]]) if sys.argv[1:2] == ["extract"] else None,
+    )
+    reporter = RichReporter() if sys.stderr.isatty() else Reporter()
+    summary = run_extract(config, reporter=reporter)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return
+    if summary.failures:
+        lines = "\n".join(f"  {path}: {reason}" for path, reason in summary.failures)
+        reporter.warning(f"{len(summary.failures)} image(s) could not be read and were skipped:\n{lines}")
+    typer.echo(
+        f"{summary.store}: {summary.done} done, {summary.failed} failed, {summary.skipped} skipped "
+        f"(already done) of {summary.total} images"
+    )
+    typer.echo(
+        f"size on disk {human_bytes(summary.bytes_on_disk)} (uncompressed {human_bytes(summary.estimate_bytes)}); "
+        f"{summary.processed} images in {summary.seconds:.1f} s, {summary.images_per_s:.1f} images/s"
+    )
 
 
 @app.command("probe")

@@ -645,6 +645,7 @@ class _ZarrWriter(StoreWriter):
     def __init__(self, path: Path, layout: StoreLayout, attrs: dict[str, Any], group: Any) -> None:
         super().__init__(path, layout, attrs)
         self._g = group
+        self._arrays = {name: group[name] for name in group.array_keys()}  # lookups cost a metadata read
 
     @classmethod
     def create(
@@ -724,13 +725,13 @@ class _ZarrWriter(StoreWriter):
         return cls(path, StoreLayout.from_json(attrs["layout"]), attrs, group)
 
     def status(self) -> np.ndarray:
-        return np.asarray(self._g["status"][...], dtype=np.uint8)
+        return np.asarray(self._arrays["status"][...], dtype=np.uint8)
 
     def errors(self) -> list[str]:
-        return [_as_str(e) for e in np.asarray(self._g["error"][...]).tolist()]
+        return [_as_str(e) for e in np.asarray(self._arrays["error"][...]).tolist()]
 
     def paths(self) -> list[str]:
-        return [_as_str(e) for e in np.asarray(self._g["path"][...]).tolist()]
+        return [_as_str(e) for e in np.asarray(self._arrays["path"][...]).tolist()]
 
     def pca(self) -> tuple[np.ndarray, np.ndarray] | None:
         if "pca_components" not in set(self._g.array_keys()):
@@ -739,15 +740,16 @@ class _ZarrWriter(StoreWriter):
 
     def _write_shard(self, shard: int, rows: dict[str, Any]) -> None:
         start, stop = self.layout.shard_rows(shard)
+        arrays = self._arrays
         for name in ("features", "lowres"):
             if name in rows:
                 # a shard left by an interrupted attempt is replaced, never merged into
                 (self.path / name / "c" / str(shard) / "0" / "0" / "0").unlink(missing_ok=True)
-                self._g[name][start:stop] = rows[name]
-        self._g["size"][start:stop] = rows["size"]
-        self._g["valid"][start:stop] = rows["valid"]
-        self._g["error"][start:stop] = rows["error"]
-        self._g["status"][start:stop] = rows["status"]  # last: the row is on disk
+                arrays[name][start:stop] = rows[name]
+        arrays["size"][start:stop] = rows["size"]
+        arrays["valid"][start:stop] = rows["valid"]
+        arrays["error"][start:stop] = rows["error"]
+        arrays["status"][start:stop] = rows["status"]  # last: the row is on disk
 
     def finalize(self, attrs: dict[str, Any] | None = None) -> Path:
         import zarr
