@@ -200,6 +200,20 @@ def test_visualize_images_draws_input_tokens_and_each_method(photo, wide, tmp_pa
     assert len(res.explained) == 2 and all(0 < sum(e) <= 1 for e in res.explained)
 
 
+def test_random_init_pictures_are_reproducible_with_a_seed(photo, tmp_path):
+    def explained(seed, name):
+        model = viz.ModelOptions(backbone="dinov3_s", pretrained="none", overrides=TINY, input_size=64, seed=seed)
+        opts = viz.FigureOptions(panel_size=1.0, dpi=30)
+        return viz.visualize_images([photo], tmp_path / name, model=model, res=8, options=opts).explained
+
+    torch.manual_seed(123)
+    before = torch.random.get_rng_state()
+    first = explained(0, "a.png")
+    assert torch.equal(before, torch.random.get_rng_state())  # the caller's RNG is left alone
+    assert explained(0, "b.png") == first
+    assert explained(1, "c.png") != first
+
+
 @pytest.fixture
 def tiny_checkpoint(tmp_path):
     from vitup_cli.backbones import load_backbone

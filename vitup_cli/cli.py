@@ -358,6 +358,10 @@ def visualize_cmd(
     device: Annotated[
         str, typer.Option("--device", rich_help_panel=_VIZ_MODEL, help="cpu, cuda, cuda:1, ... or auto.")
     ] = "auto",
+    seed: Annotated[
+        int,
+        typer.Option("--seed", rich_help_panel=_VIZ_MODEL, help="Seeds a random-init backbone (--pretrained none)."),
+    ] = 0,
     dpi: Annotated[int, typer.Option("--dpi", rich_help_panel=_VIZ_FIG, min=10, max=1200)] = 100,
     panel_size: Annotated[
         float,
@@ -410,6 +414,7 @@ def visualize_cmd(
             overrides=parse_overrides(backbone_args),
             input_size=input_size,
             device=device,
+            seed=seed,
         )
         result = viz.visualize_images(
             inputs,

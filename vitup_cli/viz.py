@@ -479,6 +479,7 @@ class ModelOptions:
     overrides: dict[str, Any] | None = None
     input_size: int | None = None
     device: str = "cpu"
+    seed: int = 0  # seeds a random-init backbone (pretrained="none"), so demo pictures are reproducible
 
 
 def parse_compare(text: str | None, has_checkpoint: bool) -> list[str]:
@@ -523,6 +524,25 @@ def _describe_source(up: Any, checkpoint: Path | None) -> str:
     return what
 
 
+def _open_primary(model: ModelOptions, device: torch.device) -> Any:
+    """The checkpoint's ViT-Up, or (without one) the token upsampler over the named backbone."""
+    from vitup_cli.checkpoints import open_upsampler
+
+    if model.checkpoint is not None:
+        return open_upsampler(
+            checkpoint=model.checkpoint, weights=model.weights, pretrained=model.pretrained, device=device
+        )
+    return open_upsampler(
+        LOWRES,
+        backbone=model.backbone,
+        weights=model.weights,
+        pretrained=model.pretrained,
+        overrides=model.overrides,
+        input_size=model.input_size,
+        device=device,
+    )
+
+
 def visualize_images(
     images: Sequence[Path],
     out: Path | None = None,
@@ -545,7 +565,6 @@ def visualize_images(
         res: output grid long side in feature pixels (the short side follows the image aspect).
         points: query pixels ``(x, y)`` of the original images (each must lie inside every image).
     """
-    from vitup_cli.checkpoints import open_upsampler
     from vitup_cli.data.images import ImageLoadError, load_image, to_tensor
     from vitup_cli.models import build_upsampler
 
@@ -578,20 +597,9 @@ def visualize_images(
 
     log("loading the model")
     device = torch.device(model.device)
-    if model.checkpoint is not None:
-        primary = open_upsampler(
-            checkpoint=model.checkpoint, weights=model.weights, pretrained=model.pretrained, device=device
-        )
-    else:
-        primary = open_upsampler(
-            LOWRES,
-            backbone=model.backbone,
-            weights=model.weights,
-            pretrained=model.pretrained,
-            overrides=model.overrides,
-            input_size=model.input_size,
-            device=device,
-        )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(model.seed)
+        primary = _open_primary(model, device)
     backbone = primary.backbone
     upsamplers: dict[str, Any] = {}
     for name in methods:
