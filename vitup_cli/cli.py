@@ -301,7 +301,7 @@ def visualize_cmd(
             "-o",
             rich_help_panel=_VIZ_IO,
             dir_okay=False,
-            help="PNG to write [default: IMG.vitup.png next to the first image; STORE.rowI.png for stores].",
+            help="PNG to write (default: IMG.vitup.png next to the first image; STORE.rowI.png for stores).",
         ),
     ] = None,
     overwrite: Annotated[
@@ -313,8 +313,8 @@ def visualize_cmd(
             "--images",
             rich_help_panel=_VIZ_IO,
             file_okay=False,
-            help="Stores: the folder the stored image paths are relative to [default: as recorded, or "
-            "next to the store].",
+            help="Stores: the folder the stored image paths are relative to (default: as recorded, or "
+            "next to the store).",
         ),
     ] = None,
     point: Annotated[
@@ -341,8 +341,8 @@ def visualize_cmd(
         typer.Option(
             "--compare",
             rich_help_panel=_VIZ_MODEL,
-            help="Methods to draw, from vitup,bilinear,nearest,lowres [default: vitup,bilinear with "
-            "--checkpoint, else bilinear,nearest]. The low-res tokens are always drawn.",
+            help="Methods to draw, from vitup,bilinear,nearest,lowres (default: vitup,bilinear with "
+            "--checkpoint, else bilinear,nearest). The low-res tokens are always drawn.",
         ),
     ] = None,
     res: Annotated[
@@ -353,7 +353,7 @@ def visualize_cmd(
     ] = 224,
     input_size: Annotated[
         int | None,
-        typer.Option("--input-size", rich_help_panel=_VIZ_MODEL, help="Backbone input in pixels [default: 28 tokens]."),
+        typer.Option("--input-size", rich_help_panel=_VIZ_MODEL, help="Backbone input in pixels (default: 28 tokens)."),
     ] = None,
     device: Annotated[
         str, typer.Option("--device", rich_help_panel=_VIZ_MODEL, help="cpu, cuda, cuda:1, ... or auto.")
@@ -362,7 +362,9 @@ def visualize_cmd(
         int,
         typer.Option("--seed", rich_help_panel=_VIZ_MODEL, help="Seeds a random-init backbone (--pretrained none)."),
     ] = 0,
-    dpi: Annotated[int, typer.Option("--dpi", rich_help_panel=_VIZ_FIG, min=10, max=1200)] = 100,
+    dpi: Annotated[
+        int, typer.Option("--dpi", rich_help_panel=_VIZ_FIG, min=10, max=1200, help="Dots per inch of the PNG.")
+    ] = 100,
     panel_size: Annotated[
         float,
         typer.Option("--panel-size", rich_help_panel=_VIZ_FIG, min=0.5, max=20.0, help="Inches per panel column."),
