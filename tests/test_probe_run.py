@@ -220,6 +220,32 @@ def test_depth_probe_end_to_end(tmp_path):
     assert data["baseline"] is None and data["results"][0]["metrics"]["rmse"] == pytest.approx(res.metrics["rmse"])
 
 
+def test_a_depth_probe_learns(tmp_path):
+    """Past the SigLoss warm-up, the binned head beats predicting the median training depth everywhere."""
+    from vitup_cli.probe.metrics import DepthMetrics
+    from vitup_cli.probe.train import evaluate
+
+    make_folder(tmp_path / "data", task="depth", n_train=8, n_val=4)
+    report = run_probe(
+        _config(tmp_path, "folder", tmp_path / "data", task="depth", epochs=1), reporter=SilentReporter()
+    )
+    res = report.results[0]
+    targets = {
+        split: np.load(next((tmp_path / "cache" / "targets").glob(f"folder-{split}-depth-*[0-9a-f].npy")))
+        for split in ("train", "val")
+    }
+    cls = {s: np.load(res.stores[s].replace(".zarr", ".cls.npy")) for s in ("train", "val")}
+    settings = TrainSettings(task="depth", epochs=40, lr=5e-3, warm_up_iters=0)
+    fit = fit_head(StoreFeatures(res.stores["train"], 1 << 30), targets["train"], settings, cls=cls["train"])
+    got = evaluate(fit.head, StoreFeatures(res.stores["val"], 1 << 30), targets["val"], settings, cls=cls["val"])
+    constant = DepthMetrics()
+    train = targets["train"]
+    constant.update(np.full(targets["val"].shape, np.median(train[train > 0]), np.float32), targets["val"])
+    ours, base = got.metrics(), constant.scores()
+    assert ours["abs_rel"] < 0.5 * base["abs_rel"] and ours["d1"] > base["d1"] + 0.08, (ours, base)
+    assert ours["rmse"] < base["rmse"]
+
+
 def test_checkpoint_probe_compares_vitup_with_the_original_backbone(tmp_path):
     """With a ViT-Up checkpoint, `bilinear` runs on the checkpoint's backbone with the LoRA adapters off."""
     from conftest import tiny_vitup
@@ -273,3 +299,24 @@ def test_bad_settings_are_user_errors(tmp_path):
     for kw in bad:
         with pytest.raises(VitupError):
             run_probe(_config(tmp_path, "folder", tmp_path / "data", **kw), reporter=SilentReporter())
+
+
+def test_unreadable_images_are_left_out_and_reported(tmp_path):
+    make_folder(tmp_path / "data", n_train=6)
+    (tmp_path / "data" / "train" / "images" / "scene_002.png").write_bytes(b"")
+    report = run_probe(_config(tmp_path, "folder", tmp_path / "data", epochs=1), reporter=SilentReporter())
+    res = report.results[0]
+    assert res.skipped == [{"split": "train", "path": str(tmp_path / "data" / "train" / "images" / "scene_002.png")}]
+    assert math.isfinite(res.metrics["miou"])
+    data = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert data["results"][0]["skipped"][0]["path"].endswith("scene_002.png")
+
+
+def test_a_target_of_another_size_is_named(tmp_path):
+    from PIL import Image
+
+    make_folder(tmp_path / "data")
+    label = tmp_path / "data" / "val" / "labels" / "scene_001.png"
+    Image.open(label).resize((20, 20)).save(label)
+    with pytest.raises(VitupError, match=r"scene_001.png: target is 20x20 but its image .*scene_001.png is 40x56"):
+        run_probe(_config(tmp_path, "folder", tmp_path / "data"), reporter=SilentReporter())

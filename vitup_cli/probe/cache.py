@@ -7,7 +7,8 @@ does no work, and any change (another checkpoint, resolution, image list, ...) g
     CACHE/stores/DATASET-SPLIT-UPSAMPLER-KEY.json   the key, readable
     CACHE/stores/DATASET-SPLIT-UPSAMPLER-KEY.txt    the image list handed to extract (@list)
     CACHE/stores/...-KEY.cls.npy                    CLS tokens (depth probes)
-    CACHE/targets/DATASET-SPLIT-TASK-SIZE-KEY.npy   (N, S, S) centre-cropped targets (memory-mapped)
+    CACHE/targets/DATASET-SPLIT-TASK-SIZE-KEY.npy   (N, S, S) centre-cropped targets (memory-mapped),
+                                                    beside .sizes.npy and .counts.npy (class pixels)
 
 Files are written under a temporary name and renamed, so a killed run leaves no half entry (a killed
 extraction leaves an incomplete store, which the next run resumes).
@@ -18,7 +19,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -66,6 +66,7 @@ class Targets:
     sizes: np.ndarray
     path: Path
     cached: bool
+    counts: np.ndarray | None = None  # (256,) pixels per label value over the split (segmentation)
 
     @property
     def readable(self) -> np.ndarray:
@@ -79,9 +80,10 @@ def prepare_targets(
     cache_dir: Path,
     *,
     workers: int = 4,
-    progress: Callable[[int], None] | None = None,
+    reporter: Any = None,
 ) -> Targets:
-    """Load, check and centre-crop every target of ``dataset`` once, into a memory-mapped ``.npy``.
+    """Load, check and centre-crop every target of ``dataset`` once, into a memory-mapped ``.npy``
+    (found again, not redone, by the next run).
 
     Each target must have its image's size (read from the image header, EXIF orientation applied);
     otherwise a ``VitupError`` names both files.
@@ -91,13 +93,17 @@ def prepare_targets(
     key = _digest({"dataset": dataset.fingerprint(), "size": size, "v": 2})[:16]
     stem = f"{dataset.name}-{dataset.split}-{dataset.task}-{size}-{key}"
     path, sizes_path = folder / f"{stem}.npy", folder / f"{stem}.sizes.npy"
-    if path.is_file() and sizes_path.is_file():
-        return Targets(np.load(path, mmap_mode="r"), np.load(sizes_path), path, cached=True)
+    counts_path = folder / f"{stem}.counts.npy"
+    if path.is_file() and sizes_path.is_file() and counts_path.is_file():
+        return Targets(np.load(path, mmap_mode="r"), np.load(sizes_path), path, True, np.load(counts_path))
     dtype = np.float32 if dataset.task == DEPTH else np.uint8
     n = len(dataset)
     tmp = path.with_name(f".{path.name}.tmp")
     out = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=(n, size, size))
     sizes = np.zeros((n, 3), dtype=np.int64)
+    counts = np.zeros(256, dtype=np.int64)
+    if reporter is not None:
+        reporter.start(n, f"targets {dataset.split}")
 
     def one(i: int) -> tuple[int, np.ndarray, tuple[int, int, int]]:
         target = dataset.load_target(i)
@@ -117,16 +123,22 @@ def prepare_targets(
             for i, cropped, shape in pool.map(one, range(n)):
                 out[i] = cropped
                 sizes[i] = shape
-                if progress is not None:
-                    progress(1)
+                if dataset.task != DEPTH:
+                    counts += np.bincount(cropped.reshape(-1), minlength=256)
+                if reporter is not None:
+                    reporter.advance(1)
         out.flush()
         del out
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+    finally:
+        if reporter is not None:
+            reporter.finish()
     _atomic_save_npy(sizes_path, sizes)
-    return Targets(np.load(path, mmap_mode="r"), sizes, path, cached=False)
+    _atomic_save_npy(counts_path, counts)
+    return Targets(np.load(path, mmap_mode="r"), sizes, path, False, counts)
 
 
 # =================================================================================================

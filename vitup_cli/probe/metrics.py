@@ -128,7 +128,7 @@ class DepthMetrics:
 
     def update(self, pred: np.ndarray | torch.Tensor, gt: np.ndarray | torch.Tensor) -> None:
         """A batch ``(B, H, W)`` (or one ``(H, W)`` image) of predictions and ground truth in metres."""
-        p, g = torch.as_tensor(pred), torch.as_tensor(gt)
+        p, g = (torch.from_numpy(np.array(a)) if isinstance(a, np.ndarray) else torch.as_tensor(a) for a in (pred, gt))
         if p.ndim == 2:
             p, g = p[None], g[None]
         for pi, gi in zip(p, g, strict=True):

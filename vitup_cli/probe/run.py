@@ -44,7 +44,6 @@ from vitup_cli.probe.train import (
     LiveFeatures,
     StoreFeatures,
     TrainSettings,
-    class_counts,
     evaluate,
     fit_head,
 )
@@ -326,13 +325,10 @@ def run_probe(config: ProbeConfig, reporter: Any = None) -> ProbeReport:
         f"{config.dataset} ({task}): {len(train_ds)} train / {len(val_ds)} val images from {train_ds.root}; "
         f"cache {cache_dir}"
     )
-    targets = {}
-    for ds in (train_ds, val_ds):
-        advance = _with_progress(reporter, len(ds), f"targets {ds.split}")
-        try:
-            targets[ds.split] = _cache.prepare_targets(ds, config.crop, cache_dir, workers=workers, progress=advance)
-        finally:
-            reporter.finish()
+    targets = {
+        ds.split: _cache.prepare_targets(ds, config.crop, cache_dir, workers=workers, reporter=reporter)
+        for ds in (train_ds, val_ds)
+    }
     num_classes = train_ds.num_classes
     upsamplers = build_upsamplers(config)
     budget = config.memory_budget if config.memory_budget is not None else _default_budget()
@@ -427,7 +423,7 @@ def run_probe(config: ProbeConfig, reporter: Any = None) -> ProbeReport:
         upsampler.to("cpu")
     baseline = None
     if task == SEG and results and results[0].confusion is not None:
-        counts = class_counts(targets["train"].array, num_classes)
+        counts = targets["train"].counts[:num_classes]
         cls_id, base = majority_baseline(counts, np.asarray(results[0].confusion))
         baseline = {"class": train_ds.class_names[cls_id], "miou": base.miou, "accuracy": base.accuracy}
     protocol = {

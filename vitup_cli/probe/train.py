@@ -68,10 +68,11 @@ class StoreFeatures(FeatureSource):
         max_rows_held: the most rows one read held at once (streaming: one batch).
     """
 
-    def __init__(self, path: str | Path, memory_budget: int | None = None) -> None:
+    def __init__(self, path: str | Path, memory_budget: int | None = None, threads: int = 4) -> None:
         from vitup_cli.stores import open_store
 
         self.store = open_store(path)
+        self._pool = ThreadPoolExecutor(max(1, threads))  # rows of a batch decompress in parallel
         n, c, h, w = self.store.shape
         self.channels = c
         self.grid = (h, w)
@@ -97,12 +98,13 @@ class StoreFeatures(FeatureSource):
         if self._data is not None:
             rows = self._data[idx].astype(np.float32)
         else:
-            rows = np.stack([self.store[i] for i in idx])
+            rows = np.stack(list(self._pool.map(self.store.__getitem__, idx)))
             self.rows_read += len(idx)
             self.max_rows_held = max(self.max_rows_held, len(idx))
         return _mirror(torch.from_numpy(rows), flip)
 
     def close(self) -> None:
+        self._pool.shutdown(wait=True)
         self.store.close()
         self._data = None
 
@@ -142,7 +144,7 @@ class LiveFeatures(FeatureSource):
         self._pool.shutdown(wait=False)
 
 
-def _prefetch(make: Callable[[Any], Any], jobs: Sequence[Any], depth: int = 1) -> Iterator[tuple[Any, Any]]:
+def _prefetch(make: Callable[[Any], Any], jobs: Sequence[Any], depth: int = 2) -> Iterator[tuple[Any, Any]]:
     """``(job, make(job))`` for every job, computing the next ones in a background thread."""
     q: queue.Queue = queue.Queue(maxsize=depth)
     stop = threading.Event()
@@ -343,14 +345,3 @@ def evaluate(
         if progress is not None:
             progress(len(idx))
     return EvalResult(seg, depth, kept)
-
-
-def class_counts(targets: np.ndarray, num_classes: int, rows: Sequence[int] | None = None) -> np.ndarray:
-    """``(K,)`` pixel counts per class over ``rows`` of ``targets`` (ignored pixels left out)."""
-    rows = np.arange(len(targets)) if rows is None else np.asarray(rows)
-    counts = np.zeros(num_classes, dtype=np.int64)
-    for a in range(0, len(rows), 64):
-        block = np.asarray(targets[np.sort(rows[a : a + 64])]).reshape(-1)
-        block = block[block < num_classes]
-        counts += np.bincount(block, minlength=num_classes)[:num_classes]
-    return counts
