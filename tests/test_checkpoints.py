@@ -72,3 +72,17 @@ def test_open_upsampler():
         "bilinear", backbone="dinov3_s", pretrained="none", overrides={"depth": 1, "embed_dim": 64, "num_heads": 1}
     )
     assert up.name == "bilinear" and not up.training
+
+
+def test_atomic_write_uses_normal_permissions(tmp_path):
+    import os
+
+    from vitup_cli.checkpoints import atomic_write_bytes
+
+    old = os.umask(0o022)
+    try:
+        atomic_write_bytes(tmp_path / "x.json", b"{}")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "x.json").stat().st_mode & 0o777 == 0o644
+    assert [p.name for p in tmp_path.iterdir()] == ["x.json"]  # no temporary file left behind
