@@ -220,6 +220,7 @@ def test_depth_probe_end_to_end(tmp_path):
     assert data["baseline"] is None and data["results"][0]["metrics"]["rmse"] == pytest.approx(res.metrics["rmse"])
 
 
+@pytest.mark.slow
 def test_a_depth_probe_learns(tmp_path):
     """Past the SigLoss warm-up, the binned head beats predicting the median training depth everywhere."""
     from vitup_cli.probe.metrics import DepthMetrics
