@@ -273,10 +273,191 @@ def extract_cmd(
     )
 
 
-@app.command("probe")
-def probe_cmd() -> None:
-    """Train and score linear probes (segmentation, depth) from feature stores."""
-    _not_built("probe", 5)
+_PR_DATA, _PR_MODEL, _PR_PROTO, _PR_CACHE, _PR_RUN = "Dataset", "Upsampler", "Protocol", "Cache and report", "Run"
+_PROBE_EPILOG = (
+    "Examples:\n\n"
+    "  vitup probe voc --root /data/VOCdevkit --checkpoint runs/b/last --upsampler vitup,bilinear\n\n"
+    "  vitup probe folder --root ./scenes --task depth --backbone dinov3_b --limit 200 --out reports/depth"
+)
+
+
+@app.command("probe", epilog=_PROBE_EPILOG)
+def probe_cmd(
+    dataset: Annotated[str, typer.Argument(help="voc, ade20k, cityscapes, cocostuff, or folder.")],
+    root: Annotated[
+        Path,
+        typer.Option(
+            "--root", rich_help_panel=_PR_DATA, help="The dataset's folder, in its standard layout (see the README)."
+        ),
+    ],
+    task: Annotated[
+        str, typer.Option("--task", rich_help_panel=_PR_DATA, help="seg (segmentation) or depth (folder only).")
+    ] = "seg",
+    limit: Annotated[
+        int | None,
+        typer.Option("--limit", rich_help_panel=_PR_DATA, help="Use the first N images of each split (quick runs)."),
+    ] = None,
+    depth_scale: Annotated[
+        float | None,
+        typer.Option(
+            "--depth-scale", rich_help_panel=_PR_DATA, help="Integer depth PNG value per metre (default 1000: mm)."
+        ),
+    ] = None,
+    max_depth: Annotated[
+        float, typer.Option("--max-depth", rich_help_panel=_PR_DATA, help="Depth range of the head's bins, metres.")
+    ] = 10.0,
+    checkpoint: Annotated[
+        Path | None,
+        typer.Option("--checkpoint", "-c", rich_help_panel=_PR_MODEL, help="A ViT-Up checkpoint from `vitup train`."),
+    ] = None,
+    upsampler: Annotated[
+        str | None,
+        typer.Option(
+            "--upsampler",
+            "-u",
+            rich_help_panel=_PR_MODEL,
+            help="Comma-separated: vitup (needs --checkpoint), bilinear, nearest, lowres; the first is the "
+            "reference column (default: vitup with --checkpoint, else bilinear).",
+        ),
+    ] = None,
+    backbone: BackboneOpt = "dinov3_s+",
+    weights: WeightsOpt = None,
+    pretrained: PretrainedOpt = "hub",
+    backbone_args: BackboneArgsOpt = None,
+    input_size: Annotated[
+        int | None,
+        typer.Option(
+            "--input-size",
+            rich_help_panel=_PR_MODEL,
+            help="Backbone input side in pixels (default 28 tokens: 448 for patch 16).",
+        ),
+    ] = None,
+    epochs: Annotated[
+        int | None,
+        typer.Option("--epochs", rich_help_panel=_PR_PROTO, help="Default 20 (COCO-Stuff 5); depth 5."),
+    ] = None,
+    lr: Annotated[
+        float | None,
+        typer.Option("--lr", rich_help_panel=_PR_PROTO, help="AdamW learning rate (seg 2e-3, depth 5e-3)."),
+    ] = None,
+    batch_size: Annotated[
+        int, typer.Option("--batch-size", "-B", rich_help_panel=_PR_PROTO, help="Images per step.")
+    ] = 4,
+    schedule: Annotated[
+        str,
+        typer.Option(
+            "--schedule",
+            rich_help_panel=_PR_PROTO,
+            help="cosine (over all iterations) or jafar (JAFAR's per-epoch cosine stepped every batch: "
+            "reproduces published JAFAR-family tables).",
+        ),
+    ] = "cosine",
+    res: Annotated[
+        int,
+        typer.Option(
+            "--res",
+            "-r",
+            rich_help_panel=_PR_PROTO,
+            help="Stored feature grid (448 = the exact protocol; 224 saves 4x).",
+        ),
+    ] = 224,
+    crop: Annotated[
+        int,
+        typer.Option("--crop", rich_help_panel=_PR_PROTO, help="Short side resize + centre crop of images and labels."),
+    ] = 448,
+    no_flip: Annotated[
+        bool, typer.Option("--no-flip", rich_help_panel=_PR_PROTO, help="No random horizontal flips in training.")
+    ] = False,
+    seed: Annotated[
+        int, typer.Option("--seed", rich_help_panel=_PR_PROTO, help="Seeds the head, order and flips.")
+    ] = 0,
+    cache: Annotated[
+        Path | None,
+        typer.Option(
+            "--cache",
+            rich_help_panel=_PR_CACHE,
+            help="Feature store cache (default $VITUP_CACHE/probe or ~/.cache/vitup/probe).",
+        ),
+    ] = None,
+    no_cache: Annotated[
+        bool,
+        typer.Option(
+            "--no-cache",
+            rich_help_panel=_PR_CACHE,
+            help="Compute features from the images every epoch; write no store.",
+        ),
+    ] = False,
+    dtype: Annotated[
+        str, typer.Option("--dtype", rich_help_panel=_PR_CACHE, help="Stored features: float16 or float32.")
+    ] = "float16",
+    out: Annotated[
+        Path | None,
+        typer.Option("--out", "-o", rich_help_panel=_PR_CACHE, help="Report folder (default ./probe-DATASET-TASK)."),
+    ] = None,
+    device: Annotated[str, typer.Option("--device", rich_help_panel=_PR_RUN, help="auto, cpu or cuda.")] = "auto",
+    workers: Annotated[
+        int | None,
+        typer.Option("--workers", "-j", rich_help_panel=_PR_RUN, help="Image decoding workers (default: auto)."),
+    ] = None,
+    memory: Annotated[
+        float | None,
+        typer.Option(
+            "--memory-gb",
+            rich_help_panel=_PR_RUN,
+            help="Stored features a split may hold in RAM before streaming "
+            "from disk (default: a quarter of the machine's memory).",
+        ),
+    ] = None,
+) -> None:
+    """Train and score linear probes (segmentation, depth) from cached feature stores."""
+    import sys
+
+    from rich.console import Console
+
+    from vitup_cli.backbones import parse_overrides
+    from vitup_cli.extract import Reporter, RichReporter
+    from vitup_cli.probe import ProbeConfig, run_probe
+    from vitup_cli.probe.report import results_table
+
+    config = ProbeConfig(
+        dataset=dataset,
+        root=root,
+        upsamplers=[u for u in (upsampler or "").split(",") if u.strip()] or None,
+        checkpoint=checkpoint,
+        backbone=backbone,
+        weights=weights,
+        pretrained=pretrained,
+        backbone_args=parse_overrides(backbone_args),
+        task=task,
+        epochs=epochs,
+        lr=lr,
+        batch_size=batch_size,
+        schedule=schedule,
+        flip=not no_flip,
+        input_size=input_size,
+        res=res,
+        crop=crop,
+        dtype=dtype,
+        cache=cache,
+        no_cache=no_cache,
+        out=out or Path(f"probe-{dataset}-{task}"),
+        limit=limit,
+        device=device,
+        workers=workers,
+        seed=seed,
+        memory_budget=None if memory is None else int(memory * (1 << 30)),
+        depth_scale=depth_scale,
+        max_depth=max_depth,
+    )
+    reporter = RichReporter() if sys.stderr.isatty() else Reporter()
+    report = run_probe(config, reporter=reporter)
+    console = Console()
+    console.print(results_table(report))
+    for res_ in report.results:
+        if res_.skipped:
+            reporter.warning(f"{res_.name}: {len(res_.skipped)} unreadable images were left out (see report.json)")
+    files = ", ".join(f"{v}" for k, v in report.files.items() if not k.startswith("head:"))
+    typer.echo(f"report: {files}; heads in {Path(config.out) / 'heads'} ({report.seconds:.1f} s)")
 
 
 _VIZ_IO, _VIZ_MODEL, _VIZ_FIG = "Input and output", "Features", "Figure"
