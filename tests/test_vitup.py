@@ -48,11 +48,11 @@ def test_full_size_shapes(name, dim):
 @pytest.mark.parametrize("window", [None, 3])
 def test_chunked_equals_unchunked(images, window):
     model = _randomise(tiny_vitup(window=window))
-    xy = torch.rand(2, 301, 2, generator=torch.Generator().manual_seed(1))
+    xy = torch.rand(2, 97, 2, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         cache = model.encode(images)
         whole = model.decode(cache, xy, levels=range(7), chunk=10_000)
-        for chunk in (1, 7, 64, 300):
+        for chunk in (1, 7, 64, 96):
             parts = model.decode(cache, xy, levels=range(7), chunk=chunk)
             for a, b in zip(whole, parts):
                 assert (a - b).abs().max() < 1e-5
