@@ -278,6 +278,8 @@ def test_existing_store_is_untouched_without_flags(tmp_path, suffix):
     before = _store_digest(out)
     result = _cli(images, "--out", out, "--res", "16", *TINY_ARGS)
     assert result.exit_code == 2 and "already exists" in result.stderr and "--resume" in result.stderr
+    result = _cli(images, "--out", out, "--res", "16", "--overwrite", "--resume", *TINY_ARGS)
+    assert result.exit_code == 2 and "contradict" in result.stderr
     assert _store_digest(out) == before
     result = _cli(images, "--out", out, "--res", "8", "--overwrite", *TINY_ARGS)
     assert result.exit_code == 0, result.output

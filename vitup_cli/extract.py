@@ -878,6 +878,10 @@ def _run(
     device = _device(config.device, dist_ctx)
     upsampler = _build_upsampler(config, device) if upsampler is None else upsampler.to(device)
     upsampler.eval()
+    if upsampler.backbone.random_init:
+        reporter.info(
+            "backbone: random init (--pretrained none), recorded in the store: a pipeline check, not features"
+        )
     tap = _resolve_tap(upsampler, config.tap)
     grid = upsampler.token_grid if upsampler.native_resolution_only else parse_res(config.res)
     settings = _settings(config, upsampler, tap, grid, paths)
