@@ -43,6 +43,7 @@ import torch
 from PIL import Image
 
 from vitup_cli import stores
+from vitup_cli.backbones import sha256_file
 from vitup_cli.errors import VitupError
 from vitup_cli.models import Upsampler, ViTUp, grid_xy
 
@@ -603,14 +604,6 @@ class _Dist:
 # =================================================================================================
 # the job
 # =================================================================================================
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def model_fingerprint(upsampler: Upsampler) -> str | None:
     """sha256 of the weights a store depends on that no name identifies: a random-init backbone, and a
     ViT-Up's own weights and LoRA. None for a training-free upsampler over named weights."""
@@ -736,7 +729,7 @@ def _settings(
     return {
         "images": {"count": len(paths), "sha256": hashlib.sha256("\n".join(paths).encode()).hexdigest()},
         "upsampler": upsampler.name,
-        "checkpoint_sha256": _sha256_file(_checkpoint_file(checkpoint)) if checkpoint else None,
+        "checkpoint_sha256": sha256_file(_checkpoint_file(checkpoint)) if checkpoint else None,
         "model_sha256": model_fingerprint(upsampler),
         "backbone": {k: bb[k] for k in ("timm_name", "weights_id", "overrides", "taps", "embed_dim", "depth", "lora")},
         "tap": tap,
