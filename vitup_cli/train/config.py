@@ -1,0 +1,295 @@
+"""Training configuration: one dataclass with the paper's defaults, YAML/TOML files, CLI overrides.
+
+Precedence: the dataclass defaults < a ``--config`` file < flags given on the command line. On
+``--resume`` the run's own ``config.json`` replaces the first two, and only operational settings
+(``RESUME_MUTABLE``) may be changed; anything that would change the result is refused.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+from vitup_cli.errors import VitupError
+
+#: settings that may differ on ``--resume`` without changing what the run computes
+RESUME_MUTABLE = frozenset(
+    {"workers", "log_every", "save_every", "keep_every", "val_every", "tensorboard", "device", "weights"}
+)
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+
+
+@dataclass
+class TrainConfig:
+    """Every hyperparameter of ``vitup train``; defaults are the paper's (DINOv3-S+, ImageNet-1K).
+
+    Sizes are in pixels unless named ``*_tokens`` / ``*_grid``. ``None`` means "derived", resolved by
+    ``resolve`` once the backbone's patch size is known (values for patch 16 in the comments).
+    """
+
+    # data and run
+    data: str = ""  # image folder, @list.txt, or one image
+    out: str = ""  # run directory
+    val_data: str | None = None  # held-out images: enables `best` and val loss
+    val_images: int = 256  # at most this many held-out images per evaluation
+    # backbone
+    backbone: str = "dinov3_s+"
+    weights: str | None = None
+    pretrained: str = "hub"
+    backbone_args: dict[str, Any] = field(default_factory=dict)
+    taps: list[int] | None = None  # None: evenly spaced, num_blocks + 1 of them
+    # model
+    num_blocks: int = 6
+    input_tokens: int = 28  # student backbone input, tokens per side (448 px)
+    embed_grid: int = 224  # query-embedding grid, tokens per side (3584 px)
+    window: int | None = None  # cross-attention window in tokens; None = global
+    # sizes of the distillation task
+    canvas: int | None = None  # student canvas side; None: input_tokens * patch (448)
+    queries: int | None = None  # query grid side; None: the finest teacher grid (56)
+    teacher_sizes: list[int] = field(default_factory=lambda: [224, 448, 896])  # 14, 28, 56 tokens
+    scale_min: float = 0.1  # the crop is pasted at s ~ U(scale_min, scale_max) of the canvas
+    scale_max: float = 1.0
+    crop_min: float = 1.0  # square crop side ~ U(crop_min, 1) x the short side (1: largest square)
+    # losses
+    w_l2: float = 1.0
+    w_cos: float = 1.0
+    w_kl: float = 1.0
+    tau: float = 0.5
+    kl_window: int = 28  # relational KL within windows of this many positions per side (7x7 blocks of 4x4)
+    # LoRA on the student backbone (r = 0: no adapters)
+    lora_r: int = 16
+    lora_alpha: float = 32.0
+    lora_dropout: float = 0.05
+    # optimisation
+    steps: int = 53381
+    batch_size: int = 24  # images per optimiser step over all processes and accumulation steps
+    lr: float = 2e-4
+    warmup: float = 0.05  # linear warm-up, fraction of steps
+    min_lr: float = 1e-6  # cosine floor
+    weight_decay: float = 0.0
+    beta1: float = 0.9
+    beta2: float = 0.999
+    grad_clip: float = 1.0  # max gradient norm; 0 disables
+    accum: int = 1  # gradient accumulation steps
+    # runtime
+    precision: str = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
+    device: str = "auto"
+    workers: int = 4
+    seed: int = 0
+    # logging and checkpoints
+    log_every: int = 10
+    save_every: int = 1000  # `last` + resumable state
+    keep_every: int = 0  # also keep `step-NNNNNNN` every N steps (0: never)
+    val_every: int | None = None  # None: with every save
+    tensorboard: bool = True
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+_FIELDS = {f.name: f for f in fields(TrainConfig)}
+_INT_LISTS = {"taps", "teacher_sizes"}
+
+
+def _int_list(name: str, value: Any) -> list[int] | None:
+    if value is None:
+        return None
+    items = value.replace(" ", "").split(",") if isinstance(value, str) else list(value)
+    try:
+        out = [int(v) for v in items if v != ""]
+    except (TypeError, ValueError):
+        raise VitupError(f"{name} '{value}': expected comma-separated integers, e.g. 224,448,896") from None
+    if not out:
+        raise VitupError(f"{name}: empty list")
+    return out
+
+
+def coerce(values: dict[str, Any], source: str) -> dict[str, Any]:
+    """Validate names and types of settings from a file or flags -> ``TrainConfig`` keyword arguments."""
+    from vitup_cli.backbones import parse_overrides
+
+    out: dict[str, Any] = {}
+    for raw_key, value in values.items():
+        key = raw_key.replace("-", "_")
+        if key not in _FIELDS:
+            known = ", ".join(sorted(_FIELDS))
+            raise VitupError(f"{source}: unknown setting '{raw_key}' (known: {known})")
+        if key in _INT_LISTS:
+            value = _int_list(key, value)
+        elif key == "backbone_args":
+            value = parse_overrides(value) if isinstance(value, str) else dict(value or {})
+        elif value is not None:
+            default = _FIELDS[key].default
+            kind = type(default) if default is not None and not callable(default) else None
+            if key in {"canvas", "queries", "window", "val_every"}:
+                kind = int
+            if key in {"val_data", "weights"}:
+                kind = str
+            try:
+                if kind is bool and isinstance(value, str):
+                    value = value.lower() in {"1", "true", "yes", "on"}
+                elif kind is float and not isinstance(value, bool):
+                    value = float(value)
+                elif kind is int and not isinstance(value, bool):
+                    if float(value) != int(float(value)):
+                        raise ValueError
+                    value = int(float(value))
+                elif kind is str:
+                    value = str(value)
+            except (TypeError, ValueError):
+                raise VitupError(f"{source}: {raw_key} = {value!r} is not a valid {kind.__name__}") from None
+        out[key] = value
+    return out
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """A YAML (``.yaml``/``.yml``) or TOML (``.toml``) file of settings; a top-level ``train`` table is
+    also accepted. Keys are ``TrainConfig`` names (dashes or underscores)."""
+    p = Path(path)
+    if not p.is_file():
+        raise VitupError(f"--config {p}: no such file")
+    text = p.read_text(encoding="utf-8")
+    suffix = p.suffix.lower()
+    try:
+        if suffix == ".toml":
+            try:
+                import tomllib
+            except ImportError:  # Python 3.10
+                import tomli as tomllib  # type: ignore[no-redef]
+            data = tomllib.loads(text)
+        elif suffix in {".yaml", ".yml"}:
+            import yaml
+
+            data = yaml.safe_load(text) or {}
+        elif suffix == ".json":
+            data = json.loads(text)
+        else:
+            raise VitupError(f"--config {p}: unknown format; use .yaml, .yml, .toml or .json")
+    except VitupError:
+        raise
+    except Exception as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise VitupError(f"--config {p}: cannot parse it ({first})") from None
+    if not isinstance(data, dict):
+        raise VitupError(f"--config {p}: expected a mapping of settings at the top level")
+    if set(data) == {"train"} and isinstance(data["train"], dict):
+        data = data["train"]
+    if "config" in data and isinstance(data["config"], dict) and "steps" in data["config"]:
+        data = data["config"]  # a run's config.json
+    return coerce(data, f"--config {p}")
+
+
+def build_config(file: str | Path | None = None, overrides: dict[str, Any] | None = None) -> TrainConfig:
+    """Defaults < ``file`` < ``overrides`` (the flags given explicitly)."""
+    values: dict[str, Any] = {}
+    if file is not None:
+        values.update(read_config_file(file))
+    values.update(coerce(overrides or {}, "option"))
+    return TrainConfig(**values)
+
+
+def resume_config(run_dir: str | Path, overrides: dict[str, Any] | None = None) -> TrainConfig:
+    """The configuration of an existing run, with operational ``overrides`` only."""
+    run = Path(run_dir)
+    path = run / "config.json"
+    if not path.is_file():
+        raise VitupError(f"--resume {run}: no {path.name} there; pass the --out folder of a `vitup train` run")
+    try:
+        saved = json.loads(path.read_text())["config"]
+    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise VitupError(f"--resume {run}: {path.name} is damaged ({exc})") from None
+    cfg = TrainConfig(**coerce(saved, str(path)))
+    changed = {}
+    for key, value in coerce(overrides or {}, "option").items():
+        if key == "out":
+            continue
+        if getattr(cfg, key) == value:
+            continue
+        if key not in RESUME_MUTABLE:
+            raise VitupError(
+                f"--resume {run}: --{key.replace('_', '-')} differs from the run's ({getattr(cfg, key)!r}); "
+                f"a resumed run keeps its settings (only {', '.join(sorted(RESUME_MUTABLE))} may change). "
+                "Start a new --out to change it"
+            )
+        changed[key] = value
+    return replace(cfg, out=str(run), **changed)
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """The distillation geometry once the patch size is known (paper values for patch 16)."""
+
+    patch: int
+    canvas: int  # 448
+    queries: int  # 56
+    teacher_sizes: tuple[int, ...]  # 224, 448, 896
+    teacher_grids: tuple[int, ...]  # 14, 28, 56
+
+    @property
+    def crop(self) -> int:
+        """The crop is decoded once at the largest teacher size."""
+        return max(self.teacher_sizes)
+
+
+def check(cfg: TrainConfig, world_size: int = 1) -> None:
+    """Every check that needs no backbone; raises ``VitupError`` naming the flag."""
+    if not cfg.data:
+        raise VitupError("--data is required: an image folder, @list.txt, or one image")
+    if not cfg.out:
+        raise VitupError("--out is required: the run directory")
+    checks = [
+        (cfg.steps > 0, "--steps must be positive"),
+        (cfg.batch_size > 0 and cfg.accum > 0, "--batch-size and --accum must be positive"),
+        (
+            0 < cfg.scale_min <= cfg.scale_max <= 1,
+            f"--scale-min {cfg.scale_min} / --scale-max {cfg.scale_max}: need 0 < min <= max <= 1",
+        ),
+        (0 < cfg.crop_min <= 1, f"--crop-min {cfg.crop_min}: need 0 < crop-min <= 1"),
+        (0 <= cfg.warmup < 1, f"--warmup {cfg.warmup}: a fraction of --steps in [0, 1)"),
+        (
+            cfg.lr > 0 and 0 <= cfg.min_lr <= cfg.lr,
+            f"--lr {cfg.lr} / --min-lr {cfg.min_lr}: need lr > 0 and 0 <= min-lr <= lr",
+        ),
+        (cfg.tau > 0, "--tau must be positive"),
+        (cfg.kl_window > 0, "--kl-window must be positive"),
+        (cfg.lora_r >= 0, "--lora-r must be >= 0 (0: no LoRA)"),
+        (0 <= cfg.lora_dropout < 1, "--lora-dropout must be in [0, 1)"),
+        (min(cfg.w_l2, cfg.w_cos, cfg.w_kl) >= 0, "loss weights must be >= 0"),
+        (cfg.precision in PRECISIONS, f"--precision {cfg.precision}: use one of {', '.join(PRECISIONS)}"),
+        (cfg.workers >= 0, "--workers must be >= 0"),
+        (cfg.log_every > 0 and cfg.save_every > 0, "--log-every and --save-every must be positive"),
+        (cfg.canvas is None or cfg.canvas >= 8, f"--canvas {cfg.canvas}: too small"),
+        (cfg.input_tokens > 0 and cfg.embed_grid > 0, "--input-tokens and --embed-grid must be positive"),
+        (cfg.val_images > 0, "--val-images must be positive"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise VitupError(message)
+    per_rank, rest = divmod(cfg.batch_size, world_size * cfg.accum)
+    if rest or per_rank == 0:
+        raise VitupError(
+            f"--batch-size {cfg.batch_size} must be a multiple of processes x --accum = {world_size} x {cfg.accum}"
+        )
+
+
+def resolve(cfg: TrainConfig, patch: int, world_size: int = 1) -> tuple[TrainConfig, Sizes]:
+    """Check every setting and fill the derived sizes; raises ``VitupError`` naming the flag."""
+    check(cfg, world_size)
+    canvas = cfg.canvas or cfg.input_tokens * patch
+    bad_sizes = [s for s in cfg.teacher_sizes if s <= 0 or s % patch]
+    if bad_sizes:
+        raise VitupError(f"--teacher-sizes {bad_sizes}: each must be a positive multiple of the patch size {patch}")
+    grids = tuple(s // patch for s in cfg.teacher_sizes)
+    queries = cfg.queries or max(grids)
+    not_dividing = [g for g in grids if queries % g]
+    if not_dividing:
+        raise VitupError(
+            f"--queries {queries}: predictions are mean-pooled to every teacher grid {list(grids)}, so each must "
+            f"divide it (teacher grids {not_dividing} do not); use --queries {max(grids)}"
+        )
+    resolved = replace(
+        cfg, canvas=canvas, queries=queries, val_every=cfg.val_every or cfg.save_every, window=cfg.window or None
+    )
+    return resolved, Sizes(patch, canvas, queries, tuple(cfg.teacher_sizes), grids)

@@ -1,0 +1,582 @@
+"""The distillation loop: teacher targets, student predictions, losses, AdamW + warm-up + cosine,
+checkpoints, exact resume, DDP.
+
+One optimiser step = ``batch_size`` images over all processes (``batch_size / (world * accum)`` per
+micro-batch). The teacher is the same backbone with its LoRA adapters disabled, run without grad on the
+crop at every teacher size; the student sees the canvas. Under ``torchrun`` each process takes its own
+slice of every global batch and only rank 0 writes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vitup_cli import __version__
+from vitup_cli.backbones import Backbone, default_taps, load_backbone
+from vitup_cli.checkpoints import atomic_write_bytes, checkpoint_paths, save_checkpoint
+from vitup_cli.data.images import list_images
+from vitup_cli.errors import VitupError
+from vitup_cli.models import ViTUp, ViTUpConfig
+from vitup_cli.train.config import Sizes, TrainConfig, check, resolve
+from vitup_cli.train.data import (
+    TRAIN_STREAM,
+    VAL_STREAM,
+    CanvasDataset,
+    CanvasSpec,
+    StepBatches,
+    box_queries,
+    make_loader,
+)
+from vitup_cli.train.losses import LossWeights, distillation_loss, term_keys
+from vitup_cli.train.report import MetricsLog, NullReporter, Reporter, default_reporter, plot_loss_curve
+from vitup_cli.train.state import (
+    STATE_NAME,
+    RunState,
+    load_state,
+    restore_host_rng,
+    save_state,
+    set_torch_rng_state,
+    torch_rng_state,
+)
+
+log = logging.getLogger("vitup.train")
+
+
+class TrainingDiverged(VitupError):
+    """The loss or the gradient became NaN/inf; nothing of that step was applied."""
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    step: int
+    finished: bool  # reached ``steps`` (False when stopped by ``stop_after``)
+    last_checkpoint: Path | None
+    best_checkpoint: Path | None = None
+    best_val: float | None = None
+    final_loss: float | None = None
+    bad_files: dict[str, str] = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+# -- schedule ---------------------------------------------------------------------------------------
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Learning rate of optimiser step ``step`` (0-based): linear warm-up over ``warmup * steps``, then
+    cosine from ``lr`` down to ``min_lr`` at the last step."""
+    return _Schedule(cfg).lr(step)
+
+
+class _Schedule:
+    """``LambdaLR`` factor. Plain numbers only: ``LambdaLR.state_dict`` stores this object's fields."""
+
+    def __init__(self, cfg: TrainConfig) -> None:
+        self.base, self.floor, self.steps = cfg.lr, cfg.min_lr, cfg.steps
+        self.warm = round(cfg.warmup * cfg.steps)
+
+    def lr(self, step: int) -> float:
+        if step < self.warm:
+            return self.base * (step + 1) / self.warm
+        span = max(self.steps - self.warm - 1, 1)
+        progress = min((step - self.warm) / span, 1.0)
+        return self.floor + (self.base - self.floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    def __call__(self, step: int) -> float:
+        return self.lr(step) / self.base
+
+
+# -- processes --------------------------------------------------------------------------------------
+@dataclass
+class _Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    initialised: bool = False
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def _setup_processes(device: str) -> _Dist:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    want_cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
+    if want_cuda and not torch.cuda.is_available():
+        raise VitupError(f"--device {device}: CUDA is not available here; use --device cpu")
+    if want_cuda:
+        dev = torch.device(f"cuda:{local}") if device in {"auto", "cuda"} else torch.device(device)
+        torch.cuda.set_device(dev)
+    else:
+        dev = torch.device("cpu")
+    initialised = False
+    if world > 1:
+        import torch.distributed as dist
+
+        if not dist.is_initialized():
+            dist.init_process_group(backend="nccl" if want_cuda else "gloo")
+            initialised = True
+    return _Dist(rank=rank, world=world, local_rank=local, device=dev, initialised=initialised)
+
+
+def _all_reduce_mean(values: torch.Tensor, d: _Dist) -> torch.Tensor:
+    if d.world > 1:
+        import torch.distributed as dist
+
+        dist.all_reduce(values, op=dist.ReduceOp.SUM)
+        values /= d.world
+    return values
+
+
+def _barrier(d: _Dist) -> None:
+    if d.world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+def _gather(obj: Any, d: _Dist) -> list[Any]:
+    if d.world == 1:
+        return [obj]
+    import torch.distributed as dist
+
+    out: list[Any] = [None] * d.world
+    dist.all_gather_object(out, obj)
+    return out
+
+
+# -- model ------------------------------------------------------------------------------------------
+def build_model(cfg: TrainConfig) -> ViTUp:
+    """Backbone (+ LoRA) and an untrained ViT-Up, initialised from ``cfg.seed``."""
+    torch.manual_seed(cfg.seed)
+    backbone = load_backbone(
+        cfg.backbone, weights=cfg.weights, pretrained=cfg.pretrained, overrides=cfg.backbone_args, taps=cfg.taps
+    )
+    if cfg.taps is None:
+        backbone.taps = default_taps(backbone.depth, cfg.num_blocks)
+    if cfg.lora_r > 0:
+        backbone.add_lora(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout)
+        _freeze_unused_lora(backbone)
+    config = ViTUpConfig(
+        num_blocks=cfg.num_blocks, input_tokens=cfg.input_tokens, query_grid=cfg.embed_grid, window=cfg.window
+    )
+    return ViTUp(backbone, config)
+
+
+def _freeze_unused_lora(backbone: Backbone) -> None:
+    """Adapters in blocks after the last tap never reach an output: keep them out of the optimiser (and
+    out of DDP's gradient buckets)."""
+    last = max(backbone.taps)
+    for name, param in backbone.lora_parameters():
+        parts = name.split(".")
+        if "blocks" in parts:
+            block = int(parts[parts.index("blocks") + 1])
+            if block >= last:
+                param.requires_grad_(False)
+
+
+def trainable_parameters(model: ViTUp) -> list[tuple[str, nn.Parameter]]:
+    return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+
+
+def set_train_mode(model: ViTUp) -> None:
+    """Upsampler in train mode; the backbone stays in eval mode (no train-time behaviour of timm, e.g.
+    RoPE jitter, may reach the teacher) except the LoRA dropout."""
+    model.train()
+    model.backbone.model.eval()
+    for name, module in model.backbone.model.named_modules():
+        if name.endswith("lora_dropout"):
+            module.train()
+
+
+class _Student(nn.Module):
+    """The trainable forward (what DDP wraps): canvas ``(B, 3, S, S)``, xy ``(B, N, 2)`` -> per level
+    ``(B, N, C)``."""
+
+    def __init__(self, model: ViTUp) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, canvas: torch.Tensor, xy: torch.Tensor) -> list[torch.Tensor]:
+        cache = self.model.encode(canvas)
+        return self.model.decode(cache, xy, levels=range(len(self.model.decoders)))
+
+
+def teacher_targets(backbone: Backbone, crop: torch.Tensor, sizes: Sizes, autocast: Any) -> list[list[torch.Tensor]]:
+    """The frozen teacher (adapters disabled, no grad) on the crop at every teacher size and tap.
+
+    Args:
+        crop: ``(B, 3, T, T)`` in ``[0, 1]`` at the largest teacher size.
+    Returns:
+        per teacher size, per tap: ``(B, C, g, g)`` float32.
+    """
+    out = []
+    with torch.no_grad(), backbone.adapters_disabled(), autocast:
+        for size in sizes.teacher_sizes:
+            x = crop
+            if size != crop.shape[-1]:
+                x = F.interpolate(crop, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+            out.append([t.float() for t in backbone.hidden_states(backbone.normalize(x))])
+    return out
+
+
+def student_maps(student: nn.Module, canvas: torch.Tensor, box: torch.Tensor, queries: int) -> list[torch.Tensor]:
+    """Predictions on the ``queries x queries`` grid over each pasted crop: per level ``(B, C, Q, Q)``."""
+    xy = box_queries(box, queries)
+    preds = student(canvas, xy)
+    B = canvas.shape[0]
+    return [p.float().transpose(1, 2).reshape(B, -1, queries, queries) for p in preds]
+
+
+def _autocast(precision: str, device: torch.device) -> Any:
+    if precision == "auto":
+        precision = "bf16" if device.type == "cuda" else "fp32"
+    if precision == "bf16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def _to_batch(batch: dict[str, Any], device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    canvas = batch["canvas"].to(device, non_blocking=True).float().div_(255)
+    crop = batch["crop"].to(device, non_blocking=True).float().div_(255)
+    return canvas, crop, batch["box"].to(device)
+
+
+# -- the run ----------------------------------------------------------------------------------------
+def _write_config(run_dir: Path, cfg: TrainConfig, model: ViTUp, n_images: int, d: _Dist) -> None:
+    import timm
+
+    record = {
+        "config": cfg.to_json(),
+        "vitup_version": __version__,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "backbone": model.backbone.describe(),
+        "random_init_backbone": model.backbone.random_init,
+        "train_images": n_images,
+        "world_size": d.world,
+        "trainable_parameters": sum(p.numel() for _, p in trainable_parameters(model)),
+        "versions": {"torch": torch.__version__, "timm": timm.__version__},
+    }
+    atomic_write_bytes(run_dir / "config.json", (json.dumps(record, indent=2) + "\n").encode())
+
+
+def _evaluate(
+    model: ViTUp,
+    files: list[Path],
+    cfg: TrainConfig,
+    sizes: Sizes,
+    spec: CanvasSpec,
+    weights: LossWeights,
+    d: _Dist,
+) -> dict[str, float]:
+    """Mean loss terms over the held-out images (fixed crops, scales and noise), all processes."""
+    n = min(len(files), cfg.val_images)
+    mine = list(range(d.rank, n, d.world))
+    micro = max(1, cfg.batch_size // (d.world * cfg.accum))
+    batches = [mine[i : i + micro] for i in range(0, len(mine), micro)]
+    dataset = CanvasDataset(files, spec, stream=VAL_STREAM)
+    student = _Student(model)
+    autocast = _autocast(cfg.precision, d.device)
+    sums: dict[str, float] = {}
+    model.eval()
+    try:
+        with torch.no_grad():
+            for batch in make_loader(dataset, batches, cfg.workers, pin_memory=d.device.type == "cuda"):
+                canvas, crop, box = _to_batch(batch, d.device)
+                targets = teacher_targets(model.backbone, crop, sizes, autocast)
+                with autocast:
+                    preds = student_maps(student, canvas, box, sizes.queries)
+                _, terms = distillation_loss(preds, targets, weights)
+                for key, value in terms.items():
+                    sums[key] = sums.get(key, 0.0) + float(value) * canvas.shape[0]
+    finally:
+        set_train_mode(model)
+    keys = term_keys(len(model.decoders), sizes.teacher_grids)
+    count = float(sum(len(b) for b in batches))
+    vector = torch.tensor([sums.get(k, 0.0) for k in keys] + [count], dtype=torch.float64)
+    if d.world > 1:
+        import torch.distributed as dist
+
+        vector = vector.to(d.device)
+        dist.all_reduce(vector)
+        vector = vector.cpu()
+    count = max(vector[-1].item(), 1.0)
+    return {f"val_{k}": vector[i].item() / count for i, k in enumerate(keys)}
+
+
+def train(
+    cfg: TrainConfig,
+    *,
+    resume: bool = False,
+    reporter: Reporter | None = None,
+    stop_after: int | None = None,
+) -> TrainResult:
+    """Distil a ViT-Up into ``cfg.out``; see the module docstring.
+
+    Args:
+        resume: continue the run in ``cfg.out`` exactly where its last save left it (``cfg`` should
+            come from ``resume_config``).
+        reporter: progress sink (default: tqdm in a terminal, plain lines otherwise; rank 0 only).
+        stop_after: end this session after that many optimiser steps, with a save (time-limited jobs;
+            ``resume`` continues).
+    Raises:
+        VitupError: bad settings or inputs; ``TrainingDiverged`` on a NaN/inf loss or gradient.
+    """
+    started = time.monotonic()
+    d = _setup_processes(cfg.device)
+    try:
+        return _train(cfg, d, resume, reporter, stop_after, started)
+    finally:
+        if d.initialised:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+
+
+def _train(
+    cfg: TrainConfig, d: _Dist, resume: bool, reporter: Reporter | None, stop_after: int | None, started: float
+) -> TrainResult:
+    run_dir = Path(cfg.out) if cfg.out else None
+    if run_dir is not None and not resume and (run_dir / "config.json").exists():
+        raise VitupError(
+            f"--out {run_dir} already holds a run: continue it with --resume {run_dir}, or choose another --out"
+        )
+    if resume and run_dir is not None and not (run_dir / STATE_NAME).is_file():
+        raise VitupError(f"--resume {run_dir}: no {STATE_NAME} there; the run never reached its first save")
+    _barrier(d)  # every process has checked the folder before rank 0 writes into it
+    check(cfg, d.world)
+    train_list = list_images(cfg.data)
+    val_files = list_images(cfg.val_data).files if cfg.val_data else []
+    model = build_model(cfg)
+    cfg, sizes = resolve(cfg, model.backbone.patch_size, d.world)
+    run_dir = Path(cfg.out)
+    reporter = (reporter or default_reporter()) if d.main else NullReporter()
+
+    model.to(d.device)
+    set_train_mode(model)
+    params = trainable_parameters(model)
+    optimizer = torch.optim.AdamW(
+        [p for _, p in params], lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay, eps=1e-8
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _Schedule(cfg))
+    include_base = model.backbone.random_init
+    run = RunState(world_size=d.world)
+
+    if resume:
+        state = load_state(run_dir / STATE_NAME)
+        missing, unexpected = model.load_state_dict(state.model, strict=False)
+        expected_missing = {
+            n for n in model.state_dict() if n.startswith("backbone.") and "lora_" not in n and not include_base
+        }
+        absent = sorted(set(missing) - expected_missing)
+        if unexpected or absent:
+            raise VitupError(
+                f"--resume {run_dir}: {STATE_NAME} does not match this model "
+                f"(missing {absent[:3]}, unexpected {unexpected[:3]})"
+            )
+        optimizer.load_state_dict(state.optimizer)
+        scheduler.load_state_dict(state.scheduler)
+        run = replace(state.run, world_size=d.world)
+        restore_host_rng(state)
+        if len(state.rng) == d.world:
+            set_torch_rng_state(state.rng[d.rank], d.device)
+        else:
+            torch.manual_seed(hash((cfg.seed, run.step, d.rank)) % 2**63)
+            reporter.message(
+                f"resuming on {d.world} processes (saved with {len(state.rng)}): dropout noise will differ from "
+                "an uninterrupted run; data order and everything else is unchanged"
+            )
+        reporter.message(f"resuming {run_dir} at step {run.step}/{cfg.steps}")
+    else:
+        if d.main:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            _write_config(run_dir, cfg, model, len(train_list.files), d)
+        torch.manual_seed(cfg.seed * 1000 + 17 + d.rank)  # per-process dropout noise
+
+    if model.backbone.random_init:
+        reporter.message("backbone is randomly initialised (--pretrained none): for tests and demos only")
+    weights = LossWeights(cfg.w_l2, cfg.w_cos, cfg.w_kl, cfg.tau, cfg.kl_window)
+    spec = CanvasSpec(sizes.canvas, sizes.crop, cfg.scale_min, cfg.scale_max, cfg.crop_min, cfg.seed)
+    dataset = CanvasDataset(train_list.files, spec, stream=TRAIN_STREAM)
+    batches = StepBatches(cfg.batch_size, cfg.steps, run.step, d.rank, d.world, cfg.accum)
+
+    student: nn.Module = _Student(model)
+    if d.world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        student = DistributedDataParallel(student, device_ids=[d.device.index] if d.device.type == "cuda" else None)
+    autocast = _autocast(cfg.precision, d.device)
+    metrics = (
+        MetricsLog(run_dir, resume_step=run.step if resume else None, tensorboard=cfg.tensorboard) if d.main else None
+    )
+    if metrics is not None and metrics.tensorboard_note and not resume:
+        reporter.message(metrics.tensorboard_note)
+
+    last_path = checkpoint_paths(run_dir / "last")[0]
+    best_path = checkpoint_paths(run_dir / "best")[0]
+
+    def checkpoint_extra(step: int, **more: Any) -> dict[str, Any]:
+        return {
+            "step": step,
+            "train": {"config": cfg.to_json(), "data": str(train_list.root), "images": len(train_list.files), **more},
+        }
+
+    def save(step: int, loss: float | None) -> None:
+        rngs = _gather(torch_rng_state(d.device), d)
+        bad = {}
+        for part in _gather(run.bad_files, d):
+            bad.update(part)
+        run.bad_files = bad
+        run.last_checkpoint_step = step
+        if not d.main:
+            return
+        save_checkpoint(run_dir / "last", model, checkpoint_extra(step, loss=loss))
+        if cfg.keep_every and step % cfg.keep_every == 0:
+            save_checkpoint(run_dir / f"step-{step:07d}", model, checkpoint_extra(step, loss=loss))
+        save_state(
+            run_dir / STATE_NAME,
+            model=model,
+            include_base=include_base,
+            optimizer=optimizer,
+            scheduler=scheduler,
+            run=run,
+            rng_states=rngs,
+            config=cfg.to_json(),
+        )
+        plot_loss_curve(run_dir / "metrics.jsonl", run_dir / "loss_curve.png")
+        if run.bad_files:
+            listing = "".join(f"{path}\t{reason}\n" for path, reason in sorted(run.bad_files.items()))
+            atomic_write_bytes(run_dir / "skipped_images.tsv", listing.encode())
+
+    def validate(step: int) -> None:
+        if not val_files:
+            return
+        scores = _evaluate(model, val_files, cfg, sizes, spec, weights, d)
+        improved = run.best_val is None or scores["val_loss"] < run.best_val
+        if improved:
+            run.best_val, run.best_step = scores["val_loss"], step
+        if d.main:
+            metrics.write({"step": step, **scores})
+            reporter.message(
+                f"step {step}: held-out loss {scores['val_loss']:.4f}" + ("  (best so far)" if improved else "")
+            )
+            if improved:
+                save_checkpoint(run_dir / "best", model, checkpoint_extra(step, val_loss=scores["val_loss"]))
+
+    loader = make_loader(dataset, batches, cfg.workers, pin_memory=d.device.type == "cuda")
+    batch_iter = iter(loader)
+    reporter.start(cfg.steps, run.step)
+    window: dict[str, float] = {}
+    window_steps, window_t0 = 0, time.monotonic()
+    last_loss: float | None = None
+    session_steps = 0
+    keys: list[str] | None = None
+    try:
+        while run.step < cfg.steps:
+            optimizer.zero_grad(set_to_none=True)
+            step_terms: dict[str, float] = {}
+            sums: dict[str, torch.Tensor] = {}
+            for micro in range(cfg.accum):
+                batch = next(batch_iter)
+                for path, reason in batch["failed"]:
+                    if path not in run.bad_files:
+                        run.bad_files[path] = reason
+                        reporter.message(f"skipped unreadable image {path}: {reason}")
+                canvas, crop, box = _to_batch(batch, d.device)
+                targets = teacher_targets(model.backbone, crop, sizes, autocast)
+                sync = contextlib.nullcontext()
+                if d.world > 1 and micro < cfg.accum - 1:
+                    sync = student.no_sync()
+                with sync:
+                    with autocast:
+                        preds = student_maps(student, canvas, box, sizes.queries)
+                    loss, terms = distillation_loss(preds, targets, weights)
+                    (loss / cfg.accum).backward()
+                for key, value in terms.items():
+                    sums[key] = sums.get(key, 0) + value / cfg.accum
+            keys = keys or sorted(sums)
+            vector = _all_reduce_mean(torch.stack([sums[k].float() for k in keys]).to(d.device), d).cpu()
+            step_terms = dict(zip(keys, vector.tolist(), strict=True))
+            bad = [k for k in ("l2", "cos", "kl", "loss") if not math.isfinite(step_terms[k])]
+            if bad:
+                _diverged(run, cfg, run_dir, metrics, f"loss term {', '.join(bad)} is {step_terms[bad[0]]}")
+            clip = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
+            grad_norm = float(torch.nn.utils.clip_grad_norm_([p for _, p in params], clip))
+            if not math.isfinite(grad_norm):
+                _diverged(run, cfg, run_dir, metrics, f"gradient norm is {grad_norm}")
+            lr = scheduler.get_last_lr()[0]
+            optimizer.step()
+            scheduler.step()
+            run.step += 1
+            run.images_seen += cfg.batch_size
+            session_steps += 1
+            last_loss = step_terms["loss"]
+            for key, value in step_terms.items():
+                window[key] = window.get(key, 0.0) + value
+            window["grad_norm"] = window.get("grad_norm", 0.0) + grad_norm
+            window_steps += 1
+            reporter.update(run.step, {**step_terms, "lr": lr})
+
+            stopping = stop_after is not None and session_steps >= stop_after
+            if run.step % cfg.log_every == 0 or run.step == cfg.steps or stopping:
+                elapsed = time.monotonic() - window_t0
+                record = {"step": run.step, **{k: v / window_steps for k, v in window.items()}, "lr": lr}
+                record["it_s"] = window_steps / max(elapsed, 1e-9)
+                record["images_s"] = record["it_s"] * cfg.batch_size
+                record["elapsed_s"] = time.monotonic() - started
+                if metrics is not None:
+                    metrics.write(record)
+                window, window_steps, window_t0 = {}, 0, time.monotonic()
+
+            if run.step % cfg.val_every == 0 or run.step == cfg.steps:
+                validate(run.step)
+            if run.step % cfg.save_every == 0 or run.step == cfg.steps or stopping:
+                save(run.step, last_loss)
+            if stopping:
+                break
+    finally:
+        reporter.close()
+        if metrics is not None:
+            metrics.close()
+        del batch_iter, loader
+    if d.main and run.bad_files:
+        reporter.message(f"{len(run.bad_files)} unreadable image(s) skipped (listed in {run_dir}/skipped_images.tsv)")
+    return TrainResult(
+        run_dir=run_dir,
+        step=run.step,
+        finished=run.step >= cfg.steps,
+        last_checkpoint=last_path if last_path.exists() else None,
+        best_checkpoint=best_path if best_path.exists() else None,
+        best_val=run.best_val,
+        final_loss=last_loss,
+        bad_files=dict(run.bad_files),
+        seconds=time.monotonic() - started,
+    )
+
+
+def _diverged(run: RunState, cfg: TrainConfig, run_dir: Path, metrics: MetricsLog | None, what: str) -> None:
+    step = run.step + 1
+    if metrics is not None:
+        metrics.write({"step": step, "event": "diverged", "reason": what})
+    if run.last_checkpoint_step is not None:
+        good = f"last good checkpoint: {checkpoint_paths(run_dir / 'last')[0]} (step {run.last_checkpoint_step})"
+    else:
+        good = "no checkpoint was written yet"
+    raise TrainingDiverged(
+        f"training diverged at step {step}: {what}; the step was not applied. {good}. "
+        f"Try a lower --lr (now {cfg.lr:g}), a longer --warmup or --precision fp32 in a new run"
+    )
