@@ -26,6 +26,25 @@ fmt:
     ruff format .
     ruff check --fix .
 
+# The whole pipeline on CPU in a few minutes (random-init shrunk backbone: a demo, not quality)
+demo out="out/quickstart":
+    bash examples/quickstart.sh {{out}}
+
+# Every benchmark (faithfulness takes ~10 minutes on 2 cores)
+bench: bench-extract bench-faithfulness bench-probe
+
+# Extraction throughput and memory (model-only vs end-to-end, R=224 vs 448)
+bench-extract *args:
+    python benchmarks/extract_throughput.py {{args}}
+
+# Does training make ViT-Up closer to the teacher than bilinear? (3 seeds, JSON in benchmarks/results)
+bench-faithfulness *args:
+    python benchmarks/faithfulness.py {{args}}
+
+# Probe training streamed from a store vs held in memory
+bench-probe *args:
+    python benchmarks/probe_streaming.py {{args}}
+
 # What CI runs, in a fresh virtual environment
 ci:
     bash .ci/run
