@@ -71,7 +71,8 @@ def default_taps(depth: int, num_blocks: int = 6) -> list[int]:
     return [int(i * depth / num_blocks + 0.5) for i in range(num_blocks + 1)]
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file, read in 1 MiB blocks."""
     digest = hashlib.sha256()
     with open(path, "rb") as fh:
         for block in iter(lambda: fh.read(1 << 20), b""):
@@ -312,7 +313,7 @@ def load_backbone(
         path = Path(weights)
         if not path.is_file():
             raise VitupError(f"--weights {path}: no such file")
-        weights_id = f"file:{path.name}@sha256:{_sha256(path)}"
+        weights_id = f"file:{path.name}@sha256:{sha256_file(path)}"
         try:
             model = timm.create_model(timm_name, pretrained=True, pretrained_cfg_overlay={"file": str(path)}, **kwargs)
         except Exception as exc:

@@ -10,6 +10,7 @@ so memory is bounded at any output resolution and results do not depend on the c
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -84,6 +85,11 @@ def token_centres(h: int, w: int, device: torch.device | str | None = None) -> t
 def window_index(h: int, w: int, window: int, device: torch.device | str | None = None) -> torch.Tensor:
     """For each token, the flat indices of the ``window x window`` tokens around it, shifted to stay
     inside the grid: ``(h * w, wy * wx)``."""
+    return _window_index(h, w, window, str(torch.device(device or "cpu")))
+
+
+@functools.lru_cache(maxsize=32)
+def _window_index(h: int, w: int, window: int, device: str) -> torch.Tensor:
     wy, wx = min(window, h), min(window, w)
     sy = (torch.arange(h, device=device) - wy // 2).clamp(0, h - wy)
     sx = (torch.arange(w, device=device) - wx // 2).clamp(0, w - wx)

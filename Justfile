@@ -1,0 +1,50 @@
+# vitup recipes: `just --list`. Run them inside the virtual environment made by `just install`.
+set shell := ["bash", "-euo", "pipefail", "-c"]
+
+default:
+    @just --list
+
+# Install vitup with the dev tools (pytest, ruff, just, xarray) into the active environment
+install:
+    python -m pip install -e ".[dev]"
+
+# The whole suite, slow and integration tests included (what CI runs)
+test *args:
+    python -m pytest {{args}}
+
+# Only the fast tests
+test-fast:
+    python -m pytest -m "not slow and not integration"
+
+# Lint and format check (what CI runs)
+lint:
+    ruff check .
+    ruff format --check .
+
+# Format and fix in place
+fmt:
+    ruff format .
+    ruff check --fix .
+
+# The whole pipeline on CPU in a few minutes (random-init shrunk backbone: a demo, not quality)
+demo out="out/quickstart":
+    bash examples/quickstart.sh {{out}}
+
+# Every benchmark (faithfulness takes ~10 minutes on 2 cores)
+bench: bench-extract bench-faithfulness bench-probe
+
+# Extraction throughput and memory (model-only vs end-to-end, R=224 vs 448)
+bench-extract *args:
+    python benchmarks/extract_throughput.py {{args}}
+
+# Does training make ViT-Up closer to the teacher than bilinear? (3 seeds, JSON in benchmarks/results)
+bench-faithfulness *args:
+    python benchmarks/faithfulness.py {{args}}
+
+# Probe training streamed from a store vs held in memory
+bench-probe *args:
+    python benchmarks/probe_streaming.py {{args}}
+
+# What CI runs, in a fresh virtual environment
+ci:
+    bash .ci/run

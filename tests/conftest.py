@@ -1,0 +1,26 @@
+import pytest
+import torch
+
+from vitup_cli.backbones import load_backbone
+from vitup_cli.models import ViTUp, ViTUpConfig
+
+TINY = {"depth": 2, "embed_dim": 64, "num_heads": 1}
+
+
+def tiny_backbone(name: str = "dinov3_s", seed: int = 0, **overrides):
+    torch.manual_seed(seed)
+    return load_backbone(name, pretrained="none", overrides={**TINY, **overrides})
+
+
+def tiny_vitup(name: str = "dinov3_s", seed: int = 0, lora: bool = True, **config):
+    backbone = tiny_backbone(name, seed)
+    if lora:
+        backbone.add_lora()
+    cfg = ViTUpConfig(**{"input_tokens": 4, "query_grid": 16, **config})
+    torch.manual_seed(seed + 1)
+    return ViTUp(backbone, cfg).eval()
+
+
+@pytest.fixture
+def images():
+    return torch.rand(2, 3, 72, 88, generator=torch.Generator().manual_seed(0))

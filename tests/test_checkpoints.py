@@ -1,0 +1,88 @@
+import json
+
+import pytest
+import torch
+from conftest import tiny_vitup
+from test_backbones import _Payload
+from test_vitup import _randomise
+
+from vitup_cli.checkpoints import load_checkpoint, open_upsampler, read_checkpoint_meta, save_checkpoint
+from vitup_cli.errors import VitupError
+
+
+@pytest.fixture
+def saved(tmp_path):
+    model = _randomise(tiny_vitup(seed=5))
+    path = save_checkpoint(tmp_path / "run" / "last", model, extra={"step": 7})
+    return model, path
+
+
+def test_round_trip_is_bit_identical(saved, images):
+    model, path = saved
+    assert path.name == "last.safetensors" and path.with_suffix(".json").is_file()
+    loaded = load_checkpoint(path).eval()
+    xy = torch.rand(2, 40, 2)
+    with torch.no_grad():
+        assert torch.equal(model.query(images, xy), loaded.query(images, xy))
+        assert torch.equal(model.features(images, (6, 7)), loaded.features(images, (6, 7)))
+    meta = read_checkpoint_meta(path)
+    assert meta["step"] == 7 and meta["backbone_included"] and meta["backbone"]["lora"]["r"] == 16
+
+
+def test_any_spelling_of_the_path_loads(saved):
+    _, path = saved
+    for spelling in (path, path.with_suffix(""), path.with_suffix(".json")):
+        assert read_checkpoint_meta(spelling)["upsampler"] == "vitup"
+
+
+def test_other_backbone_is_refused(saved):
+    _, path = saved
+    other = tiny_vitup("dinov2_s").backbone
+    with pytest.raises(VitupError, match="another backbone.*timm_name"):
+        load_checkpoint(path, backbone=other)
+
+
+def test_pickle_is_refused_without_running(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    torch.save({"state": _Payload()}, tmp_path / "model.pt")
+    with pytest.raises(VitupError, match="never unpickles"):
+        load_checkpoint(tmp_path / "model.pt")
+    # the same bytes under a safetensors name are sniffed and refused too
+    (tmp_path / "ck.safetensors").write_bytes((tmp_path / "model.pt").read_bytes())
+    (tmp_path / "ck.json").write_text(json.dumps({"format": "vitup-checkpoint/1"}))
+    with pytest.raises(VitupError, match="not a vitup checkpoint"):
+        load_checkpoint(tmp_path / "ck.safetensors")
+    assert not (tmp_path / "PWNED_BY_PICKLE").exists()
+
+
+def test_broken_and_partial_checkpoints(tmp_path, saved):
+    _, path = saved
+    with pytest.raises(VitupError, match="missing"):
+        load_checkpoint(tmp_path / "nothing")
+    meta = path.with_suffix(".json")
+    meta.write_text("{not json")
+    with pytest.raises(VitupError, match="not valid JSON"):
+        load_checkpoint(path)
+
+
+def test_open_upsampler():
+    with pytest.raises(VitupError, match="needs --checkpoint"):
+        open_upsampler("vitup")
+    up = open_upsampler(
+        "bilinear", backbone="dinov3_s", pretrained="none", overrides={"depth": 1, "embed_dim": 64, "num_heads": 1}
+    )
+    assert up.name == "bilinear" and not up.training
+
+
+def test_atomic_write_uses_normal_permissions(tmp_path):
+    import os
+
+    from vitup_cli.checkpoints import atomic_write_bytes
+
+    old = os.umask(0o022)
+    try:
+        atomic_write_bytes(tmp_path / "x.json", b"{}")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "x.json").stat().st_mode & 0o777 == 0o644
+    assert [p.name for p in tmp_path.iterdir()] == ["x.json"]  # no temporary file left behind

@@ -1,0 +1,63 @@
+"""`vitup probe` through the command line: a run, its report, the cache, and one-line errors."""
+
+import json
+
+from probe_fixtures import make_folder, make_voc
+from typer.testing import CliRunner
+
+from vitup_cli.cli import app
+
+runner = CliRunner()
+TINY = [
+    "--backbone", "dinov3_s", "--pretrained", "none", "--backbone-args", "depth=2,embed_dim=64,num_heads=1",
+    "--input-size", "64", "--res", "16", "--crop", "32", "--workers", "0", "--device", "cpu",
+]  # fmt: skip
+
+
+def test_probe_command_runs_and_reports(tmp_path):
+    make_voc(tmp_path / "voc")
+    args = ["probe", "voc", "--root", str(tmp_path / "voc"), *TINY, "--epochs", "2", "--limit", "4",
+            "--upsampler", "bilinear,nearest", "--cache", str(tmp_path / "cache"),
+            "--out", str(tmp_path / "rep")]  # fmt: skip
+    result = runner.invoke(app, args, env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    assert "mIoU" in result.output and "nearest (Δ vs bilinear)" in result.output
+    assert "IoU aeroplane" in result.output  # per-class rows with the dataset's class names
+    data = json.loads((tmp_path / "rep" / "report.json").read_text())
+    assert data["dataset"]["train_images"] == 4 and data["protocol"]["epochs"] == 2
+    assert [r["name"] for r in data["results"]] == ["bilinear", "nearest"]
+    assert (tmp_path / "rep" / "predictions.png").is_file()
+    assert (tmp_path / "rep" / "heads" / "nearest.safetensors").is_file()
+    again = runner.invoke(app, args, env={"COLUMNS": "200"})
+    assert again.exit_code == 0 and "reusing" in again.output and "caching features" not in again.output
+
+
+def test_depth_through_the_cli(tmp_path):
+    make_folder(tmp_path / "d", task="depth", n_train=4, n_val=2, depth_format="npy")
+    args = ["probe", "folder", "--root", str(tmp_path / "d"), "--task", "depth", *TINY, "--epochs", "1",
+            "--no-cache", "--out", str(tmp_path / "rep"), "--cache", str(tmp_path / "cache")]  # fmt: skip
+    result = runner.invoke(app, args, env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    assert "δ1" in result.output and "RMSE" in result.output
+    assert json.loads((tmp_path / "rep" / "report.json").read_text())["protocol"]["no_cache"] is True
+
+
+def _error(result):
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in result.output
+    return lines[0]
+
+
+def test_wrong_root_is_one_clear_line(tmp_path):
+    line = _error(runner.invoke(app, ["probe", "cityscapes", "--root", str(tmp_path), *TINY]))
+    assert "leftImg8bit" in line and str(tmp_path) in line
+
+
+def test_bad_flags_are_one_clear_line(tmp_path):
+    make_folder(tmp_path / "f")
+    base = ["probe", "folder", "--root", str(tmp_path / "f"), *TINY, "--cache", str(tmp_path / "c")]
+    assert "needs --checkpoint" in _error(runner.invoke(app, [*base, "--upsampler", "vitup"]))
+    assert "--schedule" in _error(runner.invoke(app, [*base, "--schedule", "linear"]))
+    assert "unknown dataset" in _error(runner.invoke(app, ["probe", "kitti", "--root", str(tmp_path), *TINY]))
+    assert "--task depth" in _error(runner.invoke(app, ["probe", "voc", "--root", str(tmp_path), "--task", "depth"]))

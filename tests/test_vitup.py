@@ -1,0 +1,155 @@
+import pytest
+import torch
+from conftest import tiny_backbone, tiny_vitup
+
+from vitup_cli.backbones import load_backbone
+from vitup_cli.errors import VitupError
+from vitup_cli.models import ViTUp, ViTUpConfig, grid_xy
+from vitup_cli.models.vitup import CrossAttention, apply_rope, fourier_code, rope_angles, window_index
+
+
+def _randomise(model):
+    """Move every zero-initialised part off zero so tests see the whole network at work."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "film" in name or "lora_B" in name:
+                p.normal_(std=0.05)
+    return model
+
+
+def test_paper_parameter_count_for_dinov3_splus():
+    bb = load_backbone("dinov3_s+", pretrained="none")
+    bb.add_lora()
+    model = ViTUp(bb)
+    upsampler = sum(p.numel() for _, p in model.upsampler_parameters())
+    lora = sum(p.numel() for _, p in bb.lora_parameters())
+    total = upsampler + lora
+    print(f"ViT-Up on dinov3_s+: {upsampler / 1e6:.2f}M upsampler + {lora / 1e6:.2f}M LoRA = {total / 1e6:.2f}M")
+    assert abs(total - 24.9e6) / 24.9e6 < 0.05
+    assert len(model.blocks) == 6 and len(model.decoders) == 7
+    assert model.blocks[0].attn.num_heads == 6
+
+
+@pytest.mark.parametrize(("name", "dim"), [("dinov3_s+", 384), ("dinov2_s", 384)])
+def test_full_size_shapes(name, dim):
+    bb = load_backbone(name, pretrained="none")
+    model = ViTUp(bb, ViTUpConfig(query_grid=32)).eval()
+    xy = torch.rand(1, 50, 2)
+    with torch.no_grad():
+        cache = model.encode(torch.rand(1, 3, 200, 300))
+        out = model.decode(cache, xy, levels=range(7))
+    side = 28
+    assert [s.shape for s in cache.states] == [(1, dim, side, side)] * 7
+    assert cache.query_grid.shape == (1, dim, 32, 32)
+    assert [o.shape for o in out] == [(1, 50, dim)] * 7
+    assert model.input_size == 28 * bb.patch_size
+
+
+@pytest.mark.parametrize("window", [None, 3])
+def test_chunked_equals_unchunked(images, window):
+    model = _randomise(tiny_vitup(window=window))
+    xy = torch.rand(2, 97, 2, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        cache = model.encode(images)
+        whole = model.decode(cache, xy, levels=range(7), chunk=10_000)
+        for chunk in (1, 7, 64, 96):
+            parts = model.decode(cache, xy, levels=range(7), chunk=chunk)
+            for a, b in zip(whole, parts):
+                assert (a - b).abs().max() < 1e-5
+
+
+def test_dense_features_any_grid_and_non_square(images):
+    model = tiny_vitup()
+    with torch.no_grad():
+        dense = model.features(images, (9, 13))
+        pointwise = model.query(images, grid_xy(9, 13).expand(2, -1, -1))
+    assert dense.shape == (2, 64, 9, 13)
+    assert torch.allclose(dense.flatten(2).transpose(1, 2), pointwise, atol=1e-6)
+
+
+def test_rope_logits_depend_only_on_relative_position():
+    torch.manual_seed(0)
+    q, k = torch.randn(1, 2, 5, 16), torch.randn(1, 2, 7, 16)
+    pq, pk = torch.rand(5, 2) * 10, torch.rand(7, 2) * 10
+    shift = torch.tensor([3.7, -1.3])
+
+    def logits(offset):
+        rq = apply_rope(q, rope_angles(pq + offset, 16)[None, None])
+        rk = apply_rope(k, rope_angles(pk + offset, 16)[None, None])
+        return rq @ rk.transpose(-1, -2)
+
+    assert torch.allclose(logits(0), logits(shift), atol=1e-4)
+    assert not torch.allclose(logits(0), q @ k.transpose(-1, -2), atol=1e-2)  # RoPE does act
+
+
+def test_rope_uses_both_axes():
+    a = rope_angles(torch.tensor([[1.0, 0.0]]), 16)
+    b = rope_angles(torch.tensor([[0.0, 1.0]]), 16)
+    assert torch.count_nonzero(a[0, :4]) == 4 and torch.count_nonzero(a[0, 4:]) == 0
+    assert torch.count_nonzero(b[0, 4:]) == 4 and torch.count_nonzero(b[0, :4]) == 0
+
+
+def test_fourier_code_is_66_dims():
+    code = fourier_code(torch.zeros(3, 2))
+    assert code.shape == (3, 66)
+
+
+def test_film_is_identity_at_init():
+    model = tiny_vitup()
+    token, code = torch.randn(4, 64), fourier_code(torch.rand(4, 2) - 0.5)
+    for block in model.blocks:
+        assert torch.equal(block.featx.modulate(token, code), token)
+
+
+def _naive_window_attention(q, k, v, nearest, windows):
+    out = torch.empty_like(q)
+    for b in range(q.shape[0]):
+        for n in range(q.shape[2]):
+            idx = windows[nearest[b, n]]
+            att = torch.softmax(q[b, :, n : n + 1] @ k[b, :, idx].transpose(-1, -2) / q.shape[-1] ** 0.5, -1)
+            out[b, :, n] = (att @ v[b, :, idx])[:, 0]
+    return out
+
+
+def test_windowed_attention_matches_per_query_reference():
+    torch.manual_seed(0)
+    h, w, win = 5, 6, 3
+    q, k, v = torch.randn(2, 2, 40, 8), torch.randn(2, 2, h * w, 8), torch.randn(2, 2, h * w, 8)
+    nearest = torch.randint(0, h * w, (2, 40))
+    windows = window_index(h, w, win)
+    fast = CrossAttention._windowed(q, k, v, nearest, windows)
+    assert torch.allclose(fast, _naive_window_attention(q, k, v, nearest, windows), atol=1e-5)
+
+
+def test_windows_stay_inside_the_grid():
+    idx = window_index(4, 5, 3)
+    assert idx.shape == (20, 9)
+    assert set(idx[0].tolist()) == {0, 1, 2, 5, 6, 7, 10, 11, 12}  # corner window shifted inside
+    assert int(idx.max()) < 20
+
+
+def test_window_covering_the_grid_equals_global(images):
+    g = _randomise(tiny_vitup(window=None))
+    full = tiny_vitup(window=4)
+    full.load_state_dict(g.state_dict())
+    xy = torch.rand(2, 50, 2)
+    with torch.no_grad():
+        assert torch.allclose(g.query(images, xy), full.query(images, xy), atol=1e-5)
+
+
+def test_taps_must_match_blocks():
+    with pytest.raises(VitupError, match="needs 4 taps"):
+        ViTUp(tiny_backbone(), ViTUpConfig(num_blocks=3))
+
+
+def test_tap_selection(images):
+    model = _randomise(tiny_vitup())
+    xy = torch.rand(2, 5, 2)
+    with torch.no_grad():
+        levels = model.decode(model.encode(images), xy, levels=range(7))
+        # a depth-2 backbone has taps [0, 0, 1, 1, 1, 2, 2]: a tap is decoded by its deepest level
+        assert model.backbone.taps == [0, 0, 1, 1, 1, 2, 2]
+        assert torch.allclose(model.query(images, xy, tap=0), levels[1], atol=1e-6)
+        assert torch.allclose(model.query(images, xy), levels[6], atol=1e-6)
+    with pytest.raises(VitupError, match="--tap 5"):
+        model.level_of(5)

@@ -1,0 +1,1136 @@
+"""``vitup extract``: whole image folders to chunked feature stores, robust, resumable and fast.
+
+The job (``run_extract``): list the images; build (or take) an upsampler; create the store at its final
+size, or reopen it with ``resume`` after checking that the inputs and settings match; then stream the
+images that are left, one shard at a time:
+
+    DataLoader workers (decode, EXIF, RGB, fit) -> batched model work (device) -> background writer thread
+
+A shard is written in one call and its ``status`` after it, so a job killed at any moment resumes where
+it stopped and ends with the same store as an uninterrupted run. Unreadable images are skipped and
+recorded (``status`` 2, ``error``, and the ``failed`` attribute) unless ``strict``.
+
+Under ``torchrun`` every rank runs this same function: rank 0 creates the store, each rank computes and
+writes the shards it owns (whole groups of shards, so no two processes ever write the same file), and
+rank 0 finalises. The result equals a single-process run.
+
+Geometry (``fit_image``): every image becomes a square ``S x S`` input (``S`` = the upsampler's input
+size): ``squash`` resizes it, ``crop`` resizes the short side to ``S`` and takes the centre, ``pad``
+(default) resizes the long side to ``S`` and centres it on a canvas of the backbone's mean colour
+(zero after normalisation). The output grid ``H x W`` spans that square; ``valid`` records the real
+image in it.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import math
+import os
+import queue
+import shlex
+import shutil
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from vitup_cli import stores
+from vitup_cli.backbones import sha256_file
+from vitup_cli.errors import VitupError
+from vitup_cli.models import Upsampler, ViTUp, grid_xy
+
+FITS = ("squash", "crop", "pad")
+DTYPES = ("float16", "float32")
+_BUDGET_BYTES = 256 << 20  # float32 features computed at once by the generic path
+_SHARD_BYTES = 256 << 20  # stored features per batch (= per shard) when --batch-size is not given
+
+
+# =================================================================================================
+# geometry
+# =================================================================================================
+def _fit_array(
+    img: Image.Image, size: int, fit: str, fill: tuple[int, int, int] = (0, 0, 0)
+) -> tuple[np.ndarray, tuple[int, int, int, int]]:
+    """``_fit`` to an ``(S, S, 3)`` uint8 array (what the DataLoader workers hand over)."""
+    if fit not in FITS:
+        raise VitupError(f"--fit {fit}: use one of {', '.join(FITS)}")
+    img = img.convert("RGB") if img.mode != "RGB" else img
+    w, h = img.size
+    resample = Image.Resampling.BICUBIC
+    if fit == "squash":
+        return np.asarray(img.resize((size, size), resample)), (0, 0, size, size)
+    if fit == "crop":
+        scale = size / min(h, w)
+        nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
+        left, top = (nw - size) // 2, (nh - size) // 2
+        out = img.resize((nw, nh), resample).crop((left, top, left + size, top + size))
+        return np.asarray(out), (0, 0, size, size)
+    scale = size / max(h, w)
+    nw, nh = min(size, max(1, round(w * scale))), min(size, max(1, round(h * scale)))
+    canvas = Image.new("RGB", (size, size), fill)
+    left, top = (size - nw) // 2, (size - nh) // 2
+    canvas.paste(img.resize((nw, nh), resample), (left, top))
+    return np.asarray(canvas), (top, left, top + nh, left + nw)
+
+
+def fit_image(
+    img: Image.Image, input_size: int, fit: str = "pad", fill: tuple[int, int, int] = (0, 0, 0)
+) -> tuple[torch.Tensor, tuple[int, int, int, int]]:
+    """Fit an RGB image into the square backbone input.
+
+    Args:
+        img: a PIL image (converted to RGB if it is not).
+        input_size: ``S``, the side of the square input.
+        fit: ``squash`` (resize, aspect changes), ``crop`` (short side to ``S``, centre crop) or
+            ``pad`` (long side to ``S``, centred on a ``fill``-coloured canvas).
+        fill: the padding colour, 0-255 RGB.
+    Returns:
+        ``(3, S, S)`` float32 in ``[0, 1]``, and the real image inside it as ``(y0, x0, y1, x1)`` in
+        input pixels, end-exclusive (the whole square for ``squash`` and ``crop``).
+    """
+    arr, box = _fit_array(img, input_size, fit, fill)
+    return torch.from_numpy(arr.copy()).permute(2, 0, 1).float().div_(255), box
+
+
+def box_to_grid(box: Sequence[int], input_size: int, grid: tuple[int, int]) -> tuple[int, int, int, int]:
+    """An input-pixel box ``(y0, x0, y1, x1)`` -> the output-grid cells whose centres fall inside it."""
+    gh, gw = grid
+    y0, x0, y1, x1 = box
+
+    def cells(a: int, b: int, n: int) -> tuple[int, int]:
+        lo = min(n, max(0, math.ceil(a * n / input_size - 0.5)))
+        hi = min(n, max(lo, math.ceil(b * n / input_size - 0.5)))
+        return lo, hi
+
+    (gy0, gy1), (gx0, gx1) = cells(y0, y1, gh), cells(x0, x1, gw)
+    return gy0, gx0, gy1, gx1
+
+
+def parse_res(text: str | int | Sequence[int]) -> tuple[int, int]:
+    """``224`` / ``"224"`` / ``"224,160"`` / ``"224x160"`` -> ``(H, W)``."""
+    if isinstance(text, int):
+        values = [text]
+    elif isinstance(text, str):
+        values = [v for v in text.replace("x", ",").split(",") if v.strip()]
+    else:
+        values = list(text)
+    try:
+        ints = [int(v) for v in values]
+    except ValueError:
+        ints = []
+    if len(ints) == 1:
+        ints = ints * 2
+    if len(ints) != 2 or min(ints) < 1:
+        raise VitupError(f"--res {text}: give R (square) or H,W, positive integers, e.g. --res 224 or --res 224,320")
+    return ints[0], ints[1]
+
+
+# =================================================================================================
+# dense features (no CLI, no store: usable by probes and scripts)
+# =================================================================================================
+@torch.no_grad()
+def dense_features(
+    upsampler: Upsampler,
+    images: torch.Tensor,
+    size: tuple[int, int],
+    *,
+    tap: int | None = None,
+    chunk_queries: int | None = None,
+    projection: tuple[torch.Tensor, torch.Tensor] | None = None,
+    dtype: torch.dtype = torch.float16,
+    with_tokens: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Features for a batch, with memory bounded at any output size.
+
+    ViT-Up decodes rows of the output grid in chunks of about ``chunk_queries`` queries against one
+    cache per batch; other upsamplers run on sub-batches of at most ~256 MB of float32 output. Each piece
+    is projected (optional) and cast to ``dtype`` on the device, then copied to the CPU.
+
+    Args:
+        images: ``(B, 3, S, S)`` float in ``[0, 1]`` on the upsampler's device.
+        size: output grid ``(H, W)`` (ignored by ``lowres``, whose grid is the token grid).
+        projection: ``(components (K, C), mean (C,))``: store ``(x - mean) @ components.T`` instead.
+    Returns:
+        CPU ``(B, C or K, H, W)`` features in ``dtype``, and the ``(B, C, h, w)`` tokens at ``tap`` when
+        ``with_tokens`` (else None).
+    """
+    B = images.shape[0]
+    device = images.device
+    height, width = upsampler.token_grid if upsampler.native_resolution_only else size
+    comps = mean = None
+    if projection is not None:
+        comps, mean = (t.to(device=device, dtype=torch.float32) for t in projection)
+    channels = comps.shape[0] if comps is not None else upsampler.dim
+    out = torch.empty((B, channels, height, width), dtype=dtype)
+    tokens = None
+    if isinstance(upsampler, ViTUp):
+        level = upsampler.level_of(tap)
+        cache = upsampler.encode(images)
+        if with_tokens:
+            tokens = cache.states[level].to("cpu", dtype)
+        chunk = chunk_queries or upsampler.config.chunk_queries
+        rows = max(1, chunk // width)
+        xy_all = grid_xy(height, width, device=device)
+        for r0 in range(0, height, rows):
+            r1 = min(height, r0 + rows)
+            xy = xy_all[r0 * width : r1 * width].expand(B, -1, -1)
+            part = upsampler.decode(cache, xy, [level], chunk=xy.shape[1])[0]  # (B, n, C)
+            if comps is not None:
+                part = (part - mean) @ comps.T
+            out[:, :, r0:r1].copy_(part.transpose(1, 2).reshape(B, channels, r1 - r0, width))  # cast on the way
+        return out, tokens
+    per_image = upsampler.dim * height * width * 4
+    step = max(1, min(B, _BUDGET_BYTES // max(1, per_image)))
+    for b0 in range(0, B, step):
+        b1 = min(B, b0 + step)
+        feats = upsampler.features(images[b0:b1], (height, width), tap=tap).float()
+        if comps is not None:
+            feats = torch.einsum("kc,bchw->bkhw", comps, feats - mean[:, None, None])
+        out[b0:b1].copy_(feats)  # cast and copy to the host in one pass
+        del feats
+    if with_tokens:
+        tokens = (
+            out.clone() if (upsampler.native_resolution_only and comps is None) else upsampler.tokens(images, tap)
+        ).to("cpu", dtype)
+    return out, tokens
+
+
+# =================================================================================================
+# configuration and results
+# =================================================================================================
+@dataclass
+class ExtractConfig:
+    """Everything ``run_extract`` needs; the defaults are the command's.
+
+    ``images``: a folder (recursive, sorted), ``@list.txt`` or one image. ``out``: ``*.zarr`` or
+    ``*.h5``. ``res``: output grid ``(H, W)``. ``batch_size`` (images per model batch = per shard): None
+    takes as many images as fit in 256 MB of stored features (at most 8) for a new store, so memory does
+    not grow with the output grid, and the store's own for ``resume``. ``workers``: DataLoader processes (None:
+    half the CPUs, at most 8). ``pca``: store ``K`` principal components fitted on ``pca_images`` images.
+    ``lowres``: also store the backbone tokens. ``seed`` seeds the random init of ``pretrained='none'``.
+    """
+
+    images: str | Path
+    out: str | Path
+    res: tuple[int, int] = (224, 224)
+    upsampler: str = "bilinear"
+    checkpoint: str | Path | None = None
+    backbone: str = "dinov3_s+"
+    weights: str | Path | None = None
+    pretrained: str = "hub"
+    backbone_args: dict[str, Any] = field(default_factory=dict)
+    input_size: int | None = None
+    fit: str = "pad"
+    tap: int | None = None
+    dtype: str = "float16"
+    pca: int | None = None
+    pca_images: int = 64
+    lowres: bool = False
+    batch_size: int | None = None
+    workers: int | None = None
+    device: str = "auto"
+    chunk_queries: int | None = None
+    overwrite: bool = False
+    resume: bool = False
+    force: bool = False
+    strict: bool = False
+    seed: int = 0
+    command: str | None = None
+
+
+@dataclass
+class ExtractSummary:
+    """What a run did. ``done``/``failed``/``pending`` count the store's rows at the end; ``skipped`` the
+    rows already finished before this run (``resume``); ``processed`` the rows this run handled."""
+
+    store: Path
+    format: str
+    total: int
+    done: int
+    failed: int
+    pending: int
+    skipped: int
+    processed: int
+    failures: list[tuple[str, str]]
+    bytes_on_disk: int
+    estimate_bytes: int
+    seconds: float
+    images_per_s: float
+    model_seconds: float = 0.0
+    write_seconds: float = 0.0
+
+
+# =================================================================================================
+# progress reporting
+# =================================================================================================
+class Reporter:
+    """How a job talks to its user. This base prints plain lines on stderr, one every ``interval``
+    seconds while images stream (logs of CI and batch schedulers)."""
+
+    def __init__(self, interval: float = 10.0) -> None:
+        self.interval = interval
+        self._lock = threading.Lock()
+        self._total = self._count = 0
+        self._t0 = self._last = 0.0
+        self._label = ""
+
+    def info(self, message: str) -> None:
+        print(message, file=sys.stderr, flush=True)
+
+    def warning(self, message: str) -> None:
+        print(f"warning: {message}", file=sys.stderr, flush=True)
+
+    def start(self, total: int, label: str) -> None:
+        self._total, self._count, self._label = total, 0, label
+        self._t0 = self._last = time.perf_counter()
+
+    def advance(self, n: int) -> None:
+        with self._lock:
+            self._count += n
+            now = time.perf_counter()
+            if now - self._last >= self.interval or self._count >= self._total:
+                self._last = now
+                self.info(self._line(now))
+
+    def _line(self, now: float) -> str:
+        rate = self._count / max(now - self._t0, 1e-9)
+        eta = (self._total - self._count) / rate if rate > 0 else float("inf")
+        eta_text = str(_dt.timedelta(seconds=round(eta))) if math.isfinite(eta) else "?"
+        pct = 100 * self._count / max(self._total, 1)
+        return f"{self._label}: {self._count}/{self._total} images ({pct:.0f}%), {rate:.1f} img/s, ETA {eta_text}"
+
+    def finish(self) -> None:
+        pass
+
+
+class SilentReporter(Reporter):
+    """Says nothing (ranks other than 0)."""
+
+    def info(self, message: str) -> None:
+        pass
+
+    def warning(self, message: str) -> None:
+        pass
+
+
+class TqdmReporter(Reporter):
+    """``tqdm.auto`` bar: what scripts and notebooks see."""
+
+    def start(self, total: int, label: str) -> None:
+        from tqdm.auto import tqdm
+
+        self._bar = tqdm(total=total, desc=label, unit="img", file=sys.stderr)
+
+    def advance(self, n: int) -> None:
+        with self._lock:
+            self._bar.update(n)
+
+    def finish(self) -> None:
+        if getattr(self, "_bar", None) is not None:
+            self._bar.close()
+            self._bar = None
+
+
+class RichReporter(Reporter):
+    """A rich progress bar on stderr (images/s and ETA): what the terminal command shows."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from rich.console import Console
+
+        self.console = Console(stderr=True)
+        self._progress = None
+
+    def info(self, message: str) -> None:
+        self.console.print(message, highlight=False, markup=False)
+
+    def warning(self, message: str) -> None:
+        self.console.print(f"[yellow]warning:[/yellow] {_escape(message)}", highlight=False)
+
+    def start(self, total: int, label: str) -> None:
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TaskProgressColumn,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
+
+        self._progress = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TaskProgressColumn(),
+            TextColumn("{task.fields[rate]} img/s"),
+            TimeElapsedColumn(),
+            TextColumn("ETA"),
+            TimeRemainingColumn(),
+            console=self.console,
+        )
+        self._progress.start()
+        self._task = self._progress.add_task(label, total=total, rate="-")
+        self._t0 = time.perf_counter()
+        self._count = 0
+
+    def advance(self, n: int) -> None:
+        with self._lock:
+            self._count += n
+            rate = self._count / max(time.perf_counter() - self._t0, 1e-9)
+            self._progress.update(self._task, advance=n, rate=f"{rate:.1f}")
+
+    def finish(self) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+            self._progress = None
+
+
+def _escape(text: str) -> str:
+    from rich.markup import escape
+
+    return escape(text)
+
+
+def default_reporter() -> Reporter:
+    """A tqdm bar on a terminal, plain periodic lines otherwise."""
+    return TqdmReporter() if sys.stderr.isatty() else Reporter()
+
+
+# =================================================================================================
+# data loading
+# =================================================================================================
+class _ImageRows(torch.utils.data.Dataset):
+    """Row ``i`` of the store: decoded, fitted image (uint8) or the reason it could not be read."""
+
+    def __init__(self, files: Sequence[Path], size: int, fit: str, fill: tuple[int, int, int]) -> None:
+        self.files, self.size, self.fit, self.fill = list(files), size, fit, fill
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        from vitup_cli.data.images import ImageLoadError, load_image
+
+        path = self.files[index]
+        try:
+            img = load_image(path)
+            arr, box = _fit_array(img, self.size, self.fit, self.fill)
+            h, w = img.height, img.width
+        except ImageLoadError as exc:
+            return {"index": index, "error": exc.reason}
+        except Exception as exc:  # a decoder bug must not end a million-image job
+            return {"index": index, "error": f"unexpected {type(exc).__name__}: {exc}"}
+        image = torch.from_numpy(np.array(arr)).permute(2, 0, 1)
+        return {"index": index, "image": image, "size": (h, w), "box": box, "error": ""}
+
+
+def _collate(items: list[dict[str, Any]]) -> dict[str, Any]:
+    ok = [it for it in items if not it["error"]]
+    return {
+        "indices": [it["index"] for it in items],
+        "ok": np.array([not it["error"] for it in items], dtype=bool),
+        "images": torch.stack([it["image"] for it in ok]) if ok else None,
+        "sizes": np.array([it.get("size", (0, 0)) for it in items], dtype=np.int64).reshape(-1, 2),
+        "boxes": np.array([it.get("box", (0, 0, 0, 0)) for it in items], dtype=np.int64).reshape(-1, 4),
+        "errors": [it["error"] for it in items],
+    }
+
+
+def _loader(dataset: _ImageRows, batches: list[list[int]], workers: int, pin: bool) -> torch.utils.data.DataLoader:
+    return torch.utils.data.DataLoader(
+        dataset,
+        batch_sampler=batches,
+        num_workers=workers,
+        collate_fn=_collate,
+        pin_memory=pin,
+        prefetch_factor=2 if workers else None,
+    )
+
+
+# =================================================================================================
+# the background writer
+# =================================================================================================
+class _BackgroundWriter:
+    """Writes shards in a thread so the model never waits for the disk (at most ``depth`` queued)."""
+
+    def __init__(self, writer: stores.StoreWriter, reporter: Reporter, depth: int = 2) -> None:
+        self.writer, self.reporter = writer, reporter
+        self.seconds = 0.0
+        self.rows = self.failed = 0
+        self._queue: queue.Queue = queue.Queue(maxsize=depth)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="vitup-store-writer", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            if self._error is not None:
+                continue
+            shard, rows = item
+            try:
+                t0 = time.perf_counter()
+                self.writer.write_shard(shard, **rows)
+                self.seconds += time.perf_counter() - t0
+                n = len(rows["status"])
+                self.rows += n
+                self.failed += int((rows["status"] == stores.FAILED).sum())
+                self.reporter.advance(n)
+            except BaseException as exc:  # re-raised in the main thread
+                self._error = exc
+
+    def submit(self, shard: int, rows: dict[str, Any]) -> None:
+        self._raise()
+        self._queue.put((shard, rows))
+
+    def _raise(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+    def close(self) -> None:
+        self._queue.put(None)
+        self._thread.join()
+        self._raise()
+
+
+# =================================================================================================
+# distributed (torchrun)
+# =================================================================================================
+@dataclass
+class _Dist:
+    """Coordination between ``torchrun`` ranks: small messages through the rendezvous key-value store.
+
+    No process group is created: a gloo group's worker threads can still hold Python tensors when a rank
+    exits and abort the interpreter, and its 30-minute collective timeout is shorter than the time a
+    rank may wait for the slowest one. When the caller already initialised ``torch.distributed``, its
+    group is used instead.
+    """
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    local_world: int = 1
+    store: Any = None
+    _seq: int = 0
+
+    _WAIT = _dt.timedelta(days=7)
+
+    @classmethod
+    def setup(cls) -> _Dist:
+        import torch.distributed as dist
+
+        local = int(os.environ.get("LOCAL_RANK", "0")), int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        if dist.is_available() and dist.is_initialized():
+            return cls(dist.get_rank(), dist.get_world_size(), *local)
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if world <= 1:
+            return cls()
+        try:
+            store, rank, world = next(dist.rendezvous("env://", timeout=cls._WAIT))
+        except (ValueError, RuntimeError) as exc:
+            raise VitupError(
+                f"WORLD_SIZE={world} but the torchrun rendezvous failed ({exc}); launch with torchrun"
+            ) from None
+        return cls(rank, world, *local, store=dist.PrefixStore("vitup-extract/", store))
+
+    def _key(self) -> str:
+        self._seq += 1
+        return str(self._seq)
+
+    def teardown(self) -> None:
+        if self.store is not None:  # rank 0 may host the store: it leaves last
+            key = self._key()
+            self.store.set(f"{key}/{self.rank}", b"1")
+            if self.rank == 0:
+                self.store.wait([f"{key}/{r}" for r in range(self.world)], self._WAIT)
+
+    def _broadcast(self, value: Any) -> Any:
+        import pickle  # our own objects between our own ranks (what torch's object collectives do)
+
+        import torch.distributed as dist
+
+        if self.store is None:
+            box = [value]
+            dist.broadcast_object_list(box, src=0)
+            return box[0]
+        key = self._key()
+        if self.rank == 0:
+            self.store.set(key, pickle.dumps(value))
+            return value
+        return pickle.loads(self.store.get(key))
+
+    def on_rank0(self, fn: Callable[[], Any]) -> Any:
+        """Run ``fn`` on rank 0 and hand its result (or its ``VitupError``) to every rank."""
+        result, error = None, None
+        if self.rank == 0:
+            try:
+                result = fn()
+            except VitupError as exc:
+                error = str(exc)
+        if self.world > 1:
+            result, error = self._broadcast((result, error))
+        if error is not None:
+            raise VitupError(error)
+        return result
+
+    def gather(self, value: Any) -> list[Any]:
+        """Every rank's ``value``, in rank order, on every rank."""
+        if self.world == 1:
+            return [value]
+        import pickle
+
+        import torch.distributed as dist
+
+        if self.store is None:
+            out: list[Any] = [None] * self.world
+            dist.all_gather_object(out, value)
+            return out
+        key = self._key()
+        self.store.set(f"{key}/{self.rank}", pickle.dumps(value))
+        return [pickle.loads(self.store.get(f"{key}/{r}")) for r in range(self.world)]
+
+
+# =================================================================================================
+# the job
+# =================================================================================================
+def model_fingerprint(upsampler: Upsampler) -> str | None:
+    """sha256 of the weights a store depends on that no name identifies: a random-init backbone, and a
+    ViT-Up's own weights and LoRA. None for a training-free upsampler over named weights."""
+    backbone = upsampler.backbone
+    if backbone.random_init:
+        tensors = dict(upsampler.state_dict())
+    elif isinstance(upsampler, ViTUp):
+        tensors = {n: p for n, p in upsampler.upsampler_parameters()}
+        tensors.update({f"backbone.{n}": p for n, p in backbone.lora_parameters()})
+    else:
+        return None
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().to("cpu").contiguous()
+        digest.update(name.encode())
+        digest.update(str(t.dtype).encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB", "PB"):
+        if abs(n) < 1000 or unit == "PB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1000
+    return f"{n:.1f} PB"
+
+
+def _free_bytes(path: Path) -> tuple[int, Path]:
+    probe = path.resolve().parent
+    while not probe.exists():
+        probe = probe.parent
+    return shutil.disk_usage(probe).free, probe
+
+
+def _device(name: str, dist_ctx: _Dist) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name not in {"cpu", "cuda"} and not name.startswith("cuda:"):
+        raise VitupError(f"--device {name}: use auto, cpu or cuda")
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise VitupError("--device cuda: no CUDA device is available here; use --device cpu")
+        if name == "cuda":
+            name = f"cuda:{dist_ctx.local_rank % torch.cuda.device_count()}"
+    return torch.device(name)
+
+
+def _validate(config: ExtractConfig) -> None:
+    stores.store_format(config.out)
+    if config.fit not in FITS:
+        raise VitupError(f"--fit {config.fit}: use one of {', '.join(FITS)}")
+    if config.dtype not in DTYPES:
+        raise VitupError(f"--dtype {config.dtype}: use float16 or float32")
+    if config.overwrite and config.resume:
+        raise VitupError("--overwrite and --resume contradict each other: pick one")
+    if config.batch_size is not None and config.batch_size < 1:
+        raise VitupError(f"--batch-size {config.batch_size}: must be at least 1")
+    if config.pca is not None and config.pca < 1:
+        raise VitupError(f"--pca {config.pca}: the number of components must be at least 1")
+    if config.pca_images < 1:
+        raise VitupError(f"--pca-images {config.pca_images}: must be at least 1")
+    if config.chunk_queries is not None and config.chunk_queries < 1:
+        raise VitupError(f"--chunk-queries {config.chunk_queries}: must be at least 1")
+    parse_res(config.res)
+
+
+def _build_upsampler(config: ExtractConfig, device: torch.device) -> Upsampler:
+    from vitup_cli.checkpoints import open_upsampler
+
+    if config.checkpoint is not None and config.upsampler not in {"vitup", "bilinear"}:
+        raise VitupError(f"--checkpoint is a ViT-Up; --upsampler {config.upsampler} cannot be combined with it")
+    torch.manual_seed(config.seed)  # a random-init backbone (--pretrained none) is the same in every run
+    try:
+        model = open_upsampler(
+            "vitup" if config.checkpoint is not None else config.upsampler,
+            checkpoint=config.checkpoint,
+            backbone=config.backbone,
+            weights=config.weights,
+            pretrained=config.pretrained,
+            overrides=config.backbone_args,
+            input_size=config.input_size if config.checkpoint is None else None,
+            device=device,
+        )
+    except ValueError as exc:
+        raise VitupError(f"--input-size {config.input_size}: {exc}") from None
+    if config.checkpoint is not None and config.input_size not in (None, model.input_size):
+        raise VitupError(
+            f"--input-size {config.input_size}: this ViT-Up checkpoint was trained at {model.input_size}; drop the flag"
+        )
+    return model
+
+
+def _resolve_tap(upsampler: Upsampler, tap: int | None) -> int:
+    backbone = upsampler.backbone
+    resolved = backbone.taps[-1] if tap is None else int(tap)
+    if isinstance(upsampler, ViTUp):
+        upsampler.level_of(resolved)  # raises with the taps it can decode
+    elif not 0 <= resolved <= backbone.depth:
+        raise VitupError(f"--tap {tap}: this backbone has hidden states 0..{backbone.depth}")
+    return resolved
+
+
+@dataclass
+class _Plan:
+    """What rank 0 decided about the store, shared with every rank."""
+
+    layout: dict[str, Any]
+    paths: list[str]
+    files: list[str]
+    root: str
+    skipped: int
+    estimate: int
+    fresh: bool
+
+
+def _settings(
+    config: ExtractConfig, upsampler: Upsampler, tap: int, grid: tuple[int, int], paths: Sequence[str]
+) -> dict[str, Any]:
+    """What must match for ``resume`` to continue a store (the store records it as ``settings``)."""
+    bb = upsampler.backbone.describe()
+    checkpoint = config.checkpoint
+    return {
+        "images": {"count": len(paths), "sha256": hashlib.sha256("\n".join(paths).encode()).hexdigest()},
+        "upsampler": upsampler.name,
+        "checkpoint_sha256": sha256_file(_checkpoint_file(checkpoint)) if checkpoint else None,
+        "model_sha256": model_fingerprint(upsampler),
+        "backbone": {k: bb[k] for k in ("timm_name", "weights_id", "overrides", "taps", "embed_dim", "depth", "lora")},
+        "tap": tap,
+        "input_size": upsampler.input_size,
+        "res": list(grid),
+        "fit": config.fit,
+        "dtype": config.dtype,
+        "pca": config.pca,
+        "pca_images": config.pca_images if config.pca else None,
+        "lowres": bool(config.lowres),
+    }
+
+
+def _checkpoint_file(checkpoint: str | Path) -> Path:
+    """The weights file of a checkpoint path (``NAME``, ``NAME.safetensors`` or ``NAME.json``)."""
+    from vitup_cli.checkpoints import checkpoint_paths
+
+    return checkpoint_paths(checkpoint)[0]
+
+
+def _differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    out = []
+    for key in sorted(set(old) | set(new)):
+        if old.get(key) != new.get(key):
+            if key == "images":
+                out.append(f"inputs: store has {old[key]['count']} images, now {new[key]['count']} (or other names)")
+            else:
+                out.append(f"{key}: store has {old.get(key)!r}, now {new.get(key)!r}")
+    return out
+
+
+def fit_pca(
+    upsampler: Upsampler,
+    files: Sequence[Path],
+    k: int,
+    *,
+    grid: tuple[int, int],
+    fit: str,
+    tap: int,
+    chunk_queries: int | None = None,
+    sample: int = 64,
+    batch_size: int = 8,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Principal components of the features of ``sample`` evenly spaced images (every pixel inside the
+    real image, float64 moments, so the result does not depend on batching).
+
+    Returns:
+        ``components (k, C)`` float32 (orthonormal rows, largest entry positive) and ``mean (C,)``.
+    """
+    from vitup_cli.data.images import ImageLoadError, load_image
+
+    channels = upsampler.dim
+    if k > channels:
+        raise VitupError(f"--pca {k}: the features have only {channels} channels")
+    device = next(upsampler.parameters()).device
+    fill = _fill_colour(upsampler)
+    picks = sorted(set(np.linspace(0, len(files) - 1, min(sample, len(files))).round().astype(int).tolist()))
+    count, total = 0, torch.zeros(channels, dtype=torch.float64)
+    moments = torch.zeros(channels, channels, dtype=torch.float64)
+    per_image = channels * grid[0] * grid[1] * 4
+    batch = max(1, min(batch_size, _BUDGET_BYTES // max(per_image, 1)))
+    loaded: list[tuple[np.ndarray, tuple[int, int, int, int]]] = []
+
+    def flush() -> None:
+        nonlocal count, total, moments
+        if not loaded:
+            return
+        x = torch.stack([torch.from_numpy(a.copy()).permute(2, 0, 1) for a, _ in loaded]).to(device).float() / 255
+        feats, _ = dense_features(upsampler, x, grid, tap=tap, chunk_queries=chunk_queries, dtype=torch.float32)
+        gh, gw = feats.shape[-2:]
+        for f, (_, box) in zip(feats, loaded, strict=True):
+            y0, x0, y1, x1 = box_to_grid(box, upsampler.input_size, (gh, gw))
+            v = f[:, y0:y1, x0:x1].reshape(channels, -1).double()
+            count += v.shape[1]
+            total += v.sum(1)
+            moments += v @ v.T
+        loaded.clear()
+
+    for i in picks:
+        try:
+            loaded.append(_fit_array(load_image(files[i]), upsampler.input_size, fit, fill))
+        except ImageLoadError:
+            continue
+        if len(loaded) == batch:
+            flush()
+    flush()
+    if count < 2:
+        raise VitupError("--pca: none of the sampled images could be read, so no projection can be fitted")
+    mean = total / count
+    cov = moments / count - torch.outer(mean, mean)
+    _, vecs = torch.linalg.eigh(cov)  # ascending
+    comps = vecs[:, -k:].flip(1).T.contiguous()  # (k, C), largest variance first
+    signs = torch.sign(comps.gather(1, comps.abs().argmax(1, keepdim=True)))
+    comps = comps * torch.where(signs == 0, torch.ones_like(signs), signs)
+    return comps.float().numpy(), mean.float().numpy()
+
+
+def _fill_colour(upsampler: Upsampler) -> tuple[int, int, int]:
+    mean = upsampler.backbone.mean.flatten().tolist()
+    return tuple(round(m * 255) for m in mean)  # type: ignore[return-value]
+
+
+def run_extract(
+    config: ExtractConfig, upsampler: Upsampler | None = None, reporter: Reporter | None = None
+) -> ExtractSummary:
+    """Extract features for ``config.images`` into ``config.out`` (see the module docstring).
+
+    Args:
+        upsampler: use this model instead of building one from ``config`` (its settings are recorded).
+        reporter: progress and messages; default tqdm on a terminal, plain lines otherwise.
+    Raises:
+        VitupError: bad input or settings, an existing store without ``overwrite``/``resume``, settings
+            that differ from the store's on ``resume``, too little disk space (unless ``force``), or the
+            first unreadable image with ``strict``.
+    """
+    _validate(config)
+    dist_ctx = _Dist.setup()
+    try:
+        return _run(config, upsampler, reporter, dist_ctx)
+    finally:
+        dist_ctx.teardown()
+
+
+def _run(
+    config: ExtractConfig, upsampler: Upsampler | None, reporter: Reporter | None, dist_ctx: _Dist
+) -> ExtractSummary:
+    from vitup_cli.data.images import list_images
+
+    started = time.perf_counter()
+    rank0 = dist_ctx.rank == 0
+    reporter = (reporter or default_reporter()) if rank0 else SilentReporter()
+    out = Path(config.out)
+
+    def listing() -> tuple[list[str], list[str], str]:
+        found = list_images(config.images)
+        return [found.relative(p) for p in found.files], [str(p) for p in found.files], str(found.root)
+
+    paths, files, root = dist_ctx.on_rank0(listing)
+    device = _device(config.device, dist_ctx)
+    upsampler = _build_upsampler(config, device) if upsampler is None else upsampler.to(device)
+    upsampler.eval()
+    if upsampler.backbone.random_init:
+        reporter.info(
+            "backbone: random init (--pretrained none), recorded in the store: a pipeline check, not features"
+        )
+    tap = _resolve_tap(upsampler, config.tap)
+    grid = upsampler.token_grid if upsampler.native_resolution_only else parse_res(config.res)
+    settings = _settings(config, upsampler, tap, grid, paths)
+
+    def prepare() -> _Plan:
+        return _prepare(config, upsampler, reporter, settings, paths, files, root, tap, grid)
+
+    plan: _Plan = dist_ctx.on_rank0(prepare)
+    layout = stores.StoreLayout.from_json(plan.layout)
+    writer = stores.open_writer(out)
+    pca = writer.pca()
+    projection = None if pca is None else (torch.from_numpy(pca[0]), torch.from_numpy(pca[1]))
+
+    done = writer.done_shards()
+    mine = [k for k in range(layout.num_shards) if layout.owner(k, dist_ctx.world) == dist_ctx.rank and k not in done]
+    batches = [list(range(*layout.shard_rows(k))) for k in mine]
+    todo = sum(len(b) for b in batches)
+    workers = config.workers
+    if workers is None:
+        workers = max(1, min(8, (os.cpu_count() or 2) // max(1, dist_ctx.local_world) // 2))
+    workers = min(workers, max(0, len(batches)))
+    label = "extract" if dist_ctx.world == 1 else f"extract (rank 0 of {dist_ctx.world})"
+    dataset = _ImageRows([Path(f) for f in plan.files], upsampler.input_size, config.fit, _fill_colour(upsampler))
+    out_dtype = torch.float16 if layout.dtype == "float16" else torch.float32
+    model_seconds = 0.0
+    loop_start = time.perf_counter()
+    reporter.start(todo, label)
+    background = _BackgroundWriter(writer, reporter)
+    try:
+        for batch in _loader(dataset, batches, workers, pin=device.type == "cuda"):
+            shard = batch["indices"][0] // layout.shard_size
+            ok = batch["ok"]
+            if config.strict and not ok.all():
+                i = int(np.flatnonzero(~ok)[0])
+                raise VitupError(
+                    f"{plan.files[batch['indices'][i]]}: {batch['errors'][i]} (--strict stops at the first "
+                    "unreadable image; without it such images are skipped and reported)"
+                )
+            t0 = time.perf_counter()
+            n = len(ok)
+            feats = tokens = None
+            if batch["images"] is not None:
+                x = batch["images"].to(device, non_blocking=True).float().div_(255)
+                feats, tokens = dense_features(
+                    upsampler, x, grid, tap=tap, chunk_queries=config.chunk_queries, projection=projection,
+                    dtype=out_dtype, with_tokens=layout.lowres is not None,
+                )  # fmt: skip
+            if not ok.all():  # failed rows are NaN
+                feats = _scatter_rows(feats, ok, (layout.channels, layout.height, layout.width), out_dtype)
+                if layout.lowres:
+                    tokens = _scatter_rows(tokens, ok, layout.lowres, out_dtype)
+            model_seconds += time.perf_counter() - t0
+            valid = np.zeros((n, 4), dtype=np.int64)
+            for i in np.flatnonzero(ok):
+                valid[i] = box_to_grid(batch["boxes"][i], upsampler.input_size, (layout.height, layout.width))
+            rows = {
+                "features": feats.numpy(),
+                "status": np.where(ok, stores.DONE, stores.FAILED).astype(np.uint8),
+                "sizes": batch["sizes"],
+                "valid": valid,
+                "errors": batch["errors"],
+                "lowres": None if tokens is None else tokens.numpy(),
+            }
+            background.submit(shard, rows)
+    finally:
+        try:
+            background.close()
+        finally:
+            reporter.finish()
+    loop_seconds = time.perf_counter() - loop_start
+    stats = dist_ctx.gather(  # also waits for every rank to finish writing
+        {"rows": background.rows, "model": model_seconds, "write": background.seconds, "loop": loop_seconds}
+    )
+
+    def finish() -> ExtractSummary:
+        return _finalize(config, writer, plan, stats, started, reporter)
+
+    summary = dist_ctx.on_rank0(finish)
+    writer.close()
+    return summary
+
+
+def _scatter_rows(
+    values: torch.Tensor | None, ok: np.ndarray, shape: tuple[int, ...], dtype: torch.dtype
+) -> torch.Tensor:
+    """``values`` for the rows where ``ok``, NaN elsewhere: ``(sum(ok), *shape)`` -> ``(len(ok), *shape)``."""
+    full = torch.full((len(ok), *shape), float("nan"), dtype=dtype)
+    if values is not None:
+        full[torch.from_numpy(ok)] = values
+    return full
+
+
+def _prepare(
+    config: ExtractConfig,
+    upsampler: Upsampler,
+    reporter: Reporter,
+    settings: dict[str, Any],
+    paths: list[str],
+    files: list[str],
+    root: str,
+    tap: int,
+    grid: tuple[int, int],
+) -> _Plan:
+    """Rank 0: apply the overwrite/resume policy, check disk space, fit PCA, create the store."""
+    out = Path(config.out)
+    fmt = stores.store_format(out)
+    exists = stores.store_exists(out)
+    if exists and not (config.overwrite or config.resume):
+        raise VitupError(
+            f"--out {out} already exists; nothing was changed. "
+            "Pass --resume to continue it or --overwrite to replace it"
+        )
+    if exists and config.resume:
+        writer = stores.open_writer(out, recover=True)  # no other rank writes yet
+        old = writer.attrs.get("settings", {})
+        diffs = _differences(old, settings)
+        if not diffs and writer.paths() != paths:
+            diffs = ["inputs: the image names differ"]
+        if config.batch_size is not None and config.batch_size != writer.layout.shard_size:
+            diffs.append(f"batch_size: store has {writer.layout.shard_size}, now {config.batch_size}")
+        if diffs:
+            raise VitupError(
+                f"--resume {out}: settings differ from the store's ({'; '.join(diffs)}). Use the same inputs and "
+                "flags, or --overwrite to start over"
+            )
+        status = writer.status()
+        left = int((status == stores.PENDING).sum())
+        needed = left * writer.layout.image_bytes + (
+            writer.layout.n * writer.layout.image_bytes if fmt == "hdf5" else 0
+        )
+        _check_space(out, needed, config.force, reporter, writer.layout, left)
+        reporter.info(f"resuming {out}: {writer.layout.n - left} of {writer.layout.n} images already done")
+        return _Plan(writer.layout.to_json(), paths, files, root, writer.layout.n - left, 0, fresh=False)
+    if exists:  # overwrite
+        stores.remove_store(out)
+        reporter.info(f"--overwrite: removed the old {out}")
+    elif config.resume:
+        reporter.info(f"--resume: {out} does not exist yet, starting it")
+    channels = config.pca or upsampler.dim
+    lowres = (upsampler.dim, *upsampler.token_grid) if config.lowres else None
+    layout = stores.StoreLayout.for_images(
+        len(paths), channels, grid[0], grid[1], config.batch_size or 8, dtype=config.dtype, lowres=lowres,
+        pca=config.pca, backbone_channels=upsampler.dim,
+    )  # fmt: skip
+    if config.batch_size is None:  # memory must not grow with the output grid: bound the bytes per shard
+        auto = max(1, min(8, _SHARD_BYTES // layout.image_bytes))
+        layout = stores.StoreLayout.for_images(
+            len(paths), channels, grid[0], grid[1], auto, dtype=config.dtype, lowres=lowres, pca=config.pca,
+            backbone_channels=upsampler.dim,
+        )  # fmt: skip
+    needed = layout.n * layout.image_bytes * (2 if fmt == "hdf5" else 1)
+    _check_space(out, needed, config.force, reporter, layout, layout.n)
+    pca = None
+    if config.pca:
+        reporter.info(f"fitting a {config.pca}-component PCA on {min(config.pca_images, len(files))} images")
+        pca = fit_pca(
+            upsampler, [Path(f) for f in files], config.pca, grid=grid, fit=config.fit, tap=tap,
+            chunk_queries=config.chunk_queries, sample=config.pca_images, batch_size=layout.shard_size,
+        )  # fmt: skip
+    backbone = upsampler.backbone
+    attrs = {
+        "images": root,
+        "backbone": backbone.describe(),
+        "weights_id": backbone.weights_id,
+        "random_init": backbone.random_init,
+        "seed": config.seed if backbone.random_init else None,
+        "checkpoint": str(config.checkpoint) if config.checkpoint else None,
+        "checkpoint_sha256": settings["checkpoint_sha256"],
+        "upsampler": upsampler.name,
+        "tap": tap,
+        "input_size": upsampler.input_size,
+        "res": list(grid),
+        "dtype": config.dtype,
+        "fit": config.fit,
+        "normalization": {
+            "mean": [round(v, 6) for v in backbone.mean.flatten().tolist()],
+            "std": [round(v, 6) for v in backbone.std.flatten().tolist()],
+        },
+        "pca": {"components": config.pca, "images": config.pca_images} if config.pca else None,
+        "command": config.command or shlex.join(["vitup", "extract", *sys.argv[1:]]),
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "settings": settings,
+        "failed": [],
+        "complete": False,
+    }
+    writer = stores.create_writer(out, layout, paths, attrs, pca)
+    writer.close()
+    return _Plan(layout.to_json(), paths, files, root, 0, layout.n * layout.image_bytes, fresh=True)
+
+
+def _check_space(
+    out: Path, needed: int, force: bool, reporter: Reporter, layout: stores.StoreLayout, rows: int
+) -> None:
+    free, where = _free_bytes(out)
+    reporter.info(
+        f"store: {layout.n} images x {layout.channels} x {layout.height} x {layout.width} {layout.dtype}; "
+        f"{human_bytes(layout.image_bytes)} per image, about {human_bytes(rows * layout.image_bytes)} to write "
+        f"(uncompressed; features compress about 1.1-1.5x); {human_bytes(free)} free on {where}"
+    )
+    if needed > free:
+        twice = " (an HDF5 store briefly exists twice while its shards are joined)"
+        message = (
+            f"--out {out}: needs about {human_bytes(needed)} but only {human_bytes(free)} is free on {where}"
+            + (twice if stores.store_format(out) == "hdf5" else "")
+            + ". Free space, lower --res, use --pca K or --dtype float16, or pass --force"
+        )  # fmt: skip
+        if not force:
+            raise VitupError(message)
+        reporter.warning(message + " (continuing: --force)")
+
+
+def _finalize(
+    config: ExtractConfig,
+    writer: stores.StoreWriter,
+    plan: _Plan,
+    stats: list[dict[str, float]],
+    started: float,
+    reporter: Reporter,
+) -> ExtractSummary:
+    status = writer.status()
+    errors = writer.errors()
+    failures = [(plan.paths[i], errors[i]) for i in np.flatnonzero(status == stores.FAILED)]
+    done, failed = int((status == stores.DONE).sum()), int((status == stores.FAILED).sum())
+    pending = int((status == stores.PENDING).sum())
+    attrs: dict[str, Any] = {
+        "failed": [{"path": p, "reason": r} for p, r in failures],
+        "counts": {"done": done, "failed": failed, "pending": pending},
+        "complete": pending == 0,
+        "completed": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+    if not plan.fresh:
+        history = list(writer.attrs.get("resumed") or [])
+        command = config.command or shlex.join(["vitup", "extract", *sys.argv[1:]])
+        history.append({"command": command, "time": attrs["completed"]})
+        attrs["resumed"] = history
+    if pending == 0 and writer.format == "hdf5" and not Path(writer.path).exists():
+        reporter.info(f"joining {writer.layout.num_shards} shards into {writer.path}")
+    path = writer.finalize(attrs) if pending == 0 else writer.path
+    if pending:  # unreachable unless a writer lost rows; say so instead of finishing silently
+        raise VitupError(f"{path}: {pending} rows are still pending after the run; rerun with --resume")
+    processed = int(sum(s["rows"] for s in stats))
+    loop = max(s["loop"] for s in stats)
+    return ExtractSummary(
+        store=path,
+        format=writer.format,
+        total=len(status),
+        done=done,
+        failed=failed,
+        pending=pending,
+        skipped=plan.skipped,
+        processed=processed,
+        failures=failures,
+        bytes_on_disk=stores.disk_usage(path),
+        estimate_bytes=plan.estimate or writer.layout.n * writer.layout.image_bytes,
+        seconds=time.perf_counter() - started,
+        images_per_s=processed / loop if loop > 0 else 0.0,
+        model_seconds=max(s["model"] for s in stats),
+        write_seconds=max(s["write"] for s in stats),
+    )

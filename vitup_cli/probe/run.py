@@ -1,0 +1,521 @@
+"""``vitup probe``: linear probes on standard datasets, from cached feature stores, side by side.
+
+``run_probe(ProbeConfig(...))``:
+
+1. reads the train and val splits of the dataset (``datasets``) and crops their targets once into the
+   cache (short side to the crop size, centre square: the protocol's 448 x 448 by default);
+2. for each upsampler, makes (or finds) one feature store per split through ``vitup_cli.extract``
+   (``--fit crop`` at the upsampler's input size, output grid ``res x res``), keyed by everything that
+   decides its content, so the next run reuses it; ``no_cache`` computes the features from the images
+   at every epoch instead;
+3. trains the head (1x1 conv for segmentation, JAFAR's binned head for depth) streaming features from the
+   store (held in memory only when they fit ``memory_budget``), the stored maps bilinearly resized to the
+   label size; then scores it on the val split;
+4. writes ``report.json``, ``predictions.png`` (image | truth | each upsampler) and the heads' weights
+   (``heads/NAME.safetensors``) to ``out``, and returns a ``ProbeReport`` (``report.results_table`` renders it).
+
+With a ViT-Up checkpoint, training-free upsamplers (``bilinear``, ...) run on the same backbone with the
+LoRA adapters off: the original backbone, what the paper compares against.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from vitup_cli import __version__
+from vitup_cli.errors import VitupError
+from vitup_cli.models import UPSAMPLERS, Upsampler, build_upsampler
+from vitup_cli.probe import cache as _cache
+from vitup_cli.probe.datasets import DEFAULT_EPOCHS, DEPTH, DEPTH_EPOCHS, SEG, TASKS, ProbeDataset, open_splits
+from vitup_cli.probe.heads import SCHEDULES
+from vitup_cli.probe.metrics import majority_baseline
+from vitup_cli.probe.train import (
+    FeatureSource,
+    LiveFeatures,
+    StoreFeatures,
+    TrainSettings,
+    evaluate,
+    fit_head,
+)
+
+SEG_LR, DEPTH_LR = 2e-3, 5e-3
+
+
+@dataclass
+class ProbeConfig:
+    """Everything ``run_probe`` needs; the defaults are the protocol's (ViT-Up's runs).
+
+    ``upsamplers``: names to compare (default ``vitup`` with a checkpoint, else ``bilinear``); the first is
+    the reference column. ``epochs``/``lr``: None takes the task's default (seg 20 epochs, COCO-Stuff 5,
+    lr 2e-3; depth 5 epochs, lr 5e-3). ``crop``: label (and score) size. ``res``: stored feature grid.
+    ``input_size``: backbone input (default the upsampler's). ``cache``: None for ``default_cache_dir()``.
+    ``out``: report folder (None: write nothing but the cache). ``memory_budget``: bytes of stored
+    features a split may hold in RAM before streaming (None: a quarter of physical memory).
+    """
+
+    dataset: str
+    root: str | Path
+    upsamplers: Sequence[str] | None = None
+    checkpoint: str | Path | None = None
+    backbone: str = "dinov3_s+"
+    weights: str | Path | None = None
+    pretrained: str = "hub"
+    backbone_args: dict[str, Any] = field(default_factory=dict)
+    task: str = SEG
+    epochs: int | None = None
+    lr: float | None = None
+    batch_size: int = 4
+    weight_decay: float = 1e-5
+    schedule: str = "cosine"
+    flip: bool = True
+    input_size: int | None = None
+    res: int = 224
+    crop: int = 448
+    dtype: str = "float16"
+    cache: str | Path | None = None
+    no_cache: bool = False
+    out: str | Path | None = None
+    limit: int | None = None
+    device: str = "auto"
+    workers: int | None = None
+    seed: int = 0
+    memory_budget: int | None = None
+    depth_scale: float | None = None
+    max_depth: float = 10.0
+    visualize: int = 4
+
+
+@dataclass
+class UpsamplerResult:
+    """One upsampler's probe: scores, where its features came from, and timings."""
+
+    name: str
+    metrics: dict[str, float]
+    per_class_iou: dict[str, float | None] = field(default_factory=dict)
+    confusion: list[list[int]] | None = None
+    epoch_loss: list[float] = field(default_factory=list)
+    stores: dict[str, str | None] = field(default_factory=dict)
+    cached: dict[str, bool] = field(default_factory=dict)
+    streamed: dict[str, bool] = field(default_factory=dict)
+    input_size: int = 0
+    channels: int = 0
+    extract_seconds: float = 0.0
+    train_seconds: float = 0.0
+    eval_seconds: float = 0.0
+    head: str | None = None
+    skipped: list[dict[str, str]] = field(default_factory=list)
+
+
+@dataclass
+class ProbeReport:
+    """What a probe run found (``to_json`` is ``report.json``)."""
+
+    dataset: str
+    task: str
+    root: str
+    class_names: list[str]
+    train_images: int
+    val_images: int
+    notes: list[str]
+    protocol: dict[str, Any]
+    results: list[UpsamplerResult]
+    baseline: dict[str, Any] | None = None
+    files: dict[str, str] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    def result(self, name: str) -> UpsamplerResult:
+        return next(r for r in self.results if r.name == name)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "format": "vitup-probe-report/1",
+            "vitup_version": __version__,
+            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "dataset": {
+                "name": self.dataset,
+                "task": self.task,
+                "root": self.root,
+                "train_images": self.train_images,
+                "val_images": self.val_images,
+                "num_classes": len(self.class_names),
+                "class_names": self.class_names,
+                "notes": self.notes,
+            },
+            "protocol": self.protocol,
+            "baseline": self.baseline,
+            "reference": self.results[0].name if self.results else None,
+            "results": [asdict(r) for r in self.results],
+            "files": self.files,
+            "seconds": self.seconds,
+        }
+
+
+class TeacherView(Upsampler):
+    """A training-free upsampler over a LoRA-adapted backbone, run with the adapters off."""
+
+    def __init__(self, inner: Upsampler) -> None:
+        super().__init__(inner.backbone, inner.input_size)
+        self.inner = inner
+        self.name = inner.name
+        self.native_resolution_only = inner.native_resolution_only
+
+    def tokens(self, images: torch.Tensor, tap: int | None = None) -> torch.Tensor:
+        with self.backbone.adapters_disabled():
+            return self.inner.tokens(images, tap)
+
+    def query(self, images: torch.Tensor, xy: torch.Tensor, tap: int | None = None) -> torch.Tensor:
+        with self.backbone.adapters_disabled():
+            return self.inner.query(images, xy, tap)
+
+    def features(self, images: torch.Tensor, size: Any, tap: int | None = None) -> torch.Tensor:
+        with self.backbone.adapters_disabled():
+            return self.inner.features(images, size, tap)
+
+
+# =================================================================================================
+# helpers
+# =================================================================================================
+def _resolve_device(name: str) -> str:
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name != "cpu" and not name.startswith("cuda"):
+        raise VitupError(f"--device {name}: use auto, cpu or cuda")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise VitupError("--device cuda: no CUDA device is available here; use --device cpu")
+    return name
+
+
+def _default_budget() -> int:
+    try:
+        return int(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")) // 4
+    except (ValueError, OSError, AttributeError):
+        return 4 << 30
+
+
+def _names(config: ProbeConfig) -> list[str]:
+    names = [n.strip() for n in (config.upsamplers or []) if n.strip()]
+    if not names:
+        names = ["vitup"] if config.checkpoint else ["bilinear"]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise VitupError(f"--upsampler lists {', '.join(dupes)} twice")
+    unknown = [n for n in names if n not in UPSAMPLERS]
+    if unknown:
+        raise VitupError(f"--upsampler {unknown[0]}: unknown; use one of {', '.join(UPSAMPLERS)}")
+    if "vitup" in names and config.checkpoint is None:
+        raise VitupError("--upsampler vitup needs --checkpoint (train one with `vitup train`)")
+    return names
+
+
+def _validate(config: ProbeConfig) -> None:
+    if config.task not in TASKS:
+        raise VitupError(f"--task {config.task}: use seg or depth")
+    if config.schedule not in SCHEDULES:
+        raise VitupError(f"--schedule {config.schedule}: use cosine or jafar")
+    for flag, value in (("--res", config.res), ("--crop", config.crop), ("--batch-size", config.batch_size)):
+        if value < 1:
+            raise VitupError(f"{flag} {value}: must be at least 1")
+    if config.epochs is not None and config.epochs < 1:
+        raise VitupError(f"--epochs {config.epochs}: must be at least 1")
+    if config.lr is not None and not config.lr > 0:
+        raise VitupError(f"--lr {config.lr}: must be positive")
+    if config.dtype not in ("float16", "float32"):
+        raise VitupError(f"--dtype {config.dtype}: use float16 or float32")
+
+
+def build_upsamplers(config: ProbeConfig) -> list[tuple[Upsampler, bool]]:
+    """``(upsampler, teacher)`` per name: ``vitup`` from the checkpoint; the others over the checkpoint's
+    backbone with its adapters off (``teacher``), or over ``config.backbone`` without a checkpoint."""
+    from vitup_cli.backbones import load_backbone
+    from vitup_cli.checkpoints import load_checkpoint
+
+    names = _names(config)
+    torch.manual_seed(config.seed)  # a random-init backbone (--pretrained none) is the same in every run
+    out: list[tuple[Upsampler, bool]] = []
+    if config.checkpoint is not None:
+        vit = load_checkpoint(config.checkpoint, weights=config.weights, pretrained=config.pretrained).eval()
+        if config.input_size not in (None, vit.input_size):
+            raise VitupError(
+                f"--input-size {config.input_size}: this ViT-Up checkpoint was trained at {vit.input_size}; "
+                "drop the flag"
+            )
+        for name in names:
+            if name == "vitup":
+                out.append((vit, False))
+            else:
+                inner = build_upsampler(name, vit.backbone, input_size=vit.input_size)
+                out.append((TeacherView(inner).eval(), vit.backbone.lora is not None))
+        return out
+    backbone = load_backbone(
+        config.backbone, weights=config.weights, pretrained=config.pretrained, overrides=config.backbone_args
+    )
+    for name in names:
+        try:
+            out.append((build_upsampler(name, backbone, input_size=config.input_size).eval(), False))
+        except ValueError as exc:
+            raise VitupError(f"--input-size {config.input_size}: {exc}") from None
+    return out
+
+
+def _reporter(reporter: Any) -> Any:
+    if reporter is not None:
+        return reporter
+    from vitup_cli.extract import default_reporter
+
+    return default_reporter()
+
+
+def _with_progress(reporter: Any, total: int, label: str):
+    reporter.start(total, label)
+    return reporter.advance
+
+
+def _store_bytes(n: int, channels: int, res: int, dtype: str) -> int:
+    return n * channels * res * res * (2 if dtype == "float16" else 4)
+
+
+def _visual_rows(rows: np.ndarray, count: int) -> list[int]:
+    if count <= 0 or len(rows) == 0:
+        return []
+    picks = np.linspace(0, len(rows) - 1, min(count, len(rows))).round().astype(int)
+    return sorted({int(rows[p]) for p in picks})
+
+
+# =================================================================================================
+# the run
+# =================================================================================================
+def run_probe(config: ProbeConfig, reporter: Any = None) -> ProbeReport:
+    """Probe every upsampler of ``config`` on its dataset (see the module docstring).
+
+    Args:
+        reporter: progress and messages (``vitup_cli.extract.Reporter`` interface); default tqdm on a
+            terminal, plain lines otherwise.
+    Raises:
+        VitupError: a wrong or partial dataset root, bad flags, unreadable targets, or a failed extraction.
+    """
+    started = time.perf_counter()
+    _validate(config)
+    reporter = _reporter(reporter)
+    device = _resolve_device(config.device)
+    train_ds, val_ds = open_splits(
+        config.dataset, config.root, config.task, limit=config.limit, depth_scale=config.depth_scale
+    )
+    names = _names(config)
+    task = config.task
+    epochs = config.epochs or (DEPTH_EPOCHS if task == DEPTH else DEFAULT_EPOCHS[config.dataset])
+    lr = config.lr or (DEPTH_LR if task == DEPTH else SEG_LR)
+    settings = TrainSettings(
+        task=task, epochs=epochs, lr=lr, batch_size=config.batch_size, weight_decay=config.weight_decay,
+        schedule=config.schedule, flip=config.flip, seed=config.seed, device=device, max_depth=config.max_depth,
+    )  # fmt: skip
+    cache_dir = Path(config.cache).expanduser() if config.cache else _cache.default_cache_dir()
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    workers = config.workers if config.workers is not None else min(8, os.cpu_count() or 1)
+    reporter.info(
+        f"{config.dataset} ({task}): {len(train_ds)} train / {len(val_ds)} val images from {train_ds.root}; "
+        f"cache {cache_dir}"
+    )
+    targets = {
+        ds.split: _cache.prepare_targets(ds, config.crop, cache_dir, workers=workers, reporter=reporter)
+        for ds in (train_ds, val_ds)
+    }
+    num_classes = train_ds.num_classes
+    upsamplers = build_upsamplers(config)
+    budget = config.memory_budget if config.memory_budget is not None else _default_budget()
+    results = []
+    predictions: dict[str, list[np.ndarray]] = {}
+    vis_rows: list[int] | None = None
+    for (upsampler, teacher), name in zip(upsamplers, names, strict=True):
+        upsampler.to(device).eval()
+        tap = upsampler.backbone.taps[-1]
+        res_info = UpsamplerResult(name, {}, input_size=upsampler.input_size, channels=upsampler.dim)
+        sources: dict[str, FeatureSource] = {}
+        entries: dict[str, _cache.StoreEntry | None] = {}
+        t0 = time.perf_counter()
+        if config.no_cache:
+            reporter.info(f"{name}: --no-cache, features computed from the images at every epoch (nothing written)")
+            for ds in (train_ds, val_ds):
+                sources[ds.split] = LiveFeatures(upsampler, ds.images, (config.res, config.res), workers=workers)
+                entries[ds.split] = None
+                res_info.stores[ds.split], res_info.cached[ds.split] = None, False
+        else:
+            for ds in (train_ds, val_ds):
+                entry = _cache.store_entry(
+                    ds, upsampler, cache_dir, res=config.res, dtype=config.dtype, tap=tap, teacher=teacher
+                )
+                if entry.cached:
+                    reporter.info(f"{name} {ds.split}: reusing {entry.path}")
+                else:
+                    grid = upsampler.token_grid[0] if upsampler.native_resolution_only else config.res
+                    size = _store_bytes(len(ds), upsampler.dim, grid, config.dtype)
+                    from vitup_cli.extract import human_bytes
+
+                    reporter.info(
+                        f"{name} {ds.split}: caching features of {len(ds)} images at {grid}x{grid} "
+                        f"({upsampler.dim} channels, {config.dtype}): about {human_bytes(size)} in {entry.path}"
+                    )
+                    _cache.ensure_store(
+                        entry, ds, upsampler, res=config.res, dtype=config.dtype,
+                        checkpoint=config.checkpoint if name == "vitup" else None, device=device,
+                        workers=config.workers, seed=config.seed, reporter=reporter,
+                    )  # fmt: skip
+                src = StoreFeatures(entry.path, memory_budget=budget)
+                sources[ds.split], entries[ds.split] = src, entry
+                res_info.stores[ds.split], res_info.cached[ds.split] = str(entry.path), entry.cached
+                res_info.streamed[ds.split] = not src.in_memory
+        res_info.extract_seconds = time.perf_counter() - t0
+        try:
+            rows = {ds.split: _usable_rows(ds, sources[ds.split], targets[ds.split], res_info, reporter)
+                    for ds in (train_ds, val_ds)}  # fmt: skip
+            cls = {}
+            if task == DEPTH:
+                for ds in (train_ds, val_ds):
+                    cls[ds.split] = _cache.ensure_cls(entries[ds.split], upsampler, ds)
+            if vis_rows is None:
+                vis_rows = _visual_rows(rows["val"], config.visualize)
+            t1 = time.perf_counter()
+            advance = _with_progress(reporter, len(rows["train"]) * epochs, f"train {name}")
+            try:
+                fit = fit_head(
+                    sources["train"], targets["train"].array, settings, num_classes, rows=rows["train"],
+                    cls=cls.get("train"), progress=advance,
+                )  # fmt: skip
+            finally:
+                reporter.finish()
+            res_info.train_seconds = time.perf_counter() - t1
+            res_info.epoch_loss = fit.epoch_loss
+            t2 = time.perf_counter()
+            advance = _with_progress(reporter, len(rows["val"]), f"score {name}")
+            try:
+                ev = evaluate(
+                    fit.head, sources["val"], targets["val"].array, settings, num_classes, rows=rows["val"],
+                    cls=cls.get("val"), keep=vis_rows, progress=advance,
+                )  # fmt: skip
+            finally:
+                reporter.finish()
+            res_info.eval_seconds = time.perf_counter() - t2
+        finally:
+            for src in sources.values():
+                src.close()
+        if ev.seg is not None:
+            scores = ev.seg.scores()
+            res_info.metrics = {"miou": scores.miou, "accuracy": scores.accuracy}
+            res_info.per_class_iou = {
+                n: (None if np.isnan(v) else float(v)) for n, v in zip(train_ds.class_names, scores.iou, strict=True)
+            }
+            res_info.confusion = ev.seg.confusion.tolist()
+        else:
+            res_info.metrics = ev.metrics()
+        predictions[name] = [ev.kept[i] for i in vis_rows]
+        if config.out is not None:
+            res_info.head = str(_save_head(fit.head, Path(config.out), name, config, train_ds))
+        results.append(res_info)
+        upsampler.to("cpu")
+    baseline = None
+    if task == SEG and results and results[0].confusion is not None:
+        counts = targets["train"].counts[:num_classes]
+        cls_id, base = majority_baseline(counts, np.asarray(results[0].confusion))
+        baseline = {"class": train_ds.class_names[cls_id], "miou": base.miou, "accuracy": base.accuracy}
+    protocol = {
+        "crop": config.crop, "res": config.res, "fit": "crop", "epochs": epochs, "lr": lr,
+        "batch_size": config.batch_size, "weight_decay": config.weight_decay, "schedule": config.schedule,
+        "flip": config.flip, "seed": config.seed, "dtype": config.dtype, "no_cache": config.no_cache,
+        "limit": config.limit, "cache": str(cache_dir), "device": device,
+        "backbone": upsamplers[0][0].backbone.describe(),
+        "checkpoint": str(config.checkpoint) if config.checkpoint else None,
+        "optimizer": "AdamW", "loss": "cross-entropy, ignore 255" if task == SEG else "SigLoss + 0.5 GradientLoss",
+    }  # fmt: skip
+    report = ProbeReport(
+        dataset=config.dataset, task=task, root=str(train_ds.root), class_names=list(train_ds.class_names),
+        train_images=len(train_ds), val_images=len(val_ds), notes=[*train_ds.notes, *val_ds.notes],
+        protocol=protocol, results=results, baseline=baseline,
+    )  # fmt: skip
+    report.seconds = time.perf_counter() - started
+    if config.out is not None:
+        _write_outputs(report, Path(config.out), val_ds, targets["val"].array, vis_rows or [], predictions, config)
+    return report
+
+
+def _usable_rows(
+    ds: ProbeDataset, source: FeatureSource, targets: _cache.Targets, result: UpsamplerResult, reporter: Any
+) -> np.ndarray:
+    """Rows whose features exist (the extraction could read the image) and whose image was readable."""
+    ok = targets.readable.copy()
+    if isinstance(source, StoreFeatures):
+        from vitup_cli.stores import DONE
+
+        ok &= source.store.status == DONE
+    bad = np.flatnonzero(~ok)
+    for i in bad:
+        result.skipped.append({"split": ds.split, "path": str(ds.images[i])})
+    if len(bad):
+        reporter.warning(
+            f"{ds.split}: {len(bad)} unreadable images left out of the probe (first: {ds.images[int(bad[0])]})"
+        )
+    rows = np.flatnonzero(ok)
+    if len(rows) == 0:
+        raise VitupError(f"{ds.split} split: none of its {len(ds)} images could be read")
+    return rows
+
+
+def _save_head(head: torch.nn.Module, out: Path, name: str, config: ProbeConfig, ds: ProbeDataset) -> Path:
+    from safetensors.torch import save
+
+    from vitup_cli.checkpoints import atomic_write_bytes
+
+    path = out / "heads" / f"{name}.safetensors"
+    meta = {
+        "format": "vitup-probe-head/1",
+        "upsampler": name,
+        "dataset": config.dataset,
+        "task": config.task,
+        "head": type(head).__name__,
+        "classes": json.dumps(list(ds.class_names)),
+    }
+    tensors = {k: v.detach().cpu().contiguous() for k, v in head.state_dict().items()}
+    atomic_write_bytes(path, save(tensors, metadata=meta))
+    return path
+
+
+def _write_outputs(
+    report: ProbeReport,
+    out: Path,
+    val_ds: ProbeDataset,
+    val_targets: np.ndarray,
+    vis_rows: list[int],
+    predictions: dict[str, list[np.ndarray]],
+    config: ProbeConfig,
+) -> None:
+    from vitup_cli.data.images import ImageLoadError, load_image
+    from vitup_cli.extract import fit_image
+    from vitup_cli.probe.report import save_grid, write_json
+
+    out.mkdir(parents=True, exist_ok=True)
+    if vis_rows:
+        images, truths, keep = [], [], []
+        for j, i in enumerate(vis_rows):
+            try:
+                img = fit_image(load_image(val_ds.images[i]), config.crop, "crop")[0]
+            except ImageLoadError:
+                continue
+            images.append((img.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8))
+            truths.append(np.asarray(val_targets[i]))
+            keep.append(j)
+        preds = {name: [p[j] for j in keep] for name, p in predictions.items()}
+        if images:
+            report.files["predictions"] = str(save_grid(out / "predictions.png", images, truths, preds, config.task))
+    for res in report.results:
+        if res.head:
+            report.files[f"head:{res.name}"] = res.head
+    report.files["report"] = str(out / "report.json")
+    write_json(report, out / "report.json")

@@ -1,0 +1,992 @@
+"""Feature stores: Zarr v3 and HDF5 behind one interface, the same names and meaning in both.
+
+Contents of a store of ``N`` images (``C`` stored channels, ``H x W`` output grid):
+
+===================  ========================  ==================================================
+name                 shape, dtype              meaning
+===================  ========================  ==================================================
+``features``         (N, C, H, W) f16 or f32   dense features, NaN where not (yet) written
+``path``             (N,) str                  image path relative to the input root
+``status``           (N,) uint8                0 pending, 1 done, 2 failed; set only after that
+                                               row's features are on disk
+``size``             (N, 2) int32              original image (height, width), EXIF applied
+``valid``            (N, 4) int32              the real image in the output grid: (y0, x0, y1, x1),
+                                               end-exclusive (``--fit pad`` leaves borders)
+``error``            (N,) str                  why a failed row failed ('' otherwise)
+``lowres``           (N, Cb, h, w), optional   the backbone's own tokens at the tap
+``pca_components``   (K, Cb) f32, optional     ``features = (x - pca_mean) @ pca_components.T``
+``pca_mean``         (Cb,) f32, optional
+===================  ========================  ==================================================
+
+Root attributes describe how the store was made (see ``vitup_cli.extract``); ``layout`` holds what a
+writer needs to reopen it.
+
+Zarr (``.zarr``, v3): ``features`` has inner chunks ``(1, C, 56, 56)`` inside shards of ``S`` whole images
+(``S`` = the writer's batch), Blosc zstd level 1 with byte shuffle, fill value NaN, ``dimension_names``
+for xarray, metadata consolidated when the store is finished. The per-row arrays are chunked by groups of
+shards, and a group belongs to exactly one writer, so parallel writers never share a file (zarr loses
+data when two processes rewrite the same shard). Zarr's local store replaces files atomically, so a
+killed writer leaves either the old or the new version of every file.
+
+HDF5 (``.h5`` / ``.hdf5``): the same datasets with the same chunks, compressed with shuffle + gzip (level 1),
+filters every HDF5 build has. HDF5 files are not crash-safe while open for writing, so while a job runs
+each shard is written to its own small file in ``STORE.parts/`` (compressed in threads, atomically
+renamed); when every shard is there, the parts are joined into ``STORE`` by copying the compressed chunks
+as they are, and the folder is removed. Until then ``STORE`` does not exist, and the disk briefly holds
+the store twice.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import warnings
+import zlib
+from abc import ABC, abstractmethod
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from vitup_cli.errors import VitupError
+
+STORE_FORMAT = "vitup-store/1"
+PENDING, DONE, FAILED = 0, 1, 2
+STATUS_CODES = {PENDING: "pending", DONE: "done", FAILED: "failed"}
+SPATIAL_CHUNK = 56
+ARRAYS = ("features", "path", "status", "size", "valid", "error")
+_PARTS_SUFFIX = ".parts"
+_MANIFEST = "manifest.json"
+_GZIP_LEVEL = 1
+
+
+def store_format(path: str | Path) -> str:
+    """``'zarr'`` for ``*.zarr``, ``'hdf5'`` for ``*.h5`` / ``*.hdf5``; anything else is a user error."""
+    suffix = Path(path).suffix.lower()
+    if suffix == ".zarr":
+        return "zarr"
+    if suffix in {".h5", ".hdf5"}:
+        return "hdf5"
+    raise VitupError(f"--out {path}: the store format comes from its suffix; use NAME.zarr (Zarr v3) or NAME.h5 (HDF5)")
+
+
+def parts_dir(path: str | Path) -> Path:
+    """Where an HDF5 store keeps its shards while it is being written."""
+    p = Path(path)
+    return p.with_name(p.name + _PARTS_SUFFIX)
+
+
+def store_exists(path: str | Path) -> bool:
+    """True when ``path`` or (for HDF5) its unfinished parts folder exists."""
+    p = Path(path)
+    return p.exists() or p.is_symlink() or (store_format(p) == "hdf5" and parts_dir(p).exists())
+
+
+@dataclass(frozen=True)
+class StoreLayout:
+    """Shapes and chunking of a store; fixed when it is created.
+
+    Args:
+        n: number of images (rows).
+        channels: stored channels per pixel (``K`` with PCA).
+        height, width: output grid.
+        dtype: ``float16`` or ``float32``.
+        shard_size: images per shard (``S``), the unit one writer call writes.
+        group_shards: shards per chunk of the per-row arrays (the unit a writer owns).
+        lowres: ``(channels, h, w)`` of the optional token array.
+        pca: number of PCA components (``None``: no projection stored).
+        backbone_channels: channels of the backbone (the PCA input width).
+    """
+
+    n: int
+    channels: int
+    height: int
+    width: int
+    dtype: str = "float16"
+    shard_size: int = 8
+    group_shards: int = 1
+    lowres: tuple[int, int, int] | None = None
+    pca: int | None = None
+    backbone_channels: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.dtype not in {"float16", "float32"}:
+            raise VitupError(f"--dtype {self.dtype}: use float16 or float32")
+        if min(self.n, self.channels, self.height, self.width, self.shard_size, self.group_shards) < 1:
+            raise ValueError(f"every size in a store layout must be positive: {self}")
+
+    @classmethod
+    def for_images(cls, n: int, channels: int, height: int, width: int, shard_size: int, **kw: Any) -> StoreLayout:
+        """A layout with the per-row chunking chosen from ``n``: at least 64 groups when there are enough
+        shards (so parallel writers share the work), and at most 4096 rows per group."""
+        shard_size = max(1, min(shard_size, n))
+        n_shards = math.ceil(n / shard_size)
+        group = max(1, min(math.ceil(n_shards / 64), max(1, 4096 // shard_size)))
+        return cls(n, channels, height, width, shard_size=shard_size, group_shards=group, **kw)
+
+    @property
+    def num_shards(self) -> int:
+        return math.ceil(self.n / self.shard_size)
+
+    @property
+    def group_rows(self) -> int:
+        return self.shard_size * self.group_shards
+
+    @property
+    def chunk_hw(self) -> tuple[int, int]:
+        return min(SPATIAL_CHUNK, self.height), min(SPATIAL_CHUNK, self.width)
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        return self.n, self.channels, self.height, self.width
+
+    @property
+    def image_bytes(self) -> int:
+        """Uncompressed bytes per image (features and tokens)."""
+        item = np.dtype(self.dtype).itemsize
+        extra = math.prod(self.lowres) if self.lowres else 0
+        return (self.channels * self.height * self.width + extra) * item
+
+    def shard_rows(self, shard: int) -> tuple[int, int]:
+        """``[start, stop)`` rows of one shard."""
+        start = shard * self.shard_size
+        return start, min(start + self.shard_size, self.n)
+
+    def owner(self, shard: int, world: int) -> int:
+        """The writer (rank) that owns a shard: whole groups go round-robin."""
+        return (shard // self.group_shards) % world
+
+    def to_json(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["lowres"] = list(self.lowres) if self.lowres else None
+        return out
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> StoreLayout:
+        data = dict(data)
+        data["lowres"] = tuple(data["lowres"]) if data.get("lowres") else None
+        return cls(**data)
+
+
+def _dims(layout: StoreLayout) -> dict[str, tuple[str, ...]]:
+    return {
+        "features": ("image", "channel", "y", "x"),
+        "path": ("image",),
+        "status": ("image",),
+        "size": ("image", "hw"),
+        "valid": ("image", "box"),
+        "error": ("image",),
+        "lowres": ("image", "backbone_channel", "token_y", "token_x"),
+        "pca_components": ("channel", "backbone_channel"),
+        "pca_mean": ("backbone_channel",),
+    }
+
+
+# =================================================================================================
+# reading
+# =================================================================================================
+class FeatureStore:
+    """A read-only view of a finished (or growing) store, in either format.
+
+    ``store[i]`` is row ``i``'s features as ``(C, H, W)`` float32 (NaN if not written); a slice gives
+    ``(n, C, H, W)``. Use as a context manager, or call ``close()``.
+    """
+
+    def __init__(self, path: Path, fmt: str, handle: Any) -> None:
+        self.path = path
+        self.format = fmt
+        self._h = handle
+        if "features" not in self._keys():
+            self.close()
+            raise VitupError(
+                f"{path}: no 'features' array, so this is not a vitup feature store (made by vitup extract)"
+            )
+        self._paths: list[str] | None = None
+
+    # -- plumbing -------------------------------------------------------------------------------
+    def _keys(self) -> set[str]:
+        if self.format == "hdf5":
+            return set(self._h.keys())
+        with warnings.catch_warnings():  # zarr warns about temporary files of writes in flight
+            warnings.simplefilter("ignore")
+            return set(self._h.array_keys())
+
+    def _array(self, name: str) -> Any:
+        if name not in self._keys():
+            raise VitupError(f"{self.path}: no '{name}' array in this store")
+        return self._h[name]
+
+    def has(self, name: str) -> bool:
+        return name in self._keys()
+
+    def close(self) -> None:
+        if self.format == "hdf5" and self._h is not None:
+            self._h.close()
+        self._h = None
+
+    def __enter__(self) -> FeatureStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- contents -------------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return int(self._array("features").shape[0])
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(int(s) for s in self._array("features").shape)
+
+    @property
+    def dtype(self) -> np.dtype:
+        return np.dtype(self._array("features").dtype)
+
+    def __getitem__(self, index: int | slice) -> np.ndarray:
+        feats = self._array("features")
+        if isinstance(index, slice):
+            return np.asarray(feats[index], dtype=np.float32)
+        i = int(index)
+        n = len(self)
+        if not -n <= i < n:
+            raise IndexError(f"row {index} out of range for a store of {n} images")
+        return np.asarray(feats[i % n], dtype=np.float32)
+
+    @property
+    def attrs(self) -> dict[str, Any]:
+        raw = dict(self._h.attrs)
+        return raw if self.format == "zarr" else _h5_attrs_decode(raw)
+
+    @property
+    def layout(self) -> StoreLayout | None:
+        data = self.attrs.get("layout")
+        return StoreLayout.from_json(data) if data else None
+
+    @property
+    def paths(self) -> list[str]:
+        if self._paths is None:
+            self._paths = [_as_str(p) for p in np.asarray(self._array("path")[...]).tolist()]
+        return self._paths
+
+    @property
+    def status(self) -> np.ndarray:
+        return np.asarray(self._array("status")[...], dtype=np.uint8)
+
+    @property
+    def sizes(self) -> np.ndarray:
+        return np.asarray(self._array("size")[...], dtype=np.int64)
+
+    @property
+    def valid(self) -> np.ndarray:
+        return np.asarray(self._array("valid")[...], dtype=np.int64)
+
+    @property
+    def errors(self) -> list[str]:
+        if not self.has("error"):
+            return [""] * len(self)
+        return [_as_str(e) for e in np.asarray(self._array("error")[...]).tolist()]
+
+    def lowres(self, index: int) -> np.ndarray | None:
+        """Row ``index``'s backbone tokens ``(Cb, h, w)`` float32, or None when not stored."""
+        if not self.has("lowres"):
+            return None
+        return np.asarray(self._array("lowres")[int(index)], dtype=np.float32)
+
+    @property
+    def pca(self) -> tuple[np.ndarray, np.ndarray] | None:
+        """``(components (K, Cb), mean (Cb,))`` float32 when features were PCA-projected, else None."""
+        if not self.has("pca_components"):
+            return None
+        comps = np.asarray(self._array("pca_components")[...], dtype=np.float32)
+        mean = np.asarray(self._array("pca_mean")[...], dtype=np.float32)
+        return comps, mean
+
+    def unproject(self, features: np.ndarray) -> np.ndarray:
+        """Map stored PCA features ``(K, H, W)`` (or ``(n, K, H, W)``) back to backbone space ``(Cb, H, W)``.
+
+        Without PCA the features are returned unchanged (as float32).
+        """
+        feats = np.asarray(features, dtype=np.float32)
+        pca = self.pca
+        if pca is None:
+            return feats
+        comps, mean = pca
+        if feats.shape[-3] != comps.shape[0]:
+            raise ValueError(f"features have {feats.shape[-3]} channels but the projection has {comps.shape[0]}")
+        out = np.einsum("kc,...khw->...chw", comps, feats, optimize=True)
+        return out + mean[:, None, None]
+
+    def __repr__(self) -> str:
+        return f"FeatureStore({str(self.path)!r}, format={self.format!r}, shape={self.shape})"
+
+
+def _as_str(value: Any) -> str:
+    return value.decode("utf-8") if isinstance(value, bytes) else str(value)
+
+
+def open_store(path: str | Path) -> FeatureStore:
+    """Open a store read-only (format from the suffix). Raises ``VitupError`` for missing or foreign files."""
+    p = Path(path)
+    fmt = store_format(p)
+    if fmt == "hdf5" and not p.exists() and parts_dir(p).exists():
+        raise VitupError(
+            f"{p}: this HDF5 store is not finished yet (its shards are in {parts_dir(p)}); "
+            "complete it with `vitup extract ... --resume`"
+        )
+    if not p.exists():
+        raise VitupError(f"{p}: no such store")
+    if fmt == "zarr":
+        import zarr
+
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                group = zarr.open_group(p, mode="r")
+        except Exception as exc:
+            raise VitupError(f"{p}: not a readable Zarr v3 store ({type(exc).__name__}: {exc})") from None
+        return FeatureStore(p, fmt, group)
+    import h5py
+
+    try:
+        handle = h5py.File(p, "r")
+    except OSError as exc:
+        raise VitupError(f"{p}: not a readable HDF5 file ({exc})") from None
+    return FeatureStore(p, fmt, handle)
+
+
+def store_status(path: str | Path) -> np.ndarray:
+    """Row status of a store, including an HDF5 store still being written (read from its parts)."""
+    p = Path(path)
+    if store_format(p) == "hdf5" and not p.exists() and parts_dir(p).exists():
+        return open_writer(p).status()
+    with open_store(p) as store:
+        return store.status
+
+
+# =================================================================================================
+# HDF5 attribute and chunk encoding
+# =================================================================================================
+def _h5_attrs_encode(attrs: dict[str, Any]) -> dict[str, Any]:
+    """HDF5 attributes hold scalars and strings; everything else is stored as JSON text, and the keys
+    so stored are listed in ``json_attrs`` so readers can decode them."""
+    out: dict[str, Any] = {}
+    encoded = []
+    for key, value in attrs.items():
+        if isinstance(value, (str, bool, int, float)) and not isinstance(value, np.generic):
+            out[key] = value
+        else:
+            out[key] = json.dumps(value)
+            encoded.append(key)
+    out["json_attrs"] = json.dumps(sorted(encoded))
+    return out
+
+
+def _h5_attrs_decode(raw: dict[str, Any]) -> dict[str, Any]:
+    encoded = set(json.loads(_as_str(raw.get("json_attrs", "[]"))))
+    out: dict[str, Any] = {}
+    for key, value in raw.items():
+        if key == "json_attrs":
+            continue
+        if isinstance(value, np.generic):
+            value = value.item()
+        value = _as_str(value) if isinstance(value, (bytes, str)) else value
+        out[key] = json.loads(value) if key in encoded else value
+    return out
+
+
+def _h5_chunk_bytes(block: np.ndarray) -> bytes:
+    """One chunk as HDF5's shuffle + deflate filters would store it (the filters h5py declares with
+    ``shuffle=True, compression='gzip'``): bytes regrouped by significance, then zlib-compressed."""
+    raw = np.ascontiguousarray(block)
+    shuffled = raw.view(np.uint8).reshape(-1, raw.itemsize).T.tobytes()
+    return zlib.compress(shuffled, _GZIP_LEVEL)
+
+
+def _h5_chunk_offsets(layout: StoreLayout) -> list[tuple[int, int]]:
+    cy, cx = layout.chunk_hw
+    return [(y, x) for y in range(0, layout.height, cy) for x in range(0, layout.width, cx)]
+
+
+def _h5_padded_chunk(image: np.ndarray, y: int, x: int, cy: int, cx: int) -> np.ndarray:
+    block = image[:, y : y + cy, x : x + cx]
+    if block.shape[1:] != (cy, cx):  # edge chunks are stored at full size
+        full = np.full((image.shape[0], cy, cx), np.nan, dtype=image.dtype)
+        full[:, : block.shape[1], : block.shape[2]] = block
+        block = full
+    return block
+
+
+def _h5_create_arrays(h5: Any, layout: StoreLayout, rows: int, with_path: bool) -> None:
+    import h5py
+
+    cy, cx = layout.chunk_hw
+    common = {"compression": "gzip", "compression_opts": _GZIP_LEVEL, "shuffle": True}
+    h5.create_dataset(
+        "features",
+        shape=(rows, layout.channels, layout.height, layout.width),
+        dtype=layout.dtype,
+        chunks=(1, layout.channels, cy, cx),
+        fillvalue=np.nan,
+        **common,
+    )
+    if layout.lowres:
+        h5.create_dataset(
+            "lowres",
+            shape=(rows, *layout.lowres),
+            dtype=layout.dtype,
+            chunks=(1, *layout.lowres),
+            fillvalue=np.nan,
+            **common,
+        )
+    text = h5py.string_dtype("utf-8")
+    h5.create_dataset("status", shape=(rows,), dtype="uint8", fillvalue=0)
+    h5.create_dataset("size", shape=(rows, 2), dtype="int32", fillvalue=0)
+    h5.create_dataset("valid", shape=(rows, 4), dtype="int32", fillvalue=0)
+    h5.create_dataset("error", shape=(rows,), dtype=text)
+    if with_path:
+        h5.create_dataset("path", shape=(rows,), dtype=text)
+
+
+def _h5_label(h5: Any, layout: StoreLayout) -> None:
+    for name, dims in _dims(layout).items():
+        if name in h5:
+            for axis, label in enumerate(dims):
+                h5[name].dims[axis].label = label
+
+
+# =================================================================================================
+# writing
+# =================================================================================================
+class StoreWriter(ABC):
+    """Creates and fills one store. Create it with ``create_writer`` (one process: rank 0) at its final
+    size; other processes ``open_writer`` it. Rows are written a whole shard at a time
+    (``write_rows`` / ``write_shard``), features first and ``status`` last; ``finalize`` (rank 0, after
+    every writer is done) records the closing attributes and makes the store readable by plain tools.
+    """
+
+    format: str
+
+    def __init__(self, path: Path, layout: StoreLayout, attrs: dict[str, Any]) -> None:
+        self.path = path
+        self.layout = layout
+        self.attrs = attrs
+        self.bytes_written = 0
+
+    # -- interface ------------------------------------------------------------------------------
+    @abstractmethod
+    def status(self) -> np.ndarray:
+        """``(N,)`` uint8: the status of every row as it is on disk now."""
+
+    @abstractmethod
+    def errors(self) -> list[str]:
+        """``(N,)`` reasons of failed rows ('' elsewhere)."""
+
+    @abstractmethod
+    def paths(self) -> list[str]:
+        """The stored input paths."""
+
+    @abstractmethod
+    def pca(self) -> tuple[np.ndarray, np.ndarray] | None:
+        """The stored projection, if any."""
+
+    @abstractmethod
+    def _write_shard(self, shard: int, rows: dict[str, Any]) -> None: ...
+
+    @abstractmethod
+    def finalize(self, attrs: dict[str, Any] | None = None) -> Path:
+        """Merge ``attrs`` into the root attributes and make the store final; returns its path."""
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release file handles (nothing to do for the built-in formats)."""
+
+    @abstractmethod
+    def recover(self) -> None:
+        """Delete temporary files that interrupted writes left (see ``open_writer(recover=True)``)."""
+
+    def __enter__(self) -> StoreWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def done_shards(self) -> set[int]:
+        """Shards whose every row is done or failed (nothing left to compute)."""
+        status = self.status()
+        out = set()
+        for k in range(self.layout.num_shards):
+            a, b = self.layout.shard_rows(k)
+            if (status[a:b] != PENDING).all():
+                out.add(k)
+        return out
+
+    # -- writing --------------------------------------------------------------------------------
+    def write_shard(
+        self,
+        shard: int,
+        features: np.ndarray,
+        status: np.ndarray,
+        sizes: np.ndarray,
+        valid: np.ndarray,
+        errors: Sequence[str] | None = None,
+        lowres: np.ndarray | None = None,
+    ) -> None:
+        """Write one whole shard (its rows from ``layout.shard_rows(shard)``), status last.
+
+        Args:
+            features: ``(n, C, H, W)``; rows that failed should be NaN.
+            status: ``(n,)`` ``DONE`` or ``FAILED`` per row.
+            sizes: ``(n, 2)`` original (height, width); valid: ``(n, 4)`` boxes in the output grid.
+            errors: ``n`` reasons ('' for done rows). lowres: ``(n, Cb, h, w)`` when the layout has it.
+        """
+        lay = self.layout
+        start, stop = lay.shard_rows(shard)
+        n = stop - start
+        feats = np.asarray(features)
+        if feats.shape != (n, lay.channels, lay.height, lay.width):
+            raise ValueError(f"shard {shard}: features {feats.shape}, expected {(n, *lay.shape[1:])}")
+        if (lowres is None) != (lay.lowres is None):
+            raise ValueError("lowres must be given exactly when the layout stores it")
+        rows = {
+            "features": feats.astype(lay.dtype, copy=False),
+            "status": np.asarray(status, dtype=np.uint8).reshape(n),
+            "size": np.asarray(sizes, dtype=np.int32).reshape(n, 2),
+            "valid": np.asarray(valid, dtype=np.int32).reshape(n, 4),
+            "error": np.asarray(list(errors) if errors is not None else [""] * n, dtype=object),
+        }
+        if lowres is not None:
+            rows["lowres"] = np.asarray(lowres).astype(lay.dtype, copy=False).reshape(n, *lay.lowres)
+        if not np.isin(rows["status"], (DONE, FAILED)).all():
+            raise ValueError("a written row is either DONE or FAILED")
+        self._write_shard(shard, rows)
+        self.bytes_written += rows["features"].nbytes + (rows["lowres"].nbytes if lowres is not None else 0)
+
+    def write_rows(self, start: int, features: np.ndarray, status: np.ndarray, sizes: np.ndarray, valid: np.ndarray,
+                   errors: Sequence[str] | None = None, lowres: np.ndarray | None = None) -> None:  # fmt: skip
+        """Write rows ``[start, start + n)``: whole shards only (``start`` a multiple of the shard size and
+        ``n`` a multiple of it, or running to the end). Each shard is written in one call, status last."""
+        n = len(features)
+        s = self.layout.shard_size
+        if start % s or (n % s and start + n != self.layout.n) or start + n > self.layout.n:
+            raise ValueError(f"write_rows({start}, {n} rows): write whole shards of {s} rows")
+        errors = list(errors) if errors is not None else [""] * n
+        for a in range(0, n, s):
+            b = min(a + s, n)
+            self.write_shard(
+                (start + a) // s, features[a:b], status[a:b], sizes[a:b], valid[a:b], errors[a:b],
+                None if lowres is None else lowres[a:b],
+            )  # fmt: skip
+
+
+def _common_attrs(layout: StoreLayout, attrs: dict[str, Any]) -> dict[str, Any]:
+    from vitup_cli import __version__
+
+    return {
+        "format": STORE_FORMAT,
+        "vitup_version": __version__,
+        "status_codes": {str(k): v for k, v in STATUS_CODES.items()},
+        "valid_units": "output-grid pixels (y0, x0, y1, x1), end-exclusive",
+        **attrs,
+        "layout": layout.to_json(),
+    }
+
+
+def create_writer(
+    path: str | Path,
+    layout: StoreLayout,
+    paths: Sequence[str],
+    attrs: dict[str, Any] | None = None,
+    pca: tuple[np.ndarray, np.ndarray] | None = None,
+) -> StoreWriter:
+    """Create a new store at its final size (``path`` must not exist: remove it first to overwrite).
+
+    Args:
+        paths: ``N`` input paths relative to the image root.
+        attrs: JSON-able root attributes (settings, provenance).
+        pca: ``(components (K, Cb), mean (Cb,))`` when features are stored projected.
+    """
+    p = Path(path)
+    if store_exists(p):
+        raise VitupError(f"{p} already exists")
+    if len(paths) != layout.n:
+        raise ValueError(f"{len(paths)} paths for a store of {layout.n} rows")
+    if (pca is None) != (layout.pca is None):
+        raise ValueError("pass a projection exactly when the layout has pca components")
+    full = _common_attrs(layout, dict(attrs or {}))
+    cls = _ZarrWriter if store_format(p) == "zarr" else _H5Writer
+    return cls.create(p, layout, list(paths), full, pca)
+
+
+def open_writer(path: str | Path, *, recover: bool = False) -> StoreWriter:
+    """Reopen an existing store (or an unfinished HDF5 one) to continue writing it.
+
+    ``recover``: first delete the temporary files of writes that a killed writer left behind. Only when no
+    other process is writing this store (``vitup extract`` does it on rank 0 before any rank starts).
+    """
+    p = Path(path)
+    cls = _ZarrWriter if store_format(p) == "zarr" else _H5Writer
+    writer = cls.open(p)
+    if recover:
+        writer.recover()
+    return writer
+
+
+def remove_store(path: str | Path) -> None:
+    """Delete a store (and an HDF5 store's parts). Refuses folders that are not Zarr stores."""
+    p = Path(path)
+    if store_format(p) == "hdf5":
+        if p.is_dir() and not p.is_symlink():
+            raise VitupError(f"--overwrite: {p} is a folder, not an HDF5 file; remove it yourself if you mean it")
+        p.unlink(missing_ok=True)
+        if parts_dir(p).is_dir():
+            shutil.rmtree(parts_dir(p))
+        return
+    if p.is_symlink() or p.is_file():
+        p.unlink()
+    elif p.is_dir():
+        if any(p.iterdir()) and not (p / "zarr.json").exists():
+            raise VitupError(f"--overwrite: {p} is a non-empty folder but not a Zarr store; not deleting it")
+        shutil.rmtree(p)
+
+
+# -- Zarr -----------------------------------------------------------------------------------------
+class _ZarrWriter(StoreWriter):
+    format = "zarr"
+
+    def __init__(self, path: Path, layout: StoreLayout, attrs: dict[str, Any], group: Any) -> None:
+        super().__init__(path, layout, attrs)
+        self._g = group
+        self._arrays = {name: group[name] for name in group.array_keys()}  # lookups cost a metadata read
+
+    @classmethod
+    def create(
+        cls,
+        path: Path,
+        layout: StoreLayout,
+        paths: list[str],
+        attrs: dict[str, Any],
+        pca: tuple[np.ndarray, np.ndarray] | None,
+    ) -> _ZarrWriter:
+        import zarr
+        from zarr.codecs import BloscCodec
+
+        dims = _dims(layout)
+        group = zarr.open_group(path, mode="w-", zarr_format=3)
+        blosc = BloscCodec(cname="zstd", clevel=1, shuffle="shuffle")
+        cy, cx = layout.chunk_hw
+        s, rows = layout.shard_size, layout.group_rows
+        group.create_array(
+            "features",
+            shape=layout.shape,
+            chunks=(1, layout.channels, cy, cx),
+            shards=(s, layout.channels, math.ceil(layout.height / cy) * cy, math.ceil(layout.width / cx) * cx),
+            dtype=layout.dtype,
+            compressors=blosc,
+            fill_value=np.nan,
+            dimension_names=dims["features"],
+        )
+        if layout.lowres:
+            group.create_array(
+                "lowres",
+                shape=(layout.n, *layout.lowres),
+                chunks=(1, *layout.lowres),
+                shards=(s, *layout.lowres),
+                dtype=layout.dtype,
+                compressors=blosc,
+                fill_value=np.nan,
+                dimension_names=dims["lowres"],
+            )
+        n = layout.n
+        path_arr = group.create_array("path", shape=(n,), chunks=(rows,), dtype=str, dimension_names=dims["path"])
+        group.create_array(
+            "status", shape=(n,), chunks=(rows,), dtype="uint8", fill_value=0, dimension_names=("image",)
+        )
+        group.create_array(
+            "size", shape=(n, 2), chunks=(rows, 2), dtype="int32", fill_value=0, dimension_names=dims["size"]
+        )
+        group.create_array(
+            "valid", shape=(n, 4), chunks=(rows, 4), dtype="int32", fill_value=0, dimension_names=dims["valid"]
+        )
+        group.create_array("error", shape=(n,), chunks=(rows,), dtype=str, dimension_names=dims["error"])
+        path_arr[:] = np.array(paths, dtype=object)
+        if pca is not None:
+            comps, mean = (np.asarray(a, dtype=np.float32) for a in pca)
+            group.create_array("pca_components", data=comps, chunks=comps.shape, dimension_names=dims["pca_components"])
+            group.create_array("pca_mean", data=mean, chunks=mean.shape, dimension_names=dims["pca_mean"])
+        group.attrs.update(attrs)  # last: a store without `format` was not fully created
+        return cls(path, layout, attrs, group)
+
+    @classmethod
+    def open(cls, path: Path) -> _ZarrWriter:
+        import zarr
+
+        if not (path / "zarr.json").exists():
+            raise VitupError(f"{path}: not a Zarr store; use --overwrite to replace it")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            group = zarr.open_group(path, mode="r+", use_consolidated=False)
+        attrs = dict(group.attrs)
+        if attrs.get("format") != STORE_FORMAT or "layout" not in attrs:
+            raise VitupError(
+                f"{path}: not a complete vitup store (creation was interrupted, or another tool made it); "
+                "use --overwrite to start over"
+            )
+        return cls(path, StoreLayout.from_json(attrs["layout"]), attrs, group)
+
+    def recover(self) -> None:
+        for leftover in self.path.rglob("*.partial"):  # zarr's temporary files of interrupted writes
+            leftover.unlink(missing_ok=True)
+
+    def status(self) -> np.ndarray:
+        return np.asarray(self._arrays["status"][...], dtype=np.uint8)
+
+    def errors(self) -> list[str]:
+        return [_as_str(e) for e in np.asarray(self._arrays["error"][...]).tolist()]
+
+    def paths(self) -> list[str]:
+        return [_as_str(e) for e in np.asarray(self._arrays["path"][...]).tolist()]
+
+    def pca(self) -> tuple[np.ndarray, np.ndarray] | None:
+        if "pca_components" not in set(self._g.array_keys()):
+            return None
+        return np.asarray(self._g["pca_components"][...]), np.asarray(self._g["pca_mean"][...])
+
+    def _write_shard(self, shard: int, rows: dict[str, Any]) -> None:
+        start, stop = self.layout.shard_rows(shard)
+        arrays = self._arrays
+        for name in ("features", "lowres"):
+            if name in rows:
+                # a shard left by an interrupted attempt is replaced, never merged into
+                (self.path / name / "c" / str(shard) / "0" / "0" / "0").unlink(missing_ok=True)
+                arrays[name][start:stop] = rows[name]
+        arrays["size"][start:stop] = rows["size"]
+        arrays["valid"][start:stop] = rows["valid"]
+        arrays["error"][start:stop] = rows["error"]
+        arrays["status"][start:stop] = rows["status"]  # last: the row is on disk
+
+    def finalize(self, attrs: dict[str, Any] | None = None) -> Path:
+        import zarr
+
+        if attrs:
+            self._g.attrs.update(attrs)
+            self.attrs.update(attrs)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            zarr.consolidate_metadata(self.path)
+        return self.path
+
+
+# -- HDF5 -----------------------------------------------------------------------------------------
+class _H5Writer(StoreWriter):
+    format = "hdf5"
+
+    def __init__(self, path: Path, layout: StoreLayout, attrs: dict[str, Any], threads: int | None = None) -> None:
+        super().__init__(path, layout, attrs)
+        self._parts = parts_dir(path)
+        self._threads = threads or min(8, os.cpu_count() or 1)
+
+    @classmethod
+    def create(
+        cls,
+        path: Path,
+        layout: StoreLayout,
+        paths: list[str],
+        attrs: dict[str, Any],
+        pca: tuple[np.ndarray, np.ndarray] | None,
+    ) -> _H5Writer:
+        from vitup_cli.checkpoints import atomic_write_bytes
+
+        parts = parts_dir(path)
+        parts.mkdir(parents=True)
+        if pca is not None:
+            np.save(parts / "pca_components.npy", np.asarray(pca[0], dtype=np.float32), allow_pickle=False)
+            np.save(parts / "pca_mean.npy", np.asarray(pca[1], dtype=np.float32), allow_pickle=False)
+        manifest = {"attrs": attrs, "paths": paths}
+        atomic_write_bytes(parts / _MANIFEST, json.dumps(manifest).encode())  # last: marks a complete creation
+        return cls(path, layout, attrs)
+
+    @classmethod
+    def open(cls, path: Path) -> _H5Writer:
+        parts = parts_dir(path)
+        if path.exists():  # finished (a kill may have come between the final rename and the cleanup)
+            with open_store(path) as store:
+                attrs = store.attrs
+            if attrs.get("format") != STORE_FORMAT:
+                raise VitupError(f"{path}: not a vitup store; use --overwrite to replace it")
+            return cls(path, StoreLayout.from_json(attrs["layout"]), attrs)
+        manifest = parts / _MANIFEST
+        if not manifest.is_file():
+            raise VitupError(f"{parts}: an HDF5 store whose creation was interrupted; use --overwrite to start over")
+        attrs = json.loads(manifest.read_text())["attrs"]
+        return cls(path, StoreLayout.from_json(attrs["layout"]), attrs)
+
+    def recover(self) -> None:
+        if self.finished and self._parts.is_dir():  # a kill came between the final rename and the cleanup
+            shutil.rmtree(self._parts)
+        if self._parts.is_dir():
+            for leftover in self._parts.glob(".*.tmp"):  # parts being written when a kill came
+                leftover.unlink(missing_ok=True)
+            for part in self._parts.glob("shard-*.h5"):
+                if not _h5_readable(part):
+                    part.unlink()
+        self.path.with_name(f".{self.path.name}.tmp").unlink(missing_ok=True)  # an interrupted join
+
+    @property
+    def finished(self) -> bool:
+        return self.path.exists()
+
+    def _part(self, shard: int) -> Path:
+        return self._parts / f"shard-{shard:08d}.h5"
+
+    def _manifest(self) -> dict[str, Any]:
+        return json.loads((self._parts / _MANIFEST).read_text())
+
+    def _read_rows(self, name: str, fill: Any, dtype: Any) -> np.ndarray:
+        import h5py
+
+        if self.finished:
+            with h5py.File(self.path, "r") as h5:
+                return np.asarray(h5[name][...])
+        out = np.full(self.layout.n, fill, dtype=dtype)
+        for k in range(self.layout.num_shards):
+            part = self._part(k)
+            if part.is_file():
+                a, b = self.layout.shard_rows(k)
+                try:
+                    with h5py.File(part, "r") as h5:
+                        out[a:b] = h5[name][...]
+                except (OSError, KeyError):  # e.g. emptied by a power loss before it reached the disk
+                    continue
+        return out
+
+    def status(self) -> np.ndarray:
+        return self._read_rows("status", 0, np.uint8).astype(np.uint8)
+
+    def errors(self) -> list[str]:
+        return [_as_str(e) for e in self._read_rows("error", "", object).tolist()]
+
+    def paths(self) -> list[str]:
+        if self.finished:
+            with open_store(self.path) as store:
+                return store.paths
+        return list(self._manifest()["paths"])
+
+    def pca(self) -> tuple[np.ndarray, np.ndarray] | None:
+        if self.finished:
+            with open_store(self.path) as store:
+                return store.pca
+        if not (self._parts / "pca_components.npy").is_file():
+            return None
+        load = lambda name: np.load(self._parts / name, allow_pickle=False)
+        return load("pca_components.npy"), load("pca_mean.npy")
+
+    def _compressed_chunks(self, feats: np.ndarray, status: np.ndarray) -> list[tuple[tuple[int, ...], bytes]]:
+        cy, cx = self.layout.chunk_hw
+        jobs = [(i, y, x) for i in range(len(feats)) if status[i] == DONE for (y, x) in _h5_chunk_offsets(self.layout)]
+        encode = lambda job: _h5_chunk_bytes(_h5_padded_chunk(feats[job[0]], job[1], job[2], cy, cx))
+        with ThreadPoolExecutor(self._threads) as pool:  # zlib releases the GIL
+            blobs = list(pool.map(encode, jobs))
+        return [((i, 0, y, x), blob) for (i, y, x), blob in zip(jobs, blobs, strict=True)]
+
+    def _write_shard(self, shard: int, rows: dict[str, Any]) -> None:
+        import h5py
+
+        if self.finished:
+            raise VitupError(f"{self.path} is finished; there is nothing left to write")
+        final = self._part(shard)
+        tmp = final.with_name(f".{final.name}.tmp")
+        n = len(rows["status"])
+        chunks = self._compressed_chunks(rows["features"], rows["status"])
+        with h5py.File(tmp, "w") as h5:
+            _h5_create_arrays(h5, self.layout, n, with_path=False)
+            dset = h5["features"].id
+            for offset, blob in chunks:
+                dset.write_direct_chunk(offset, blob, 0)
+            if "lowres" in rows:
+                ok = rows["status"] == DONE
+                for i in np.flatnonzero(ok):
+                    h5["lowres"][i] = rows["lowres"][i]
+            h5["size"][...] = rows["size"]
+            h5["valid"][...] = rows["valid"]
+            h5["error"][...] = rows["error"]
+            h5["status"][...] = rows["status"]
+        os.replace(tmp, final)  # atomic: a part is complete or absent (unreadable ones count as absent)
+
+    def finalize(self, attrs: dict[str, Any] | None = None) -> Path:
+        """Join the shards into ``STORE`` (compressed chunks copied as they are), then drop the parts."""
+        import h5py
+
+        if attrs:
+            self.attrs.update(attrs)
+        if self.finished:  # nothing was left to write; an HDF5 file is never reopened for writing
+            return self.path
+        lay = self.layout
+        missing = [k for k in range(lay.num_shards) if not self._part(k).is_file()]
+        if missing:
+            raise VitupError(f"{self.path}: shards {missing[:5]} are not written yet; finish with --resume")
+        manifest = self._manifest()
+        tmp = self.path.with_name(f".{self.path.name}.tmp")
+        tmp.unlink(missing_ok=True)
+        with h5py.File(tmp, "w") as out:
+            _h5_create_arrays(out, lay, lay.n, with_path=True)
+            out["path"][...] = np.array(manifest["paths"], dtype=object)
+            pca = self.pca()
+            if pca is not None:
+                out.create_dataset("pca_components", data=pca[0])
+                out.create_dataset("pca_mean", data=pca[1])
+            small = {name: np.asarray(out[name][...]) for name in ("status", "size", "valid", "error")}
+            names = ["features", *(["lowres"] if lay.lowres else [])]
+            for k in range(lay.num_shards):
+                a, b = lay.shard_rows(k)
+                with h5py.File(self._part(k), "r") as part:
+                    status = np.asarray(part["status"][...])
+                    for name in small:
+                        small[name][a:b] = part[name][...]
+                    for name in names:
+                        src, dst = part[name].id, out[name].id
+                        for i in np.flatnonzero(status == DONE):
+                            for offset in _chunk_grid(part[name].chunks, part[name].shape[1:]):
+                                mask, blob = src.read_direct_chunk((int(i), *offset))
+                                dst.write_direct_chunk((a + int(i), *offset), blob, mask)
+            for name, values in small.items():
+                out[name][...] = values
+            _h5_label(out, lay)
+            out.attrs.update(_h5_attrs_encode(self.attrs))
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, self.path)
+        shutil.rmtree(self._parts)
+        return self.path
+
+
+def _h5_readable(path: Path) -> bool:
+    import h5py
+
+    try:
+        with h5py.File(path, "r") as h5:
+            return "status" in h5
+    except OSError:
+        return False
+
+
+def _chunk_grid(chunks: tuple[int, ...], shape: tuple[int, ...]) -> Iterator[tuple[int, ...]]:
+    """Offsets of every chunk of one row: ``chunks`` ``(1, c, cy, cx)`` over a row of ``shape`` ``(c, H, W)``."""
+    import itertools
+
+    axes = [range(0, size, step) for size, step in zip(shape, chunks[1:], strict=True)]
+    yield from itertools.product(*axes)
+
+
+def disk_usage(path: str | Path) -> int:
+    """Bytes a store occupies on disk now (its parts included)."""
+    total = 0
+    for p in (Path(path), parts_dir(path)):
+        if p.is_file():
+            total += p.stat().st_size
+        elif p.is_dir():
+            total += sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
+    return total
