@@ -32,6 +32,14 @@ app = typer.Typer(
     help="Dense, faithful, per-pixel features from Vision Transformers (ViT-Up).",
     context_settings={"help_option_names": ["-h", "--help"]},
     no_args_is_help=True,
+    epilog=(
+        "Examples:\n\n"
+        "vitup train --backbone dinov3_s+ --data /data/imagenet/train --out runs/splus\n\n"
+        "vitup extract ./images --out feats.zarr --res 224 --checkpoint runs/splus/last\n\n"
+        "vitup probe cityscapes --root /data/cityscapes --checkpoint runs/splus/last --upsampler vitup,bilinear\n\n"
+        "vitup visualize photo.jpg --checkpoint runs/splus/last --point 320,240\n\n"
+        "Offline demo of all four: bash examples/quickstart.sh"
+    ),
     pretty_exceptions_enable=False,
     add_completion=False,
 )
