@@ -114,10 +114,6 @@ def backbones_cmd() -> None:
     Console().print(table)
 
 
-def _not_built(command: str, issue: int) -> None:
-    raise VitupError(f"`vitup {command}` is not built yet (tracked in issue #{issue})")
-
-
 _TRAIN_DEFAULTS = TrainConfig()
 _RUN, _SIZES, _MODEL, _LOSS, _LORA, _OPT, _RUNTIME, _LOG = (
     "Data and run",
