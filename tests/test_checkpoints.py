@@ -86,3 +86,55 @@ def test_atomic_write_uses_normal_permissions(tmp_path):
         os.umask(old)
     assert (tmp_path / "x.json").stat().st_mode & 0o777 == 0o644
     assert [p.name for p in tmp_path.iterdir()] == ["x.json"]  # no temporary file left behind
+
+
+@pytest.mark.parametrize("name_length", range(1, 80))
+def test_no_real_safetensors_file_is_mistaken_for_a_pickle(tmp_path, name_length):
+    """A safetensors header length can start with byte 0x80, like a pickle; it must still load."""
+    from safetensors.torch import save
+
+    from vitup_cli.checkpoints import _refuse_pickle
+
+    path = tmp_path / "w.safetensors"
+    path.write_bytes(save({"x" * name_length: torch.zeros(1)}))
+    _refuse_pickle(path)  # raises VitupError on a false positive
+
+
+def test_malformed_json_is_one_clear_error(saved):
+    _, path = saved
+    meta_path = path.with_suffix(".json")
+    meta = json.loads(meta_path.read_text())
+    meta["model"]["mlp_ratio"] = 3  # shapes no longer match the weights
+    meta_path.write_text(json.dumps(meta))
+    with pytest.raises(VitupError, match="do not belong together"):
+        load_checkpoint(path)
+    meta["model"]["bogus"] = 1
+    meta_path.write_text(json.dumps(meta))
+    with pytest.raises(VitupError, match="malformed JSON"):
+        load_checkpoint(path)
+    del meta["backbone"]
+    meta_path.write_text(json.dumps(meta))
+    with pytest.raises(VitupError, match="malformed JSON"):
+        load_checkpoint(path)
+
+
+def test_checkpoint_on_file_weights_needs_that_file(tmp_path):
+    from safetensors.torch import save_file
+
+    from vitup_cli.backbones import load_backbone
+    from vitup_cli.models import ViTUp, ViTUpConfig
+
+    src = tiny_vitup(lora=False).backbone
+    save_file({k: v.contiguous() for k, v in src.model.state_dict().items()}, tmp_path / "base.safetensors")
+    tiny = {"depth": 2, "embed_dim": 64, "num_heads": 1}
+    backbone = load_backbone("dinov3_s", weights=tmp_path / "base.safetensors", overrides=tiny)
+    model = ViTUp(backbone, ViTUpConfig(input_tokens=4, query_grid=16))
+    path = save_checkpoint(tmp_path / "ck", model)
+    with pytest.raises(VitupError, match="pass --weights PATH"):
+        load_checkpoint(path)
+    assert load_checkpoint(path, weights=tmp_path / "base.safetensors").backbone.weights_id == backbone.weights_id
+    torch.manual_seed(9)
+    other = tiny_vitup(seed=9, lora=False).backbone
+    save_file({k: v.contiguous() for k, v in other.model.state_dict().items()}, tmp_path / "other.safetensors")
+    with pytest.raises(VitupError, match="weights_id"):
+        load_checkpoint(path, weights=tmp_path / "other.safetensors")

@@ -4,7 +4,7 @@ from conftest import tiny_backbone, tiny_vitup
 
 from vitup_cli.backbones import load_backbone
 from vitup_cli.errors import VitupError
-from vitup_cli.models import ViTUp, ViTUpConfig, grid_xy
+from vitup_cli.models import ViTUp, ViTUpConfig
 from vitup_cli.models.vitup import CrossAttention, apply_rope, fourier_code, rope_angles, window_index
 
 
@@ -59,12 +59,16 @@ def test_chunked_equals_unchunked(images, window):
 
 
 def test_dense_features_any_grid_and_non_square(images):
-    model = tiny_vitup()
+    """Output pixel (i, j) of an H x W grid is the query at its centre ((j + 0.5) / W, (i + 0.5) / H)."""
+    model = _randomise(tiny_vitup())
     with torch.no_grad():
         dense = model.features(images, (9, 13))
-        pointwise = model.query(images, grid_xy(9, 13).expand(2, -1, -1))
+        corners = torch.tensor([[0.5 / 13, 0.5 / 9], [12.5 / 13, 0.5 / 9], [6.5 / 13, 4.5 / 9], [12.5 / 13, 8.5 / 9]])
+        points = model.query(images, corners.expand(2, -1, -1))
     assert dense.shape == (2, 64, 9, 13)
-    assert torch.allclose(dense.flatten(2).transpose(1, 2), pointwise, atol=1e-6)
+    for n, (i, j) in enumerate([(0, 0), (0, 12), (4, 6), (8, 12)]):
+        assert torch.allclose(dense[:, :, i, j], points[:, n], atol=1e-5)
+    assert not torch.allclose(dense[:, :, 0, 0], dense[:, :, 8, 12], atol=1e-3)
 
 
 def test_rope_logits_depend_only_on_relative_position():
@@ -128,13 +132,23 @@ def test_windows_stay_inside_the_grid():
     assert int(idx.max()) < 20
 
 
-def test_window_covering_the_grid_equals_global(images):
+def test_windowed_path_with_a_window_covering_the_grid_equals_global_attention():
+    """The grouped-window code itself (not the global shortcut) must reduce to global attention."""
+    torch.manual_seed(0)
+    h, w = 4, 5
+    q, k, v = torch.randn(2, 2, 33, 8), torch.randn(2, 2, h * w, 8), torch.randn(2, 2, h * w, 8)
+    nearest = torch.randint(0, h * w, (2, 33))
+    windowed = CrossAttention._windowed(q, k, v, nearest, window_index(h, w, max(h, w)))
+    assert torch.allclose(windowed, torch.nn.functional.scaled_dot_product_attention(q, k, v), atol=1e-5)
+
+
+def test_small_window_changes_the_result(images):
     g = _randomise(tiny_vitup(window=None))
-    full = tiny_vitup(window=4)
-    full.load_state_dict(g.state_dict())
+    local = tiny_vitup(window=2)
+    local.load_state_dict(g.state_dict())
     xy = torch.rand(2, 50, 2)
     with torch.no_grad():
-        assert torch.allclose(g.query(images, xy), full.query(images, xy), atol=1e-5)
+        assert not torch.allclose(g.query(images, xy), local.query(images, xy), atol=1e-4)
 
 
 def test_taps_must_match_blocks():

@@ -9,7 +9,6 @@ from __future__ import annotations
 import datetime as _dt
 import hashlib
 import json
-import logging
 import os
 import tempfile
 from dataclasses import asdict
@@ -25,7 +24,6 @@ from vitup_cli.models import Upsampler, ViTUp, ViTUpConfig, build_upsampler
 
 FORMAT = "vitup-checkpoint/1"
 _PICKLE_SUFFIXES = {".pt", ".pth", ".ckpt", ".bin", ".pkl", ".pickle"}
-log = logging.getLogger(__name__)
 
 
 def checkpoint_paths(path: str | Path) -> tuple[Path, Path]:
@@ -95,6 +93,14 @@ def save_checkpoint(path: str | Path, model: ViTUp, extra: dict[str, Any] | None
     return weights_path
 
 
+def _looks_like_safetensors(head: bytes, size: int) -> bool:
+    """A safetensors file starts with its JSON header's length (u64, little-endian), then ``{``."""
+    if len(head) < 9:
+        return False
+    header_len = int.from_bytes(head[:8], "little")
+    return 0 < header_len <= size - 8 and head[8:9] == b"{"
+
+
 def _refuse_pickle(path: Path) -> None:
     if path.suffix.lower() in _PICKLE_SUFFIXES:
         raise VitupError(
@@ -103,8 +109,10 @@ def _refuse_pickle(path: Path) -> None:
         )
     if path.is_file():
         with open(path, "rb") as fh:
-            head = fh.read(2)
-        if head[:1] == b"\x80" or head == b"PK":  # pickle protocol 2+ / torch zip archive
+            head = fh.read(9)
+        if _looks_like_safetensors(head, path.stat().st_size):
+            return
+        if (head[:1] == b"\x80" and head[1:2] in {b"\x02", b"\x03", b"\x04", b"\x05"}) or head[:4] == b"PK\x03\x04":
             raise VitupError(
                 f"{path}: this is a pickle/torch archive, not a vitup checkpoint; it was not loaded. "
                 "Pass NAME.safetensors + NAME.json as written by `vitup train`"
@@ -158,16 +166,60 @@ def load_checkpoint(
     from safetensors.torch import load_file
 
     meta = read_checkpoint_meta(path)
-    weights_path, _ = checkpoint_paths(path)
+    weights_path, meta_path = checkpoint_paths(path)
+    try:
+        model = _rebuild(meta, path, backbone, weights, pretrained)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise VitupError(
+            f"checkpoint {meta_path}: malformed JSON ({type(exc).__name__}: {exc}); "
+            "use the files exactly as `vitup train` wrote them"
+        ) from None
+    try:
+        tensors = load_file(str(weights_path), device=str(map_location))
+    except (SafetensorError, OSError) as exc:
+        raise VitupError(f"checkpoint {weights_path}: unreadable safetensors file ({exc})") from None
+    own = dict(model.upsampler_parameters())
+    included = bool(meta.get("backbone_included"))
+    base = model.backbone.model.state_dict() if included else dict(model.backbone.lora_parameters())
+    expected = {f"upsampler.{n}" for n in own} | {f"backbone.{n}" for n in base}
+    if set(tensors) != expected:
+        missing, extra = sorted(expected - set(tensors))[:3], sorted(set(tensors) - expected)[:3]
+        raise VitupError(f"checkpoint {weights_path} does not match its JSON (missing {missing}, unexpected {extra})")
+    with torch.no_grad():
+        for name, value in tensors.items():
+            kind, _, key = name.partition(".")
+            target = (own if kind == "upsampler" else base)[key]
+            if target.shape != value.shape:
+                raise VitupError(
+                    f"checkpoint {weights_path}: {name} has shape {tuple(value.shape)}, its JSON implies "
+                    f"{tuple(target.shape)}; the two files do not belong together"
+                )
+            target.copy_(value)
+    return model.to(map_location)
+
+
+def _rebuild(
+    meta: dict[str, Any],
+    path: str | Path,
+    backbone: Backbone | None,
+    weights: str | Path | None,
+    pretrained: str,
+) -> ViTUp:
+    """The untrained ViT-Up (and its backbone) that a checkpoint's JSON describes."""
     recorded = meta["backbone"]
     included = bool(meta.get("backbone_included"))
+    wid = recorded["weights_id"]
     if backbone is None:
         if included:
             backbone = load_backbone(
                 recorded["name"], pretrained="none", overrides=recorded.get("overrides"), taps=recorded["taps"]
             )
         else:
-            wid = recorded["weights_id"]
+            if wid.startswith("file:") and weights is None:
+                raise VitupError(
+                    f"checkpoint {path} was trained on backbone weights from a file ({wid}): "
+                    "pass --weights PATH to that file"
+                )
             tag_from_id = wid.rsplit(".", 1)[-1] if wid.startswith("timm/") else "hub"
             backbone = load_backbone(
                 recorded["name"],
@@ -178,31 +230,13 @@ def load_checkpoint(
             )
     diffs = _differences(backbone, recorded, included)
     if diffs:
-        if diffs == [d for d in diffs if d.startswith("weights_id")] and not backbone.random_init:
-            log.warning("checkpoint %s was trained on other base weights (%s)", path, diffs[0])
-        else:
-            raise VitupError(
-                f"checkpoint {path} is for another backbone ({'; '.join(diffs)}): "
-                f"use --backbone {recorded['name']} with the weights it was trained on"
-            )
+        raise VitupError(
+            f"checkpoint {path} is for another backbone ({'; '.join(diffs)}): "
+            f"use --backbone {recorded['name']} with the weights it was trained on"
+        )
     if recorded.get("lora") and backbone.lora is None:
         backbone.add_lora(**recorded["lora"])
-    model = ViTUp(backbone, ViTUpConfig(**meta["model"]))
-    try:
-        tensors = load_file(str(weights_path), device=str(map_location))
-    except (SafetensorError, OSError) as exc:
-        raise VitupError(f"checkpoint {weights_path}: unreadable safetensors file ({exc})") from None
-    own = dict(model.upsampler_parameters())
-    base = backbone.model.state_dict() if included else dict(backbone.lora_parameters())
-    expected = {f"upsampler.{n}" for n in own} | {f"backbone.{n}" for n in base}
-    if set(tensors) != expected:
-        missing, extra = sorted(expected - set(tensors))[:3], sorted(set(tensors) - expected)[:3]
-        raise VitupError(f"checkpoint {weights_path} does not match its JSON (missing {missing}, unexpected {extra})")
-    with torch.no_grad():
-        for name, value in tensors.items():
-            kind, _, key = name.partition(".")
-            (own if kind == "upsampler" else base)[key].copy_(value)
-    return model.to(map_location)
+    return ViTUp(backbone, ViTUpConfig(**meta["model"]))
 
 
 def open_upsampler(
