@@ -345,7 +345,10 @@ def test_vitup_checkpoint_tap_and_tokens(tmp_path):
     x = torch.stack([fit_image(load_image(p), 64, "pad", _fill(model))[0] for p in sorted(images.iterdir())])
     with torch.no_grad(), open_store(out) as store:
         assert np.allclose(store[0:3], model.features(x, 20).numpy(), atol=1e-5)
-        assert np.allclose(store.lowres(1), model.encode(x).states[-1][1].numpy(), atol=1e-5)
+        with model.backbone.adapters_disabled():
+            teacher_tokens = model.tokens(x)
+        assert np.allclose(store.lowres(1), teacher_tokens[1].numpy(), atol=1e-5)
+        assert not np.allclose(store.lowres(1), model.encode(x).states[-1][1].numpy(), atol=1e-4)
         assert store.attrs["upsampler"] == "vitup" and len(store.attrs["checkpoint_sha256"]) == 64
     assert model.backbone.taps == [0, 0, 1, 1, 1, 2, 2]  # 2 blocks: decoders 0-1 map into tap 0's space
     result = _cli(images, "--out", tmp_path / "t.zarr", *args, "float32", "--tap", "3")
@@ -355,6 +358,27 @@ def test_vitup_checkpoint_tap_and_tokens(tmp_path):
         ref = model.decode(model.encode(x), grid_xy(20, 20).expand(3, -1, -1), [model.level_of(0)])[0]
         assert np.allclose(store[0:3], ref.transpose(1, 2).reshape(3, 64, 20, 20).numpy(), atol=1e-5)
         assert store.attrs["tap"] == 0
+
+
+def test_failed_overwrite_keeps_the_old_store(tmp_path, monkeypatch):
+    images = _folder(tmp_path / "in")
+    out = tmp_path / "f.zarr"
+    assert _cli(images, "--out", out, "--res", "16", *TINY_ARGS).exit_code == 0
+    before = _store_digest(out)
+    monkeypatch.setattr(
+        "vitup_cli.extract.shutil.disk_usage", lambda path: SimpleNamespace(total=10, used=9, free=1000)
+    )
+    result = _cli(images, "--out", out, "--res", "64", "--overwrite", *TINY_ARGS)
+    assert result.exit_code == 2 and "needs about" in result.stderr
+    assert _store_digest(out) == before
+
+
+def test_explicit_upsampler_with_a_checkpoint_is_refused(tmp_path):
+    images = _folder(tmp_path / "in", n=2)
+    ckpt = save_checkpoint(tmp_path / "run" / "last", tiny_vitup())
+    result = _cli(images, "--out", tmp_path / "x.zarr", "--checkpoint", ckpt, "--upsampler", "bilinear")
+    assert result.exit_code == 2 and "--upsampler bilinear cannot be combined" in result.stderr
+    assert not (tmp_path / "x.zarr").exists()
 
 
 def test_lowres_upsampler_stores_the_token_grid(tmp_path):

@@ -307,11 +307,14 @@ def extract_cmd(
         typer.Option("--checkpoint", "-c", rich_help_panel=_EX_MODEL, help="A ViT-Up checkpoint from `vitup train`."),
     ] = None,
     upsampler: Annotated[
-        str,
+        str | None,
         typer.Option(
-            "--upsampler", "-u", rich_help_panel=_EX_MODEL, help="Without --checkpoint: bilinear, nearest or lowres."
+            "--upsampler",
+            "-u",
+            rich_help_panel=_EX_MODEL,
+            help="Without --checkpoint: bilinear (default), nearest or lowres. With one: vitup (implied).",
         ),
-    ] = "bilinear",
+    ] = None,
     backbone: BackboneOpt = "dinov3_s+",
     weights: WeightsOpt = None,
     pretrained: PretrainedOpt = "hub",

@@ -159,8 +159,8 @@ def dense_features(
         size: output grid ``(H, W)`` (ignored by ``lowres``, whose grid is the token grid).
         projection: ``(components (K, C), mean (C,))``: store ``(x - mean) @ components.T`` instead.
     Returns:
-        CPU ``(B, C or K, H, W)`` features in ``dtype``, and the ``(B, C, h, w)`` tokens at ``tap`` when
-        ``with_tokens`` (else None).
+        CPU ``(B, C or K, H, W)`` features in ``dtype``, and the ``(B, C, h, w)`` tokens at ``tap`` of the
+        original backbone (LoRA adapters off) when ``with_tokens`` (else None).
     """
     B = images.shape[0]
     device = images.device
@@ -174,8 +174,9 @@ def dense_features(
     if isinstance(upsampler, ViTUp):
         level = upsampler.level_of(tap)
         cache = upsampler.encode(images)
-        if with_tokens:
-            tokens = cache.states[level].to("cpu", dtype)
+        if with_tokens:  # the original backbone's tokens (LoRA off), as visualize and probe show them
+            with upsampler.backbone.adapters_disabled():
+                tokens = upsampler.tokens(images, tap).to("cpu", dtype)
         chunk = chunk_queries or upsampler.config.chunk_queries
         rows = max(1, chunk // width)
         xy_all = grid_xy(height, width, device=device)
@@ -221,7 +222,7 @@ class ExtractConfig:
     images: str | Path
     out: str | Path
     res: tuple[int, int] = (224, 224)
-    upsampler: str = "bilinear"
+    upsampler: str | None = None  # None: vitup with a checkpoint, else bilinear
     checkpoint: str | Path | None = None
     backbone: str = "dinov3_s+"
     weights: str | Path | None = None
@@ -674,12 +675,15 @@ def _validate(config: ExtractConfig) -> None:
 def _build_upsampler(config: ExtractConfig, device: torch.device) -> Upsampler:
     from vitup_cli.checkpoints import open_upsampler
 
-    if config.checkpoint is not None and config.upsampler not in {"vitup", "bilinear"}:
-        raise VitupError(f"--checkpoint is a ViT-Up; --upsampler {config.upsampler} cannot be combined with it")
+    if config.checkpoint is not None and config.upsampler not in {None, "vitup"}:
+        raise VitupError(
+            f"--checkpoint is a ViT-Up; --upsampler {config.upsampler} cannot be combined with it "
+            "(drop --checkpoint to store a training-free upsampler)"
+        )
     torch.manual_seed(config.seed)  # a random-init backbone (--pretrained none) is the same in every run
     try:
         model = open_upsampler(
-            "vitup" if config.checkpoint is not None else config.upsampler,
+            "vitup" if config.checkpoint is not None else (config.upsampler or "bilinear"),
             checkpoint=config.checkpoint,
             backbone=config.backbone,
             weights=config.weights,
@@ -1008,10 +1012,7 @@ def _prepare(
         _check_space(out, needed, config.force, reporter, writer.layout, left)
         reporter.info(f"resuming {out}: {writer.layout.n - left} of {writer.layout.n} images already done")
         return _Plan(writer.layout.to_json(), paths, files, root, writer.layout.n - left, 0, fresh=False)
-    if exists:  # overwrite
-        stores.remove_store(out)
-        reporter.info(f"--overwrite: removed the old {out}")
-    elif config.resume:
+    if not exists and config.resume:
         reporter.info(f"--resume: {out} does not exist yet, starting it")
     channels = config.pca or upsampler.dim
     lowres = (upsampler.dim, *upsampler.token_grid) if config.lowres else None
@@ -1026,7 +1027,8 @@ def _prepare(
             backbone_channels=upsampler.dim,
         )  # fmt: skip
     needed = layout.n * layout.image_bytes * (2 if fmt == "hdf5" else 1)
-    _check_space(out, needed, config.force, reporter, layout, layout.n)
+    freed = stores.disk_usage(out) if exists else 0  # --overwrite: the old store goes first
+    _check_space(out, needed - freed, config.force, reporter, layout, layout.n)
     pca = None
     if config.pca:
         reporter.info(f"fitting a {config.pca}-component PCA on {min(config.pca_images, len(files))} images")
@@ -1034,6 +1036,9 @@ def _prepare(
             upsampler, [Path(f) for f in files], config.pca, grid=grid, fit=config.fit, tap=tap,
             chunk_queries=config.chunk_queries, sample=config.pca_images, batch_size=layout.shard_size,
         )  # fmt: skip
+    if exists:  # --overwrite, only now that every check that can fail has passed
+        stores.remove_store(out)
+        reporter.info(f"--overwrite: removed the old {out}")
     backbone = upsampler.backbone
     attrs = {
         "images": root,

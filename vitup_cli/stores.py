@@ -13,7 +13,7 @@ name                 shape, dtype              meaning
 ``valid``            (N, 4) int32              the real image in the output grid: (y0, x0, y1, x1),
                                                end-exclusive (``--fit pad`` leaves borders)
 ``error``            (N,) str                  why a failed row failed ('' otherwise)
-``lowres``           (N, Cb, h, w), optional   the backbone's own tokens at the tap
+``lowres``           (N, Cb, h, w), optional   the backbone's own tokens at the tap (LoRA off)
 ``pca_components``   (K, Cb) f32, optional     ``features = (x - pca_mean) @ pca_components.T``
 ``pca_mean``         (Cb,) f32, optional
 ===================  ========================  ==================================================
