@@ -28,7 +28,11 @@ def test_probe_command_runs_and_reports(tmp_path):
     assert [r["name"] for r in data["results"]] == ["bilinear", "nearest"]
     assert (tmp_path / "rep" / "predictions.png").is_file()
     assert (tmp_path / "rep" / "heads" / "nearest.safetensors").is_file()
-    again = runner.invoke(app, args, env={"COLUMNS": "200"})
+    before = (tmp_path / "rep" / "report.json").read_bytes()
+    refused = runner.invoke(app, args, env={"COLUMNS": "200"})
+    assert refused.exit_code == 2 and "already holds a probe report" in refused.stderr
+    assert (tmp_path / "rep" / "report.json").read_bytes() == before
+    again = runner.invoke(app, [*args, "--overwrite"], env={"COLUMNS": "200"})
     assert again.exit_code == 0 and "reusing" in again.output and "caching features" not in again.output
 
 

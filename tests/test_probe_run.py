@@ -30,7 +30,9 @@ TINY = {
 
 
 def _config(tmp_path, dataset, root, **kw):
-    return ProbeConfig(dataset, root, **{"cache": tmp_path / "cache", "out": tmp_path / "out", **TINY, **kw})
+    """Runs share one report folder (these tests rerun on purpose, e.g. to reuse the cache)."""
+    defaults = {"cache": tmp_path / "cache", "out": tmp_path / "out", "overwrite": True}
+    return ProbeConfig(dataset, root, **{**defaults, **TINY, **kw})
 
 
 @pytest.fixture

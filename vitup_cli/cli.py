@@ -564,6 +564,9 @@ def probe_cmd(
         Path | None,
         typer.Option("--out", "-o", rich_help_panel=_PR_CACHE, help="Report folder (default ./probe-DATASET-TASK)."),
     ] = None,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", rich_help_panel=_PR_CACHE, help="Replace a report already in --out.")
+    ] = False,
     device: Annotated[str, typer.Option("--device", rich_help_panel=_PR_RUN, help="auto, cpu or cuda.")] = "auto",
     workers: Annotated[
         int | None,
@@ -611,6 +614,7 @@ def probe_cmd(
         cache=cache,
         no_cache=no_cache,
         out=out or Path(f"probe-{dataset}-{task}"),
+        overwrite=overwrite,
         limit=limit,
         device=device,
         workers=workers,

@@ -85,6 +85,7 @@ class ProbeConfig:
     cache: str | Path | None = None
     no_cache: bool = False
     out: str | Path | None = None
+    overwrite: bool = False  # replace a report already in ``out``
     limit: int | None = None
     device: str = "auto"
     workers: int | None = None
@@ -218,6 +219,11 @@ def _names(config: ProbeConfig) -> list[str]:
 
 
 def _validate(config: ProbeConfig) -> None:
+    if config.out is not None and (Path(config.out) / "report.json").exists() and not config.overwrite:
+        raise VitupError(
+            f"--out {config.out} already holds a probe report; nothing was changed. Pass --overwrite to "
+            "replace it, or choose another --out"
+        )
     if config.task not in TASKS:
         raise VitupError(f"--task {config.task}: use seg or depth")
     if config.schedule not in SCHEDULES:
