@@ -457,6 +457,26 @@ def test_resume_refuses_changed_settings_and_fresh_runs_refuse_existing_dirs(fin
         resume_config(Path(cfg.out) / "nope")
 
 
+def test_resume_refuses_other_base_weights(image_dir, tmp_path):
+    """`--weights` may change on resume (a moved file), but not to different weights."""
+    from safetensors.torch import save_file
+
+    from vitup_cli.backbones import load_backbone
+
+    torch.manual_seed(0)
+    other = load_backbone("dinov3_s", pretrained="none", overrides=dict(TINY_ARGS))
+    save_file({k: v.contiguous() for k, v in other.model.state_dict().items()}, tmp_path / "other.safetensors")
+    first = train_loop.train(
+        tiny_config(image_dir, tmp_path / "run", steps=4, save_every=2),
+        reporter=train_loop.NullReporter(),
+        stop_after=2,
+    )
+    assert not first.finished
+    cfg = resume_config(tmp_path / "run", {"weights": str(tmp_path / "other.safetensors")})
+    with pytest.raises(VitupError, match="trained on backbone weights none"):
+        train_loop.train(cfg, resume=True, reporter=train_loop.NullReporter())
+
+
 def test_nan_loss_stops_naming_the_step_and_the_last_good_checkpoint(image_dir, tmp_path, monkeypatch):
     real = train_loop.distillation_loss
     calls = {"n": 0}

@@ -377,6 +377,12 @@ def _train(
     run = RunState(world_size=d.world)
 
     if resume:
+        recorded = json.loads((run_dir / "config.json").read_text()).get("backbone", {}).get("weights_id")
+        if recorded is not None and recorded != model.backbone.weights_id:
+            raise VitupError(
+                f"--resume {run_dir}: the run was trained on backbone weights {recorded}, not "
+                f"{model.backbone.weights_id}; pass the same --weights / --pretrained as the run"
+            )
         state = load_state(run_dir / STATE_NAME)
         missing, unexpected = model.load_state_dict(state.model, strict=False)
         expected_missing = {
