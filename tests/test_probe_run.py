@@ -277,7 +277,7 @@ def test_checkpoint_probe_compares_vitup_with_the_original_backbone(tmp_path):
     from vitup_cli.probe.datasets import open_splits
 
     train, _ = open_splits("folder", tmp_path / "data")
-    x = fit_image(load_image(train.images[0]), model.input_size, "crop")[0][None]
+    x = fit_image(load_image(train.images[0]), model.input_size, "crop", resample="bilinear")[0][None]
     bil = build_upsampler("bilinear", model.backbone, input_size=model.input_size)
     with torch.no_grad():
         with model.backbone.adapters_disabled():
@@ -285,6 +285,7 @@ def test_checkpoint_probe_compares_vitup_with_the_original_backbone(tmp_path):
         adapted = bil.features(x, 16)[0].numpy()
     with open_store(report.results[1].stores["train"]) as store:
         stored = store[0]
+        assert store.attrs["settings"]["resample"] == "bilinear"  # the probe protocol's image resizing
     assert np.abs(stored - teacher).max() < 2e-2 < np.abs(stored - adapted).max()
 
 

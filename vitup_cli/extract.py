@@ -48,6 +48,7 @@ from vitup_cli.errors import VitupError
 from vitup_cli.models import Upsampler, ViTUp, grid_xy
 
 FITS = ("squash", "crop", "pad")
+RESAMPLING = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR}
 DTYPES = ("float16", "float32")
 _BUDGET_BYTES = 256 << 20  # float32 features computed at once by the generic path
 _SHARD_BYTES = 256 << 20  # stored features per batch (= per shard) when --batch-size is not given
@@ -57,14 +58,16 @@ _SHARD_BYTES = 256 << 20  # stored features per batch (= per shard) when --batch
 # geometry
 # =================================================================================================
 def _fit_array(
-    img: Image.Image, size: int, fit: str, fill: tuple[int, int, int] = (0, 0, 0)
+    img: Image.Image, size: int, fit: str, fill: tuple[int, int, int] = (0, 0, 0), resample: str = "bicubic"
 ) -> tuple[np.ndarray, tuple[int, int, int, int]]:
     """``_fit`` to an ``(S, S, 3)`` uint8 array (what the DataLoader workers hand over)."""
     if fit not in FITS:
         raise VitupError(f"--fit {fit}: use one of {', '.join(FITS)}")
     img = img.convert("RGB") if img.mode != "RGB" else img
     w, h = img.size
-    resample = Image.Resampling.BICUBIC
+    if resample not in RESAMPLING:
+        raise VitupError(f"resampling {resample!r}: use one of {', '.join(RESAMPLING)}")
+    resample = RESAMPLING[resample]
     if fit == "squash":
         return np.asarray(img.resize((size, size), resample)), (0, 0, size, size)
     if fit == "crop":
@@ -82,7 +85,11 @@ def _fit_array(
 
 
 def fit_image(
-    img: Image.Image, input_size: int, fit: str = "pad", fill: tuple[int, int, int] = (0, 0, 0)
+    img: Image.Image,
+    input_size: int,
+    fit: str = "pad",
+    fill: tuple[int, int, int] = (0, 0, 0),
+    resample: str = "bicubic",
 ) -> tuple[torch.Tensor, tuple[int, int, int, int]]:
     """Fit an RGB image into the square backbone input.
 
@@ -92,11 +99,12 @@ def fit_image(
         fit: ``squash`` (resize, aspect changes), ``crop`` (short side to ``S``, centre crop) or
             ``pad`` (long side to ``S``, centred on a ``fill``-coloured canvas).
         fill: the padding colour, 0-255 RGB.
+        resample: ``bicubic`` (extract's default) or ``bilinear`` (the probe protocol's).
     Returns:
         ``(3, S, S)`` float32 in ``[0, 1]``, and the real image inside it as ``(y0, x0, y1, x1)`` in
         input pixels, end-exclusive (the whole square for ``squash`` and ``crop``).
     """
-    arr, box = _fit_array(img, input_size, fit, fill)
+    arr, box = _fit_array(img, input_size, fit, fill, resample)
     return torch.from_numpy(arr.copy()).permute(2, 0, 1).float().div_(255), box
 
 
@@ -230,6 +238,7 @@ class ExtractConfig:
     backbone_args: dict[str, Any] = field(default_factory=dict)
     input_size: int | None = None
     fit: str = "pad"
+    resample: str = "bicubic"  # image resizing in the fit; the probe protocol uses bilinear
     tap: int | None = None
     dtype: str = "float16"
     pca: int | None = None
@@ -412,8 +421,10 @@ def default_reporter() -> Reporter:
 class _ImageRows(torch.utils.data.Dataset):
     """Row ``i`` of the store: decoded, fitted image (uint8) or the reason it could not be read."""
 
-    def __init__(self, files: Sequence[Path], size: int, fit: str, fill: tuple[int, int, int]) -> None:
-        self.files, self.size, self.fit, self.fill = list(files), size, fit, fill
+    def __init__(
+        self, files: Sequence[Path], size: int, fit: str, fill: tuple[int, int, int], resample: str = "bicubic"
+    ) -> None:
+        self.files, self.size, self.fit, self.fill, self.resample = list(files), size, fit, fill, resample
 
     def __len__(self) -> int:
         return len(self.files)
@@ -424,7 +435,7 @@ class _ImageRows(torch.utils.data.Dataset):
         path = self.files[index]
         try:
             img = load_image(path)
-            arr, box = _fit_array(img, self.size, self.fit, self.fill)
+            arr, box = _fit_array(img, self.size, self.fit, self.fill, self.resample)
             h, w = img.height, img.width
         except ImageLoadError as exc:
             return {"index": index, "error": exc.reason}
@@ -740,6 +751,7 @@ def _settings(
         "input_size": upsampler.input_size,
         "res": list(grid),
         "fit": config.fit,
+        "resample": config.resample,
         "dtype": config.dtype,
         "pca": config.pca,
         "pca_images": config.pca_images if config.pca else None,
@@ -776,6 +788,7 @@ def fit_pca(
     chunk_queries: int | None = None,
     sample: int = 64,
     batch_size: int = 8,
+    resample: str = "bicubic",
 ) -> tuple[np.ndarray, np.ndarray]:
     """Principal components of the features of ``sample`` evenly spaced images (every pixel inside the
     real image, float64 moments, so the result does not depend on batching).
@@ -814,7 +827,7 @@ def fit_pca(
 
     for i in picks:
         try:
-            loaded.append(_fit_array(load_image(files[i]), upsampler.input_size, fit, fill))
+            loaded.append(_fit_array(load_image(files[i]), upsampler.input_size, fit, fill, resample))
         except ImageLoadError:
             continue
         if len(loaded) == batch:
@@ -901,7 +914,9 @@ def _run(
         workers = max(1, min(8, (os.cpu_count() or 2) // max(1, dist_ctx.local_world) // 2))
     workers = min(workers, max(0, len(batches)))
     label = "extract" if dist_ctx.world == 1 else f"extract (rank 0 of {dist_ctx.world})"
-    dataset = _ImageRows([Path(f) for f in plan.files], upsampler.input_size, config.fit, _fill_colour(upsampler))
+    dataset = _ImageRows(
+        [Path(f) for f in plan.files], upsampler.input_size, config.fit, _fill_colour(upsampler), config.resample
+    )
     out_dtype = torch.float16 if layout.dtype == "float16" else torch.float32
     model_seconds = 0.0
     loop_start = time.perf_counter()
@@ -1035,6 +1050,7 @@ def _prepare(
         pca = fit_pca(
             upsampler, [Path(f) for f in files], config.pca, grid=grid, fit=config.fit, tap=tap,
             chunk_queries=config.chunk_queries, sample=config.pca_images, batch_size=layout.shard_size,
+            resample=config.resample,
         )  # fmt: skip
     if exists:  # --overwrite, only now that every check that can fail has passed
         stores.remove_store(out)
@@ -1054,6 +1070,7 @@ def _prepare(
         "res": list(grid),
         "dtype": config.dtype,
         "fit": config.fit,
+        "resample": config.resample,
         "normalization": {
             "mean": [round(v, 6) for v in backbone.mean.flatten().tolist()],
             "std": [round(v, 6) for v in backbone.std.flatten().tolist()],

@@ -233,6 +233,7 @@ def ensure_store(
         upsampler=upsampler.name,
         checkpoint=checkpoint,
         fit="crop",
+        resample="bilinear",
         dtype=dtype,
         resume=store_exists(entry.path),
         device=device,
@@ -264,7 +265,7 @@ def cls_tokens(upsampler: Upsampler, files: list[Path], batch_size: int = 8) -> 
         batch, where = [], []
         for i in range(a, min(a + batch_size, len(files))):
             try:
-                batch.append(fit_image(load_image(files[i]), upsampler.input_size, "crop")[0])
+                batch.append(fit_image(load_image(files[i]), upsampler.input_size, "crop", resample="bilinear")[0])
                 where.append(i)
             except ImageLoadError:
                 continue

@@ -511,7 +511,7 @@ def _write_outputs(
         images, truths, keep = [], [], []
         for j, i in enumerate(vis_rows):
             try:
-                img = fit_image(load_image(val_ds.images[i]), config.crop, "crop")[0]
+                img = fit_image(load_image(val_ds.images[i]), config.crop, "crop", resample="bilinear")[0]
             except ImageLoadError:
                 continue
             images.append((img.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8))

@@ -128,7 +128,7 @@ class LiveFeatures(FeatureSource):
         from vitup_cli.data.images import load_image
         from vitup_cli.extract import fit_image
 
-        return fit_image(load_image(self.files[i]), self.upsampler.input_size, "crop")[0]
+        return fit_image(load_image(self.files[i]), self.upsampler.input_size, "crop", resample="bilinear")[0]
 
     def read(self, indices: Sequence[int], flip: Sequence[bool] | None = None) -> torch.Tensor:
         from vitup_cli.extract import dense_features
