@@ -295,23 +295,22 @@ def image_size(path: Path) -> tuple[int, int]:
 
 
 # -- layouts --------------------------------------------------------------------------------------
-def _first_base(root: Path, candidates: Sequence[str], marker: str) -> Path | None:
-    for rel in candidates:
-        base = root / rel if rel else root
-        if (base / marker).exists():
-            return base
-    return None
-
-
-def _where(root: Path, candidates: Sequence[str]) -> str:
-    return " or ".join(str(root / c) if c else str(root) for c in candidates)
-
-
-def _missing_error(dataset: str, root: Path, base: Path, expected: Sequence[str], missing: Sequence[str]) -> VitupError:
-    return VitupError(
-        f"--root {root}: not a complete {dataset} layout: expected {', '.join(expected)} under {base}; "
-        f"missing: {', '.join(missing)}"
-    )
+def _locate(
+    root: Path, dataset: str, candidates: Sequence[str], marker: str, expected: Sequence[str], layout: str
+) -> Path:
+    """The dataset folder under ``root``: the first candidate holding ``marker``, checked to hold every
+    ``expected`` entry (``x/`` a folder, else a file). Raises one clear error naming what is missing."""
+    base = next((root / c if c else root for c in candidates if ((root / c if c else root) / marker).exists()), None)
+    if base is None:
+        where = " or ".join(str(root / c) if c else str(root) for c in candidates)
+        raise VitupError(f"--root {root}: no {dataset} layout found: expected {layout} under {where}")
+    missing = [e for e in expected if not ((base / e).is_dir() if e.endswith("/") else (base / e).is_file())]
+    if missing:
+        raise VitupError(
+            f"--root {root}: not a complete {dataset} layout: expected {', '.join(expected)} under {base}; "
+            f"missing: {', '.join(missing)}"
+        )
+    return base
 
 
 def _pairs_or_error(dataset: str, images: list[Path], targets: list[Path], root: Path) -> None:
@@ -338,15 +337,8 @@ def _images_in(folder: Path, suffixes: Sequence[str] | None = None) -> list[Path
 def _voc(root: Path, split: str, task: str) -> ProbeDataset:
     candidates = ["VOCdevkit/VOC2012", "VOC2012", ""]
     expected = ["JPEGImages/", "SegmentationClass/", f"ImageSets/Segmentation/{split}.txt"]
-    base = _first_base(root, candidates, "JPEGImages")
-    if base is None:
-        raise VitupError(
-            f"--root {root}: no VOC2012 layout found: expected JPEGImages/, SegmentationClass/ and "
-            f"ImageSets/Segmentation/{{train,val}}.txt under {_where(root, candidates)}"
-        )
-    missing = [e for e in expected if not (base / e.rstrip("/")).exists()]
-    if missing:
-        raise _missing_error("VOC2012", root, base, expected, missing)
+    layout = "JPEGImages/, SegmentationClass/ and ImageSets/Segmentation/{train,val}.txt"
+    base = _locate(root, "VOC2012", candidates, "JPEGImages", expected, layout)
     ids = [line.strip() for line in (base / expected[2]).read_text().splitlines() if line.strip()]
     if not ids:
         raise VitupError(f"{base / expected[2]}: lists no images")
@@ -361,15 +353,8 @@ def _ade20k(root: Path, split: str, task: str) -> ProbeDataset:
     candidates = ["ADEChallengeData2016", ""]
     sub = {"train": "training", "val": "validation"}[split]
     expected = [f"images/{sub}/", f"annotations/{sub}/"]
-    base = _first_base(root, candidates, "images")
-    if base is None:
-        raise VitupError(
-            f"--root {root}: no ADE20K layout found: expected images/{{training,validation}}/ and "
-            f"annotations/{{training,validation}}/ under {_where(root, candidates)}"
-        )
-    missing = [e for e in expected if not (base / e.rstrip("/")).is_dir()]
-    if missing:
-        raise _missing_error("ADE20K", root, base, expected, missing)
+    layout = "images/{training,validation}/ and annotations/{training,validation}/"
+    base = _locate(root, "ADE20K", candidates, "images", expected, layout)
     images = _images_in(base / "images" / sub, [".jpg", ".jpeg", ".png"])
     if not images:
         raise VitupError(f"{base / 'images' / sub}: no images")
@@ -382,15 +367,8 @@ def _ade20k(root: Path, split: str, task: str) -> ProbeDataset:
 def _cityscapes(root: Path, split: str, task: str) -> ProbeDataset:
     candidates = ["cityscapes", ""]
     expected = [f"leftImg8bit/{split}/", f"gtFine/{split}/"]
-    base = _first_base(root, candidates, "leftImg8bit")
-    if base is None:
-        raise VitupError(
-            f"--root {root}: no Cityscapes layout found: expected leftImg8bit/{{train,val}}/CITY/*_leftImg8bit.png "
-            f"and gtFine/{{train,val}}/CITY/*_gtFine_labelIds.png under {_where(root, candidates)}"
-        )
-    missing = [e for e in expected if not (base / e.rstrip("/")).is_dir()]
-    if missing:
-        raise _missing_error("Cityscapes", root, base, expected, missing)
+    layout = "leftImg8bit/{train,val}/CITY/*_leftImg8bit.png and gtFine/{train,val}/CITY/*_gtFine_labelIds.png"
+    base = _locate(root, "Cityscapes", candidates, "leftImg8bit", expected, layout)
     img_dir, gt_dir = base / "leftImg8bit" / split, base / "gtFine" / split
     images = sorted(img_dir.glob("*/*_leftImg8bit.png"), key=lambda p: p.relative_to(img_dir).as_posix())
     if not images:
@@ -414,15 +392,8 @@ def _cocostuff(root: Path, split: str, task: str) -> ProbeDataset:
     candidates = ["", "dataset", "cocostuff", "cocostuff/dataset"]
     sub = f"{split}2017"
     expected = [f"images/{sub}/", f"annotations/{sub}/"]
-    base = _first_base(root, candidates, "images")
-    if base is None:
-        raise VitupError(
-            f"--root {root}: no COCO-Stuff 164k layout found: expected images/{{train,val}}2017/*.jpg and "
-            f"annotations/{{train,val}}2017/*.png (stuffthingmaps_trainval2017) under {_where(root, candidates)}"
-        )
-    missing = [e for e in expected if not (base / e.rstrip("/")).is_dir()]
-    if missing:
-        raise _missing_error("COCO-Stuff", root, base, expected, missing)
+    layout = "images/{train,val}2017/*.jpg and annotations/{train,val}2017/*.png (stuffthingmaps_trainval2017)"
+    base = _locate(root, "COCO-Stuff 164k", candidates, "images", expected, layout)
     img_dir, ann_dir = base / "images" / sub, base / "annotations" / sub
     curated = next(
         (
