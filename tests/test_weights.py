@@ -1,0 +1,76 @@
+"""The published-weights resolver: short names, hf: references, local files, cache first, offline errors."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+
+from vitup_cli.errors import VitupError
+from vitup_cli.weights import RELEASES, licence_notice, resolve_weights
+
+
+def _place_in_cache(cache: Path, repo_id: str, filename: str, data: bytes = b"x") -> Path:
+    """The Hugging Face cache layout: models--ORG--REPO/{refs/main, snapshots/<rev>/FILE}."""
+    repo = cache / ("models--" + repo_id.replace("/", "--"))
+    rev = "0" * 40
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(rev)
+    target = repo / "snapshots" / rev / filename
+    target.parent.mkdir(parents=True)
+    target.write_bytes(data)
+    return target
+
+
+@pytest.fixture
+def offline_cache(tmp_path, monkeypatch):
+    cache = tmp_path / "hub"
+    cache.mkdir()
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    import huggingface_hub.constants as hc
+
+    monkeypatch.setattr(hc, "HF_HUB_CACHE", str(cache))
+    return cache
+
+
+def test_offline_without_cache_fails_fast_with_one_line(offline_cache):
+    start = time.perf_counter()
+    with pytest.raises(VitupError) as err:
+        resolve_weights("vit-up:dinov3_splus")
+    assert time.perf_counter() - start < 1.0
+    msg = str(err.value)
+    assert "\n" not in msg and "Krispin/vit-up/vit_up_dinov3_splus.safetensors" in msg and "--checkpoint" in msg
+
+
+def test_short_name_and_hf_ref_resolve_from_cache(offline_cache):
+    release = RELEASES["uplift:dinov3_splus"]
+    placed = _place_in_cache(offline_cache, release.repo_id, release.filename)
+    got = resolve_weights("uplift:dinov3_splus")
+    assert got.path.resolve() == placed.resolve() and got.release is release
+    got = resolve_weights(release.hub_ref)
+    assert got.path.resolve() == placed.resolve() and got.release is release
+
+
+def test_local_copy_is_recognised_by_its_published_name(tmp_path):
+    f = tmp_path / "vit_up_dinov3_base.safetensors"
+    f.write_bytes(b"x")
+    got = resolve_weights(f)
+    assert got.release is RELEASES["vit-up:dinov3_b"] and got.path == f
+
+
+def test_unknown_release_and_bad_hf_ref_are_one_line_errors():
+    with pytest.raises(VitupError, match="unknown release 'vit-up:nope'"):
+        resolve_weights("vit-up:nope")
+    with pytest.raises(VitupError, match="hf:ORG/REPO/FILE"):
+        resolve_weights("hf:onlyorg")
+
+
+def test_licence_is_shown_once_per_process():
+    release = RELEASES["vit-up:dinov3_b"]
+    from vitup_cli import weights
+
+    weights._printed_licences.discard(release.name)
+    assert "cc-by-nc-sa-4.0" in licence_notice(release)
+    assert licence_notice(release) is None
