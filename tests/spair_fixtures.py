@@ -5,7 +5,7 @@ Categories (all in the ``test`` split; one ``val`` pair too):
 - ``cat``: targets are crops of the same photo shifted by whole 16-pixel cells (96x64 images: padded to a
   96x96 square, a 6x6 token grid at input 96, no resize), keypoints at cell centres. A per-token backbone's
   ``lowres`` features match exactly, so PCK is 1.0 at every alpha.
-- ``bird``: an image paired with itself (112x80, padded to 112 and resized to 96), keypoints at the image
+- ``bird``: a portrait image paired with itself (80x112, padded to 112 and resized to 96), keypoints at the image
   pixels the cell centres map back to: identical features give PCK 1.0 too.
 - ``dog``: a mirrored and a half-size copy of a photo (keypoints transformed accordingly): PCK is whatever
   the features give, used to check the scoring against a hand computation.
@@ -75,10 +75,10 @@ def make_spair(root: Path) -> Path:
         _anno(base, "cat", src, a, kps_a)
         _anno(base, "cat", trg, b, kps_b, box=[10, 5, 90, 60])
         _pair(base, "test", pid + 1, src, trg, "cat")
-    # bird: one image paired with itself; keypoints where cell centres map back (side 112, 6 cells, py 16)
-    rocket = Image.open(EXAMPLES / "rocket.jpg").convert("RGB").resize((112, 80), Image.Resampling.BILINEAR)
+    # bird: a portrait image paired with itself; keypoints where cell centres map back (side 112, 6 cells, px 16)
+    rocket = Image.open(EXAMPLES / "rocket.jpg").convert("RGB").resize((80, 112), Image.Resampling.BILINEAR)
     _save(rocket, base / "JPEGImages" / "bird" / "2009_000001.jpg")
-    pts = [(int((j + 0.5) * 112 / 6), int((i + 0.5) * 112 / 6) - 16) for i in (1, 2, 4) for j in (0, 2, 3, 5)]
+    pts = [(int((j + 0.5) * 112 / 6) - 16, int((i + 0.5) * 112 / 6)) for j in (1, 2, 4) for i in (0, 2, 3, 5)]
     _anno(base, "bird", "2009_000001", rocket, {str(k): list(p) for k, p in enumerate(pts)})
     _pair(base, "test", 3, "2009_000001", "2009_000001", "bird")
     # dog: a mirror image and a half-size copy
