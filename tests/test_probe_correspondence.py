@@ -276,3 +276,20 @@ def test_config_errors_are_user_errors(tmp_path):
         run_correspondence(CorrespondenceConfig("voc", tmp_path))
     with pytest.raises(VitupError, match="--padding"):
         run_correspondence(CorrespondenceConfig("spair", tmp_path, padding="sometimes"))
+
+
+def test_unreadable_images_leave_their_pairs_out_and_are_reported(tmp_path):
+    base = make_spair(tmp_path)
+    (base / "JPEGImages" / "dog" / "2010_000009.jpg").write_bytes(b"not a jpeg")
+    (base / "ImageAnnotation" / "dog" / "2010_000009.json").write_text(
+        json.dumps({"kps": {"0": [1, 1]}, "bndbox": [0, 0, 5, 5]})
+    )
+    (base / "PairAnnotation" / "test" / "000098-2010_000001-2010_000009:dog.json").write_text(
+        json.dumps({"src_imname": "2010_000001.jpg", "trg_imname": "2010_000009.jpg", "category": "dog"})
+    )
+    cfg = CorrespondenceConfig("spair", tmp_path, upsamplers=["lowres"], categories=["dog"], cache=tmp_path / "c",
+                               out=tmp_path / "rep", **TOY_CFG)  # fmt: skip
+    report = run_correspondence(cfg, reporter=SilentReporter())
+    assert report.pairs == {"dog": 2}
+    assert len(report.skipped) == 1 and "2010_000009.jpg" in report.skipped[0]["reason"]
+    assert json.loads((tmp_path / "rep" / "report.json").read_text())["skipped"] == report.skipped
