@@ -701,7 +701,8 @@ def _correspondence(dataset: str, root: Path, *, upsampler: str | None, categori
 
     from vitup_cli.backbones import parse_overrides
     from vitup_cli.extract import Reporter, RichReporter
-    from vitup_cli.probe.correspondence import CorrespondenceConfig, results_table, run_correspondence
+    from vitup_cli.probe.correspondence import CorrespondenceConfig, run_correspondence
+    from vitup_cli.probe.correspondence_report import results_table
 
     try:
         alphas = [float(a) for a in alpha.split(",") if a.strip()]
