@@ -293,3 +293,25 @@ def test_unreadable_images_leave_their_pairs_out_and_are_reported(tmp_path):
     assert report.pairs == {"dog": 2}
     assert len(report.skipped) == 1 and "2010_000009.jpg" in report.skipped[0]["reason"]
     assert json.loads((tmp_path / "rep" / "report.json").read_text())["skipped"] == report.skipped
+
+
+@pytest.mark.slow
+def test_a_vitup_checkpoint_is_compared_with_its_original_backbone(tmp_path):
+    """With a checkpoint, `vitup` comes from it and the baselines run on its backbone with the LoRA off."""
+    from conftest import tiny_vitup
+
+    from vitup_cli.checkpoints import save_checkpoint
+
+    model = tiny_vitup()
+    save_checkpoint(tmp_path / "ck" / "last", model)
+    make_spair(tmp_path)
+    cfg = CorrespondenceConfig("spair", tmp_path, checkpoint=tmp_path / "ck" / "last", categories=["cat"],
+                               pretrained="none", res=16, workers=0, device="cpu", cache=tmp_path / "c")  # fmt: skip
+    report = run_correspondence(cfg, reporter=SilentReporter())
+    assert [r.name for r in report.results] == ["lowres", "bilinear", "vitup"]
+    assert report.protocol["input_size"] == model.input_size and report.results[2].grid == [16, 16]
+    keys = [
+        json.loads(next((tmp_path / "c" / "stores").glob(f"*-{n}-*.json")).read_text()) for n in ("lowres", "vitup")
+    ]
+    assert keys[0]["teacher"] is True and keys[1]["teacher"] is False
+    assert all(0.0 <= v <= 1.0 for r in report.results for v in r.metrics.values())

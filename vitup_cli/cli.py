@@ -500,7 +500,8 @@ def probe_cmd(
             "-u",
             rich_help_panel=_PR_MODEL,
             help="Comma-separated: vitup (needs --checkpoint), bilinear, nearest, lowres; the first is the "
-            "reference column (default: vitup with --checkpoint, else bilinear).",
+            "reference column (default: vitup with --checkpoint, else bilinear; spair and keypoints: lowres,bilinear "
+            "and vitup with --checkpoint).",
         ),
     ] = None,
     backbone: BackboneOpt = "dinov3_s+",
@@ -575,7 +576,12 @@ def probe_cmd(
     ] = "float16",
     out: Annotated[
         Path | None,
-        typer.Option("--out", "-o", rich_help_panel=_PR_CACHE, help="Report folder (default ./probe-DATASET-TASK)."),
+        typer.Option(
+            "--out",
+            "-o",
+            rich_help_panel=_PR_CACHE,
+            help="Report folder (default ./probe-DATASET-TASK; spair: ./probe-spair).",
+        ),
     ] = None,
     overwrite: Annotated[
         bool, typer.Option("--overwrite", rich_help_panel=_PR_CACHE, help="Replace a report already in --out.")
