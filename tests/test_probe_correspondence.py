@@ -315,3 +315,19 @@ def test_a_vitup_checkpoint_is_compared_with_its_original_backbone(tmp_path):
     ]
     assert keys[0]["teacher"] is True and keys[1]["teacher"] is False
     assert all(0.0 <= v <= 1.0 for r in report.results for v in r.metrics.values())
+
+
+def test_matching_equals_the_reference_oracle():
+    """Same predictions as the ViT-Up reference's ``build_oracle_fun`` (tests/data/spair_oracle/README.md)."""
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    data = load_file(Path(__file__).parent / "data" / "spair_oracle" / "oracle.safetensors")
+    cases = sorted({k.split(".")[0] for k in data}, key=int)
+    assert len(cases) == 12
+    for c in cases:
+        w1, h1, w2, h2 = data[f"{c}.sizes"].tolist()
+        pred = predict_pair(data[f"{c}.source"], data[f"{c}.target"], Geometry(w1, h1), Geometry(w2, h2),
+                            data[f"{c}.source_kps"].numpy())  # fmt: skip
+        assert np.array_equal(pred, data[f"{c}.reference_pred"].numpy()), c
