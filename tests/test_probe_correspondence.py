@@ -269,6 +269,8 @@ def test_bad_input_is_one_clear_line(tmp_path):
     assert "--categories horse" in _error(runner.invoke(app, [*base, "--categories", "horse"]))
     assert "--split" in _error(runner.invoke(app, [*base, "--split", "holdout"]))
     assert "pairs.json" in _error(runner.invoke(app, ["probe", "keypoints", "--root", str(tmp_path), *TOY]))
+    assert "--no-cache: not for" in _error(runner.invoke(app, [*base, "--no-cache"]))
+    assert "--task depth: not for" in _error(runner.invoke(app, [*base, "--task", "depth"]))
 
 
 def test_config_errors_are_user_errors(tmp_path):

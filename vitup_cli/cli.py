@@ -640,6 +640,10 @@ def probe_cmd(
     from vitup_cli.probe.spair import PAIR_READERS
 
     if dataset in PAIR_READERS:
+        if no_cache:
+            raise VitupError(f"--no-cache: not for `vitup probe {dataset}`, which reuses each image's features")
+        if task != "seg":
+            raise VitupError(f"--task {task}: not for `vitup probe {dataset}` (correspondence has no task)")
         _correspondence(
             dataset, root, split=split, categories=categories, limit=limit, checkpoint=checkpoint,
             upsampler=upsampler, backbone=backbone, weights=weights, pretrained=pretrained,
