@@ -444,16 +444,25 @@ def extract_cmd(
 
 
 _PR_DATA, _PR_MODEL, _PR_PROTO, _PR_CACHE, _PR_RUN = "Dataset", "Upsampler", "Protocol", "Cache and report", "Run"
+_PR_CORR = "Correspondence (spair, keypoints)"
 _PROBE_EPILOG = (
     "Examples:\n\n"
     "  vitup probe voc --root /data/VOCdevkit --checkpoint runs/b/last --upsampler vitup,bilinear\n\n"
-    "  vitup probe folder --root ./scenes --task depth --backbone dinov3_b --limit 200 --out reports/depth"
+    "  vitup probe folder --root ./scenes --task depth --backbone dinov3_b --limit 200 --out reports/depth\n\n"
+    "  vitup probe spair --root /data/SPair-71k --checkpoint runs/splus/last --upsampler lowres,bilinear,vitup\n\n"
+    "  vitup probe keypoints --root ./my_pairs --backbone dinov3_b   (my_pairs/pairs.json: see the README)"
 )
 
 
 @app.command("probe", epilog=_PROBE_EPILOG)
 def probe_cmd(
-    dataset: Annotated[str, typer.Argument(help="voc, ade20k, cityscapes, cocostuff, or folder.")],
+    dataset: Annotated[
+        str,
+        typer.Argument(
+            help="voc, ade20k, cityscapes, cocostuff, folder (linear probes); spair (SPair-71k PCK) or keypoints "
+            "(your own pairs.json) for correspondence."
+        ),
+    ],
     root: Annotated[
         Path,
         typer.Option(
@@ -465,7 +474,11 @@ def probe_cmd(
     ] = "seg",
     limit: Annotated[
         int | None,
-        typer.Option("--limit", rich_help_panel=_PR_DATA, help="Use the first N images of each split (quick runs)."),
+        typer.Option(
+            "--limit",
+            rich_help_panel=_PR_DATA,
+            help="Use the first N images of each split (correspondence: N pairs per category).",
+        ),
     ] = None,
     depth_scale: Annotated[
         float | None,
@@ -487,7 +500,8 @@ def probe_cmd(
             "-u",
             rich_help_panel=_PR_MODEL,
             help="Comma-separated: vitup (needs --checkpoint), bilinear, nearest, lowres; the first is the "
-            "reference column (default: vitup with --checkpoint, else bilinear).",
+            "reference column (default: vitup with --checkpoint, else bilinear; spair and keypoints: lowres,bilinear "
+            "and vitup with --checkpoint).",
         ),
     ] = None,
     backbone: BackboneOpt = "dinov3_s+",
@@ -523,14 +537,14 @@ def probe_cmd(
         ),
     ] = "cosine",
     res: Annotated[
-        int,
+        int | None,
         typer.Option(
             "--res",
             "-r",
             rich_help_panel=_PR_PROTO,
-            help="Stored feature grid (448 = the exact protocol; 224 saves 4x).",
+            help="Stored feature grid (default 224, 448 = the exact protocol; spair and keypoints: 448).",
         ),
-    ] = 224,
+    ] = None,
     crop: Annotated[
         int,
         typer.Option("--crop", rich_help_panel=_PR_PROTO, help="Short side resize + centre crop of images and labels."),
@@ -562,7 +576,12 @@ def probe_cmd(
     ] = "float16",
     out: Annotated[
         Path | None,
-        typer.Option("--out", "-o", rich_help_panel=_PR_CACHE, help="Report folder (default ./probe-DATASET-TASK)."),
+        typer.Option(
+            "--out",
+            "-o",
+            rich_help_panel=_PR_CACHE,
+            help="Report folder (default ./probe-DATASET-TASK; spair: ./probe-spair).",
+        ),
     ] = None,
     overwrite: Annotated[
         bool, typer.Option("--overwrite", rich_help_panel=_PR_CACHE, help="Replace a report already in --out.")
@@ -581,9 +600,58 @@ def probe_cmd(
             "from disk (default: a quarter of the machine's memory).",
         ),
     ] = None,
+    split: Annotated[
+        str, typer.Option("--split", rich_help_panel=_PR_CORR, help="spair: the pair split (test, val or trn).")
+    ] = "test",
+    categories: Annotated[
+        str | None,
+        typer.Option("--categories", rich_help_panel=_PR_CORR, help="Comma-separated categories (default all)."),
+    ] = None,
+    alpha: Annotated[
+        str, typer.Option("--alpha", rich_help_panel=_PR_CORR, help="PCK thresholds, fractions of max(box w, h).")
+    ] = "0.10,0.05,0.01",
+    exclude_padding: Annotated[
+        bool,
+        typer.Option(
+            "--exclude-padding",
+            rich_help_panel=_PR_CORR,
+            help="Leave the target's padding cells out of the argmax (the reference keeps them).",
+        ),
+    ] = False,
+    map_back: Annotated[
+        str,
+        typer.Option(
+            "--map-back", rich_help_panel=_PR_CORR, help="center (reference) or corner (Probe3D) of the matched cell."
+        ),
+    ] = "center",
+    source_sampling: Annotated[
+        str,
+        typer.Option(
+            "--source-sampling",
+            rich_help_panel=_PR_CORR,
+            help="nearest (the keypoint's cell: reference) or bilinear (interpolated: Probe3D).",
+        ),
+    ] = "nearest",
 ) -> None:
-    """Train and score linear probes (segmentation, depth) from cached feature stores."""
+    """Train and score linear probes (segmentation, depth) from cached feature stores, or score semantic
+    correspondence (spair, keypoints: PCK of nearest-neighbour matches)."""
     import sys
+
+    from vitup_cli.probe.spair import PAIR_READERS
+
+    if dataset in PAIR_READERS:
+        if no_cache:
+            raise VitupError(f"--no-cache: not for `vitup probe {dataset}`, which reuses each image's features")
+        if task != "seg":
+            raise VitupError(f"--task {task}: not for `vitup probe {dataset}` (correspondence has no task)")
+        _correspondence(
+            dataset, root, split=split, categories=categories, limit=limit, checkpoint=checkpoint,
+            upsampler=upsampler, backbone=backbone, weights=weights, pretrained=pretrained,
+            backbone_args=backbone_args, input_size=input_size, res=res or 448, alpha=alpha,
+            padding="exclude" if exclude_padding else "include", map_back=map_back, source_sampling=source_sampling,
+            dtype=dtype, cache=cache, out=out, overwrite=overwrite, device=device, workers=workers, seed=seed,
+        )  # fmt: skip
+        return
 
     from rich.console import Console
 
@@ -608,7 +676,7 @@ def probe_cmd(
         schedule=schedule,
         flip=not no_flip,
         input_size=input_size,
-        res=res,
+        res=res or 224,
         crop=crop,
         dtype=dtype,
         cache=cache,
@@ -632,6 +700,38 @@ def probe_cmd(
             reporter.warning(f"{res_.name}: {len(res_.skipped)} unreadable images were left out (see report.json)")
     files = ", ".join(f"{v}" for k, v in report.files.items() if not k.startswith("head:"))
     typer.echo(f"report: {files}; heads in {Path(config.out) / 'heads'} ({report.seconds:.1f} s)")
+
+
+def _correspondence(dataset: str, root: Path, *, upsampler: str | None, categories: str | None, alpha: str,
+                    backbone_args: str | None, out: Path | None, **kw: Any) -> None:  # fmt: skip
+    """``vitup probe spair|keypoints``: PCK of nearest-neighbour matches (``vitup_cli.probe.correspondence``)."""
+    import sys
+
+    from rich.console import Console
+
+    from vitup_cli.backbones import parse_overrides
+    from vitup_cli.extract import Reporter, RichReporter
+    from vitup_cli.probe.correspondence import CorrespondenceConfig, run_correspondence
+    from vitup_cli.probe.correspondence_report import results_table
+
+    try:
+        alphas = [float(a) for a in alpha.split(",") if a.strip()]
+    except ValueError:
+        raise VitupError(f"--alpha {alpha}: give comma-separated fractions, e.g. 0.10,0.05,0.01") from None
+    config = CorrespondenceConfig(
+        dataset=dataset, root=root, upsamplers=[u for u in (upsampler or "").split(",") if u.strip()] or None,
+        categories=[c for c in (categories or "").split(",") if c.strip()] or None, alphas=alphas,
+        backbone_args=parse_overrides(backbone_args), out=out or Path(f"probe-{dataset}"), **kw,
+    )  # fmt: skip
+    reporter = RichReporter() if sys.stderr.isatty() else Reporter()
+    report = run_correspondence(config, reporter=reporter)
+    Console().print(results_table(report))
+    for res_ in report.results:
+        if res_.skipped:
+            reporter.warning(f"{res_.name}: {len(res_.skipped)} pairs had no features and were left out")
+    if report.skipped:
+        reporter.warning(f"{len(report.skipped)} pairs could not be read and were left out (see report.json)")
+    typer.echo(f"report: {', '.join(report.files.values())} ({report.seconds:.1f} s)")
 
 
 _VIZ_IO, _VIZ_MODEL, _VIZ_FIG = "Input and output", "Features", "Figure"

@@ -145,8 +145,9 @@ def prepare_targets(
 # feature stores
 # =================================================================================================
 def store_key(dataset: ProbeDataset, upsampler: Upsampler, *, res: int, dtype: str, tap: int,
-              teacher: bool = False) -> dict[str, Any]:  # fmt: skip
-    """What decides a probe store's content (its cache key)."""
+              teacher: bool = False, fit: str = "crop") -> dict[str, Any]:  # fmt: skip
+    """What decides a probe store's content (its cache key); ``fit`` is extract's geometry (the linear
+    probes crop; the correspondence probe squashes images it has already padded to a square)."""
     from vitup_cli.extract import model_fingerprint
 
     bb = upsampler.backbone.describe()
@@ -162,7 +163,7 @@ def store_key(dataset: ProbeDataset, upsampler: Upsampler, *, res: int, dtype: s
         "tap": tap,
         "input_size": upsampler.input_size,
         "res": res,
-        "fit": "crop",
+        "fit": fit,
         "dtype": dtype,
     }
 
@@ -180,11 +181,11 @@ class StoreEntry:
 
 
 def store_entry(dataset: ProbeDataset, upsampler: Upsampler, cache_dir: Path, *, res: int, dtype: str,
-                tap: int, teacher: bool = False) -> StoreEntry:  # fmt: skip
+                tap: int, teacher: bool = False, fit: str = "crop") -> StoreEntry:  # fmt: skip
     """Where the store for ``(dataset split, upsampler, settings)`` lives; ``cached`` if it is complete."""
     from vitup_cli.stores import open_store, store_exists
 
-    key = store_key(dataset, upsampler, res=res, dtype=dtype, tap=tap, teacher=teacher)
+    key = store_key(dataset, upsampler, res=res, dtype=dtype, tap=tap, teacher=teacher, fit=fit)
     digest = _digest(key)[:16]
     folder = cache_dir / "stores"
     stem = f"{dataset.name}-{dataset.split}-{upsampler.name}-{digest}"
@@ -232,7 +233,7 @@ def ensure_store(
         res=(res, res),
         upsampler=upsampler.name,
         checkpoint=checkpoint,
-        fit="crop",
+        fit=entry.key.get("fit", "crop"),
         resample="bilinear",
         dtype=dtype,
         resume=store_exists(entry.path),
