@@ -1,0 +1,126 @@
+"""The official ViT-Up release layout and the reference-equivalence fixture (tests/data/vitup_ref)."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from vitup_cli.backbones import load_backbone
+from vitup_cli.checkpoints import open_vitup
+from vitup_cli.errors import VitupError
+from vitup_cli.models import ViTUpConfig
+from vitup_cli.official import load_official
+
+FIXTURE = Path(__file__).parent / "data" / "vitup_ref" / "vitup_ref.safetensors"
+KEYS = Path("/work/shared/reference/vit_up_official_keys_splus.txt")
+
+
+def _fixture():
+    with safe_open(str(FIXTURE), framework="pt") as fh:
+        meta = fh.metadata()
+        tensors = {k: fh.get_tensor(k) for k in fh.keys()}
+    return meta, tensors
+
+
+def _part(tensors, prefix):
+    return {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+
+
+def test_reference_fixture_matches_at_every_level(tmp_path):
+    """A shrunk random-init DINOv3 + LoRA + ViT-Up run through the reference; vitup loads the same
+    weights through its official-weights path and must give the same features (float32, 1e-4)."""
+    meta, tensors = _fixture()
+    release_file, base_file = tmp_path / "release.safetensors", tmp_path / "base.safetensors"
+    save_file(_part(tensors, "release/"), release_file)
+    save_file(_part(tensors, "timm_base/"), base_file)
+    overrides = json.loads(meta["backbone_overrides"])
+    backbone = load_backbone("dinov3_s+", weights=base_file, overrides=overrides, taps=json.loads(meta["layers"]))
+    config = ViTUpConfig(
+        input_tokens=int(meta["hidden_img_size"]) // 16,
+        query_grid=int(meta["query_img_size"]) // 16,
+        num_heads=int(meta["vit_up_heads"]),
+    )
+    model = load_official(release_file, backbone=backbone, config=config).eval()
+    assert not model.config.antialias  # the reference's resize
+    image, xy = tensors["input/image"], tensors["input/xy"]
+    with torch.no_grad():
+        levels = model.decode(model.encode(image), xy, levels=range(len(model.decoders)))
+    errors = []
+    for i, got in enumerate(levels):
+        want = tensors[f"output/level{i}"]
+        errors.append(float((got - want).abs().max()))
+    print("max abs error per level:", errors)
+    assert max(errors) < 1e-4
+    # the fixture is not trivially passable: the LoRA and the tie-breaking both matter
+    with torch.no_grad(), model.backbone.adapters_disabled():
+        teacher = model.decode(model.encode(image), xy, levels=[len(model.decoders) - 1])[0]
+    assert float((teacher - tensors[f"output/level{len(levels) - 1}"]).abs().max()) > 1e-2
+
+
+def _zero_splus(tmp_path, edit=None, name="vit_up_dinov3_splus.safetensors"):
+    rows = [line.rstrip("\n").split("\t") for line in KEYS.read_text().splitlines() if line and line[0] != "#"]
+    tensors = {key: torch.zeros(json.loads(shape)) for key, shape, _ in rows}
+    if edit:
+        edit(tensors)
+    path = tmp_path / name
+    save_file(tensors, path)
+    return path, len(rows)
+
+
+needs_keys = pytest.mark.skipif(not KEYS.is_file(), reason="the reference key list is not on this machine")
+
+
+@pytest.fixture(scope="module")
+def splus_backbone():
+    torch.manual_seed(0)
+    return load_backbone("dinov3_s+", pretrained="none")
+
+
+def _fresh(bb):
+    import copy
+
+    return copy.deepcopy(bb)
+
+
+@needs_keys
+@pytest.mark.slow
+def test_official_splus_layout_loads_every_key(tmp_path, splus_backbone):
+    path, n = _zero_splus(tmp_path)
+    assert n == 355
+    model = load_official(path, backbone=_fresh(splus_backbone))
+    assert len(model.blocks) == 6 and len(model.decoders) == 7
+    assert model.backbone.taps == [0, 2, 4, 6, 8, 10, 12]
+    upsampler = sum(p.numel() for _, p in model.upsampler_parameters())
+    lora = sum(p.numel() for _, p in model.backbone.lora_parameters())
+    assert upsampler + lora + 16 == 24_882_064  # the file's values: every one landed in a vitup tensor
+    assert all(float(p.abs().max()) == 0 for _, p in model.upsampler_parameters())  # the zeros were copied
+
+
+@needs_keys
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("edit", "match"),
+    [
+        (lambda t: t.update({"vit_up_blocks.0.extra.weight": torch.zeros(3)}), "unknown key 'vit_up_blocks.0.extra"),
+        (lambda t: t.update({"decoder_mlp.0.mlp.1.bias": torch.zeros(383)}), "'decoder_mlp.0.mlp.1.bias' has shape"),
+        (
+            lambda t: t.pop("backbone.base_model.model.layer.3.attention.v_proj.lora_B.default.weight"),
+            "layer.3.attention.v_proj.lora_B",
+        ),
+    ],
+)
+def test_bad_official_files_are_refused_naming_the_key(tmp_path, splus_backbone, edit, match):
+    path, _ = _zero_splus(tmp_path, edit)
+    with pytest.raises(VitupError, match=match):
+        load_official(path, backbone=_fresh(splus_backbone))
+
+
+def test_open_vitup_refuses_a_file_that_is_neither_layout(tmp_path):
+    save_file({"weight": torch.zeros(2)}, tmp_path / "x.safetensors")
+    with pytest.raises(VitupError, match="neither a vitup checkpoint nor an official ViT-Up release"):
+        open_vitup(tmp_path / "x.safetensors")
+    with pytest.raises(VitupError, match="no such file"):
+        open_vitup(tmp_path / "missing.safetensors")
