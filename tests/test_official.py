@@ -21,7 +21,7 @@ KEYS = Path("/work/shared/reference/vit_up_official_keys_splus.txt")
 def _fixture():
     with safe_open(str(FIXTURE), framework="pt") as fh:
         meta = fh.metadata()
-        tensors = {k: fh.get_tensor(k) for k in fh.keys()}
+        tensors = {k: fh.get_tensor(k) for k in fh.keys()}  # noqa: SIM118 (safe_open is not a dict)
     return meta, tensors
 
 
@@ -96,7 +96,7 @@ def test_official_splus_layout_loads_every_key(tmp_path, splus_backbone):
     upsampler = sum(p.numel() for _, p in model.upsampler_parameters())
     lora = sum(p.numel() for _, p in model.backbone.lora_parameters())
     assert upsampler + lora + 16 == 24_882_064  # the file's values: every one landed in a vitup tensor
-    assert all(float(p.abs().max()) == 0 for _, p in model.upsampler_parameters())  # the zeros were copied
+    assert all(float(p.detach().abs().max()) == 0 for _, p in model.upsampler_parameters())  # the zeros were copied
 
 
 @needs_keys
@@ -120,7 +120,7 @@ def test_bad_official_files_are_refused_naming_the_key(tmp_path, splus_backbone,
 
 def test_open_vitup_refuses_a_file_that_is_neither_layout(tmp_path):
     save_file({"weight": torch.zeros(2)}, tmp_path / "x.safetensors")
-    with pytest.raises(VitupError, match="neither a vitup checkpoint nor an official ViT-Up release"):
+    with pytest.raises(VitupError, match="is neither a vitup checkpoint"):
         open_vitup(tmp_path / "x.safetensors")
     with pytest.raises(VitupError, match="no such file"):
         open_vitup(tmp_path / "missing.safetensors")

@@ -343,17 +343,29 @@ def open_upsampler(
     return build_upsampler(upsampler, bb, input_size=input_size).to(device).eval()
 
 
-def default_checkpoint(backbone: str) -> str:
-    """The official release for ``backbone`` (used when a command gets neither --checkpoint nor --upsampler);
-    one clear line naming the choices for a backbone without one."""
+def default_checkpoint(
+    backbone: str,
+    *,
+    pretrained: str = "hub",
+    overrides: dict[str, Any] | None = None,
+    alternative: str = "--upsampler bilinear",
+) -> str:
+    """The official release for ``backbone``, used when a command gets neither --checkpoint nor an
+    upsampler; one clear line naming the choices where there is none (or it cannot apply)."""
     from vitup_cli.backbones import ALIASES
     from vitup_cli.weights import DEFAULT_RELEASE
 
     key = ALIASES.get(backbone, backbone)
+    known = ", ".join(f"{r} ({b})" for b, r in DEFAULT_RELEASE.items())
     if key not in DEFAULT_RELEASE:
-        known = ", ".join(f"{r} ({b})" for b, r in DEFAULT_RELEASE.items())
         raise VitupError(
-            f"no published ViT-Up weights for backbone '{backbone}' (there are {known}): pass --checkpoint "
-            "(a run of `vitup train`, or a release) or a training-free --upsampler bilinear"
+            f"ViT-Up needs --checkpoint: there are no published ViT-Up weights for backbone '{backbone}' "
+            f"(only {known}); pass --checkpoint (a run of `vitup train` or a release) or {alternative}"
+        )
+    if pretrained == "none" or overrides:
+        flag = "--pretrained none" if pretrained == "none" else "--backbone-args"
+        raise VitupError(
+            f"ViT-Up needs --checkpoint with {flag}: the published weights ({DEFAULT_RELEASE[key]}) only fit the "
+            f"DINOv3 weights they were trained on; pass --checkpoint (a run of `vitup train`) or {alternative}"
         )
     return DEFAULT_RELEASE[key]

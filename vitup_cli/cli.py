@@ -778,11 +778,12 @@ def visualize_cmd(
             device=device,
             seed=seed,
         )
+        model = viz.with_default_checkpoint(model, compare, log)
         result = viz.visualize_images(
             inputs,
             out,
             model=model,
-            compare=viz.parse_compare(compare, checkpoint is not None),
+            compare=viz.parse_compare(compare, model.checkpoint is not None),
             res=res,
             points=points,
             options=options,
