@@ -501,8 +501,8 @@ def test_rows_of_a_store_made_by_vitup_extract(tmp_path, fit, monkeypatch, pca_s
     _photo(folder / "wide.png", h=30, w=80, seed=1)
     _photo(folder / "tall.png", h=70, w=40, seed=2)
     store = tmp_path / "feats.zarr"
-    flags = f"--res 16 --fit {fit} --tokens --pca 8 --dtype float32 --workers 0 --device cpu".split()
-    made = CliRunner().invoke(app, ["extract", str(folder), "--out", str(store), *flags, *TINY_ARGS[:8], "-u", "bilinear"])
+    flags = f"--res 16 --fit {fit} --tokens --pca 8 --dtype float32 --workers 0 --device cpu -u bilinear".split()
+    made = CliRunner().invoke(app, ["extract", str(folder), "--out", str(store), *flags, *TINY_ARGS[:8]])
     assert made.exit_code == 0, made.output
     # from here on, loading a model is an error
     for module, name in [("vitup_cli.backbones", "load_backbone"), ("vitup_cli.checkpoints", "open_upsampler")]:
