@@ -312,11 +312,17 @@ def open_vitup(
         "licence": release.licence if release else None,
         "antialias": model.config.antialias,
     }
-    if release is not None and notify is not None:
+    if release is not None:
         line = licence_notice(release)
         if line:
-            notify(line)
+            (notify or _stderr)(line)
     return model.eval()
+
+
+def _stderr(message: str) -> None:
+    import sys
+
+    print(message, file=sys.stderr)
 
 
 def open_upsampler(
@@ -369,3 +375,59 @@ def default_checkpoint(
             f"DINOv3 weights they were trained on; pass --checkpoint (a run of `vitup train`) or {alternative}"
         )
     return DEFAULT_RELEASE[key]
+
+
+def init_from(model: ViTUp, ref: str | Path, notify: Callable[[str], None] | None = None) -> str:
+    """Copy ViT-Up weights (upsampler + LoRA; the base weights of a random-init source too) from ``ref``
+    (any form ``open_vitup`` takes) into ``model``, which must have the same backbone and shape.
+    Returns the source as the user can type it again."""
+    from safetensors.torch import load_file
+
+    from vitup_cli.backbones import ALIASES
+    from vitup_cli.official import is_official_layout, load_official_state, safetensors_keys
+    from vitup_cli.weights import licence_notice, resolve_weights
+
+    label = f"--init-from {ref}"
+    resolved = resolve_weights(ref)
+    path = resolved.path
+    if resolved.release is None and _is_vitup_checkpoint(path):
+        meta = read_checkpoint_meta(path)
+        included = bool(meta.get("backbone_included"))
+        diffs = _differences(model.backbone, meta["backbone"], included)
+        if diffs:
+            raise VitupError(f"{label} is for another backbone ({'; '.join(diffs)})")
+        tensors = load_file(str(checkpoint_paths(path)[0]))
+        own = dict(model.upsampler_parameters())
+        base = model.backbone.model.state_dict() if included else dict(model.backbone.lora_parameters())
+        expected = {f"upsampler.{n}" for n in own} | {f"backbone.{n}" for n in base}
+        if set(tensors) != expected:
+            missing, extra = sorted(expected - set(tensors))[:3], sorted(set(tensors) - expected)[:3]
+            raise VitupError(
+                f"{label}: its tensors do not fit this run's model (missing {missing}, unexpected {extra})"
+            )
+        with torch.no_grad():
+            for name, value in tensors.items():
+                kind, _, key = name.partition(".")
+                target = (own if kind == "upsampler" else base)[key]
+                if target.shape != value.shape:
+                    raise VitupError(
+                        f"{label}: {name} has shape {list(value.shape)}, this run needs {list(target.shape)}"
+                    )
+                target.copy_(value)
+        return resolved.source
+    _refuse_pickle(path)
+    if not path.is_file():
+        raise VitupError(f"{label}: no such file")
+    if not is_official_layout(safetensors_keys(path)):
+        raise VitupError(f"{label}: {path.name} is neither a vitup checkpoint nor an official ViT-Up release")
+    release = resolved.release
+    if release is not None:
+        wanted = ALIASES.get(release.backbone, release.backbone)
+        have = ALIASES.get(model.backbone.name, model.backbone.name)
+        if wanted != have:
+            raise VitupError(f"{label} is for backbone {release.backbone}: use --backbone {release.backbone}")
+        line = licence_notice(release)
+        if line:
+            (notify or _stderr)(line)
+    load_official_state(model, load_file(str(path)), label)
+    return resolved.source

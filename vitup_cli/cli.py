@@ -181,6 +181,15 @@ def train_cmd(
     window: Annotated[
         int | None, _opt(_MODEL, "--window", help="Cross-attention window in tokens (default: global).")
     ] = None,
+    init_from: Annotated[
+        str | None,
+        _opt(
+            _MODEL,
+            "--init-from",
+            help="Fine-tune from ViT-Up weights: vit-up:dinov3_splus, vit-up:dinov3_b, hf:ORG/REPO/FILE, an "
+            "official .safetensors file or a vitup checkpoint (same backbone and shape as this run).",
+        ),
+    ] = None,
     canvas: Annotated[
         int | None, _opt(_SIZES, "--canvas", help="Student canvas side in px (default: input tokens x patch = 448).")
     ] = None,

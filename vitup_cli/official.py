@@ -214,3 +214,10 @@ def load_official(
     load_official_state(model, tensors, label)
     model.release = release
     return model.to(map_location)
+
+
+def official_state(model: Any) -> dict[str, torch.Tensor]:
+    """``model``'s upsampler and LoRA tensors under the official release's key names (the inverse of
+    ``load_official_state``), e.g. to hand a vitup-trained ViT-Up to the reference's loader."""
+    names = _official_names(model)
+    return {names[name]: t.detach().cpu().contiguous().clone() for name, t in _targets(model).items()}

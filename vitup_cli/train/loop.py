@@ -365,6 +365,11 @@ def _train(
     cfg, sizes = resolve(cfg, model.backbone.patch_size, d.world)
     run_dir = Path(cfg.out)
     reporter = (reporter or default_reporter()) if d.main else NullReporter()
+    if cfg.init_from and not resume:  # on --resume the saved state replaces these weights anyway
+        from vitup_cli.checkpoints import init_from
+
+        source = init_from(model, cfg.init_from, notify=reporter.message)
+        reporter.message(f"--init-from: starting from the ViT-Up weights of {source}")
 
     model.to(d.device)
     set_train_mode(model)
