@@ -124,3 +124,90 @@ def test_open_vitup_refuses_a_file_that_is_neither_layout(tmp_path):
         open_vitup(tmp_path / "x.safetensors")
     with pytest.raises(VitupError, match="no such file"):
         open_vitup(tmp_path / "missing.safetensors")
+
+
+# -- the CLI: release names, the HF cache, offline ---------------------------------------------------
+@pytest.fixture
+def offline_cache(tmp_path, monkeypatch):
+    cache = tmp_path / "hub"
+    cache.mkdir()
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    import huggingface_hub.constants as hc
+
+    monkeypatch.setattr(hc, "HF_HUB_CACHE", str(cache))
+    return cache
+
+
+@pytest.fixture
+def photo(tmp_path):
+    from PIL import Image
+
+    path = tmp_path / "img.jpg"
+    Image.fromarray((torch.rand(40, 56, 3) * 255).to(torch.uint8).numpy()).save(path)
+    return path
+
+
+def _cli(*args):
+    from typer.testing import CliRunner
+
+    from vitup_cli.cli import app
+
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def test_offline_release_fails_in_under_a_second_with_one_line(offline_cache, photo, tmp_path):
+    import time
+
+    import vitup_cli.extract  # noqa: F401  (imports are not what is timed: torch, timm, zarr take seconds cold)
+
+    _cli("extract", photo, "--out", tmp_path / "warm.zarr", "--upsampler", "nope")  # cold-start the CLI
+    start = time.perf_counter()
+    result = _cli("extract", photo, "--out", tmp_path / "f.zarr", "--checkpoint", "vit-up:dinov3_splus")
+    elapsed = time.perf_counter() - start
+    assert result.exit_code == 2 and elapsed < 1.0, (elapsed, result.output)
+    line = result.output.strip().splitlines()[-1]
+    assert "Krispin/vit-up/vit_up_dinov3_splus.safetensors" in line and "--upsampler bilinear" in line
+    assert not (tmp_path / "f.zarr").exists()
+
+
+def test_no_flags_means_the_published_vitup_of_the_backbone(offline_cache, photo, tmp_path):
+    result = _cli("extract", photo, "--out", tmp_path / "f.zarr")  # dinov3_s+, nothing cached, offline
+    assert result.exit_code == 2
+    assert "published weights vit-up:dinov3_splus" in result.output  # said in one line
+    assert "vit_up_dinov3_splus.safetensors is not in the Hugging Face cache" in result.output
+    other = _cli("extract", photo, "--out", tmp_path / "g.zarr", "--backbone", "dinov2_s")
+    assert other.exit_code == 2 and "no published ViT-Up weights for backbone 'dinov2_s'" in other.output
+    assert "--upsampler bilinear" in other.output and "--checkpoint" in other.output
+    viz = _cli("visualize", photo, "--backbone", "dinov3_b")
+    assert viz.exit_code == 2 and "vit_up_dinov3_base.safetensors" in viz.output
+    assert "published weights vit-up:dinov3_b" in viz.output
+
+
+@needs_keys
+@pytest.mark.slow
+def test_release_from_the_hf_cache_runs_and_is_recorded(offline_cache, photo, tmp_path):
+    """A file with the official S+ keys in the Hugging Face cache layout: `--checkpoint vit-up:dinov3_splus`
+    finds it offline. Its base backbone weights are not cached here, so the backbone is random-init."""
+    from vitup_cli import weights
+    from vitup_cli.stores import open_store
+
+    path, _ = _zero_splus(tmp_path)
+    repo = offline_cache / "models--Krispin--vit-up"
+    rev = "0" * 40
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(rev)
+    (repo / "snapshots" / rev).mkdir(parents=True)
+    path.rename(repo / "snapshots" / rev / "vit_up_dinov3_splus.safetensors")
+    weights._printed_licences.discard("vit-up:dinov3_splus")
+    out = tmp_path / "f.zarr"
+    args = ["--res", "8", "--pretrained", "none", "--workers", "0", "--device", "cpu", "--dtype", "float32"]
+    result = _cli("extract", photo, "--out", out, "--checkpoint", "vit-up:dinov3_splus", *args)
+    assert result.exit_code == 0, result.output
+    assert result.output.count("cc-by-nc-sa-4.0") == 1  # the licence, once
+    with open_store(out) as store:
+        attrs = store.attrs
+        assert store.shape == (1, 384, 8, 8)
+    assert attrs["weights_release"] == "vit-up:dinov3_splus" and "cc-by-nc-sa-4.0" in attrs["weights_licence"]
+    assert attrs["resize_antialias"] is False and attrs["upsampler"] == "vitup"
+    assert attrs["checkpoint"] == "vit-up:dinov3_splus" and len(attrs["checkpoint_sha256"]) == 64
