@@ -30,6 +30,7 @@ from vitup_cli.checkpoints import atomic_write_bytes, checkpoint_paths, save_che
 from vitup_cli.data.images import list_images
 from vitup_cli.errors import VitupError
 from vitup_cli.models import ViTUp, ViTUpConfig
+from vitup_cli.models.vitup import parameter_summary
 from vitup_cli.train.config import Sizes, TrainConfig, check, resolve
 from vitup_cli.train.data import (
     TRAIN_STREAM,
@@ -418,6 +419,7 @@ def _train(
             _write_config(run_dir, cfg, model, len(train_list.files), d)
         torch.manual_seed(cfg.seed * 1000 + 17 + d.rank)  # per-process dropout noise
 
+    reporter.message(f"ViT-Up on {model.backbone.name}: {parameter_summary(model)}")
     if model.backbone.random_init:
         reporter.message("backbone is randomly initialised (--pretrained none): for tests and demos only")
     weights = LossWeights(cfg.w_l2, cfg.w_cos, cfg.w_kl, cfg.tau, cfg.kl_window)
