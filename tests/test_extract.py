@@ -425,7 +425,7 @@ def test_rich_progress_and_resume_of_a_finished_hdf5_store(tmp_path):
     images = _folder(tmp_path / "in", n=3)
     config = ExtractConfig(
         images, tmp_path / "r.h5", res=(8, 8), backbone="dinov3_s", pretrained="none", backbone_args=TINY,
-        input_size=64, workers=0,
+        upsampler="bilinear", input_size=64, workers=0,
     )  # fmt: skip
     assert run_extract(config, reporter=RichReporter()).done == 3
     before = _store_digest(tmp_path / "r.h5")
@@ -439,7 +439,7 @@ def test_api_returns_a_summary(tmp_path):
     images = _folder(tmp_path / "in", n=5)
     config = ExtractConfig(
         images, tmp_path / "api.h5", res=(8, 8), backbone="dinov3_s", pretrained="none", backbone_args=TINY,
-        input_size=64, workers=0, batch_size=2,
+        upsampler="bilinear", input_size=64, workers=0, batch_size=2,
     )  # fmt: skip
     summary = run_extract(config, reporter=SilentReporter())
     assert (summary.total, summary.done, summary.failed, summary.skipped, summary.processed) == (5, 5, 0, 0, 5)

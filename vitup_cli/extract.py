@@ -230,7 +230,7 @@ class ExtractConfig:
     images: str | Path
     out: str | Path
     res: tuple[int, int] = (224, 224)
-    upsampler: str | None = None  # None: vitup with a checkpoint, else bilinear
+    upsampler: str | None = None  # None: vitup (the checkpoint, else the backbone's published weights)
     checkpoint: str | Path | None = None
     backbone: str = "dinov3_s+"
     weights: str | Path | None = None
