@@ -181,6 +181,7 @@ def test_no_flags_means_the_published_vitup_of_the_backbone(offline_cache, photo
     assert "--upsampler bilinear" in other.output and "--checkpoint" in other.output
     viz = _cli("visualize", photo, "--backbone", "dinov3_b")
     assert viz.exit_code == 2 and "vit_up_dinov3_base.safetensors" in viz.output
+    assert "--compare bilinear,nearest" in viz.output  # visualize's training-free choice
     assert "published weights vit-up:dinov3_b" in viz.output
 
 

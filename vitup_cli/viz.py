@@ -524,6 +524,12 @@ def with_default_checkpoint(model: ModelOptions, compare: str | None, log: Log |
     )
     if log is not None:
         log(f"no --checkpoint: ViT-Up with the published weights {release} for {model.backbone}")
+    from vitup_cli.weights import resolve_weights
+
+    try:  # offline without the file: the same one line, with this command's training-free choice
+        resolve_weights(release)
+    except VitupError as exc:
+        raise VitupError(str(exc).replace("--upsampler bilinear", "--compare bilinear,nearest")) from None
     return replace(model, checkpoint=release)
 
 
