@@ -118,6 +118,19 @@ def test_bad_official_files_are_refused_naming_the_key(tmp_path, splus_backbone,
         load_official(path, backbone=_fresh(splus_backbone))
 
 
+def test_older_reference_module_names_load_the_same(tmp_path):
+    """Files from before the reference's renames (``q_proj.N.``, ``local_feature_decoder.N.``,
+    ``global_local_cross_attention.N.``) map onto the same tensors."""
+    from vitup_cli.official import current_key, vitup_name
+
+    assert current_key("q_proj.2.mlp.1.weight") == "vit_up_blocks.2.transition_mlp.mlp.1.weight"
+    assert current_key("local_feature_decoder.0.post_mlp.mlp.3.bias") == "vit_up_blocks.0.featx.post_mlp.mlp.3.bias"
+    old = "global_local_cross_attention.1.global_cross_attention.q_proj.weight"
+    assert vitup_name(old) == vitup_name("vit_up_blocks.1.cross_attention.q_proj.weight") == "blocks.1.attn.q.weight"
+    assert vitup_name("global_local_cross_attention.3.norm_post.weight") == "blocks.3.norm_fusion.weight"
+    assert vitup_name("vit_up.decoder_mlp.6.mlp.1.bias") == "decoders.6.1.bias"
+
+
 def test_open_vitup_refuses_a_file_that_is_neither_layout(tmp_path):
     save_file({"weight": torch.zeros(2)}, tmp_path / "x.safetensors")
     with pytest.raises(VitupError, match="is neither a vitup checkpoint"):

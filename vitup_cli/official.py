@@ -55,8 +55,33 @@ _LORA_ATTN_RE = re.compile(
 )
 
 
+#: module names of earlier reference checkpoints -> the current ones (the reference's own wrapper migrates
+#: them the same way when it loads a file)
+_RENAMES = (
+    (re.compile(r"^q_proj\.(\d+)\."), r"vit_up_blocks.\1.transition_mlp."),
+    (re.compile(r"^local_feature_decoder\.(\d+)\."), r"vit_up_blocks.\1.featx."),
+    (
+        re.compile(r"^global_local_cross_attention\.(\d+)\.global_cross_attention\."),
+        r"vit_up_blocks.\1.cross_attention.",
+    ),
+    (re.compile(r"^global_local_cross_attention\.(\d+)\."), r"vit_up_blocks.\1."),
+)
+
+
+def current_key(key: str) -> str:
+    """An official key with an older module name (``q_proj.N.``, ``local_feature_decoder.N.``,
+    ``global_local_cross_attention.N.``; an optional ``vit_up.`` prefix) in today's naming."""
+    key = key.removeprefix("vit_up.")
+    for pattern, repl in _RENAMES:
+        new = pattern.sub(repl, key, count=1)
+        if new != key:
+            return new
+    return key
+
+
 def vitup_name(key: str) -> str | None:
     """The vitup tensor name (in ``ViTUp.state_dict()`` terms) for an official key; ``None`` if unknown."""
+    key = current_key(key)
     if key == "rel_pos_enc.freqs":
         return "fourier_freqs"
     if m := _BLOCK_RE.match(key):
@@ -74,7 +99,9 @@ def vitup_name(key: str) -> str | None:
 
 def is_official_layout(keys: list[str] | set[str]) -> bool:
     """True for the key layout of a released file (no ``upsampler.`` prefix, reference block names)."""
-    return any(k.startswith("vit_up_blocks.") for k in keys) and not any(k.startswith("upsampler.") for k in keys)
+    return any(current_key(k).startswith("vit_up_blocks.") for k in keys) and not any(
+        k.startswith("upsampler.") for k in keys
+    )
 
 
 def safetensors_keys(path: Path) -> list[str]:
@@ -149,6 +176,7 @@ def _official_names(model: Any) -> dict[str, str]:
 
 def _infer_shape(tensors: dict[str, torch.Tensor]) -> tuple[int, int, int]:
     """(width, ViT-Up blocks, LoRA rank) of a released state dict."""
+    tensors = {current_key(k): v for k, v in tensors.items()}
     try:
         dim = int(tensors["decoder_mlp.0.mlp.1.weight"].shape[0])
         blocks = 1 + max(int(m[1]) for k in tensors if (m := _BLOCK_RE.match(k)))
