@@ -45,7 +45,9 @@ def test_lora_starts_as_the_teacher_and_teacher_ignores_it():
     bb.add_lora()
     names = [n for n, _ in bb.lora_parameters()]
     assert any("patch_embed.proj" in n for n in names)
-    assert any("attn.qkv" in n for n in names) and any("attn.proj" in n for n in names)
+    for proj in ("q_proj", "k_proj", "v_proj", "proj"):  # the reference's placement: separate q, k, v, o
+        assert sum(f"attn.{proj}.lora_A" in n for n in names) == bb.depth
+    assert not any("attn.qkv" in n for n in names)
     assert all(p.requires_grad for _, p in bb.lora_parameters())
     assert not any(p.requires_grad for n, p in bb.named_parameters() if "lora_" not in n)
     for a, b in zip(bb.hidden_states(x), before):
@@ -79,9 +81,26 @@ def test_lora_reaches_fused_qkv_bias_models():
     assert torch.allclose(bb.hidden_states(x)[-1], before, atol=1e-5)
     with torch.no_grad():
         for n, p in bb.lora_parameters():
-            if "attn.qkv.lora_B" in n:
+            if "attn.q_proj.lora_B" in n:
                 p.normal_()
     assert not torch.allclose(bb.hidden_states(x)[-1], before, atol=1e-3)
+
+
+@pytest.mark.parametrize("name", ["dinov3_s+", "dinov2_s"])
+def test_split_qkv_is_the_same_function(name):
+    """Splitting timm's fused qkv into q/k/v modules copies the weights: the teacher is unchanged."""
+    bb = tiny_backbone(name, num_heads=2)
+    with torch.no_grad():
+        for n, p in bb.model.named_parameters():
+            if "gamma" in n or "bias" in n:
+                p.normal_()
+    p = bb.patch_size
+    x = bb.normalize(torch.rand(1, 3, 4 * p, 3 * p))
+    before = bb.hidden_states(x)
+    bb.split_qkv()
+    assert not any(n.endswith("attn.qkv.weight") for n, _ in bb.model.named_parameters())
+    for a, b in zip(bb.hidden_states(x), before):
+        assert torch.allclose(a, b, atol=1e-5)
 
 
 def test_offline_without_weights_fails_fast_naming_the_options(monkeypatch):

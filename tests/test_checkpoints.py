@@ -138,3 +138,27 @@ def test_checkpoint_on_file_weights_needs_that_file(tmp_path):
     save_file({k: v.contiguous() for k, v in other.model.state_dict().items()}, tmp_path / "other.safetensors")
     with pytest.raises(VitupError, match="weights_id"):
         load_checkpoint(path, weights=tmp_path / "other.safetensors")
+
+
+def test_old_format_checkpoints_are_refused_saying_what_to_do(saved):
+    _, path = saved
+    meta_path = path.with_suffix(".json")
+    meta = json.loads(meta_path.read_text())
+    meta["format"] = "vitup-checkpoint/1"
+    meta_path.write_text(json.dumps(meta))
+    with pytest.raises(VitupError) as info:
+        load_checkpoint(path)
+    message = str(info.value)
+    assert "\n" not in message and "vitup-checkpoint/1" in message
+    assert "retrain it with `vitup train`" in message and "vit-up:dinov3_splus" in message
+
+
+def test_checkpoints_record_the_resize_setting(tmp_path, images):
+    model = _randomise(tiny_vitup(seed=2, antialias=True))
+    path = save_checkpoint(tmp_path / "aa", model)
+    assert read_checkpoint_meta(path)["model"]["antialias"] is True
+    loaded = load_checkpoint(path).eval()
+    assert loaded.config.antialias is True
+    with torch.no_grad():
+        xy = torch.rand(2, 9, 2)
+        assert torch.equal(model.query(images, xy), loaded.query(images, xy))

@@ -35,7 +35,7 @@ from vitup_cli.stores import open_store, store_status
 ROOT = Path(__file__).resolve().parents[1]
 runner = CliRunner()
 BACKBONE = ["--backbone", "dinov3_s", "--pretrained", "none", "--backbone-args", "depth=2,embed_dim=64,num_heads=1"]
-TINY_ARGS = [*BACKBONE, "--input-size", "64", "--workers", "0"]
+TINY_ARGS = [*BACKBONE, "--upsampler", "bilinear", "--input-size", "64", "--workers", "0"]
 GOOD = [
     "a.jpg",
     "anim.gif",
@@ -324,7 +324,7 @@ def test_disk_space_preflight(tmp_path, monkeypatch):
 
 def test_workers_hdf5_and_zarr_give_the_same_features(tmp_path):
     images = _folder(tmp_path / "in", n=7)
-    base = ["--res", "24,20", "--batch-size", "3", *BACKBONE, "--input-size", "64"]
+    base = ["--res", "24,20", "--batch-size", "3", *BACKBONE, "--upsampler", "bilinear", "--input-size", "64"]
     assert _cli(images, "--out", tmp_path / "a.zarr", *base, "--workers", "0").exit_code == 0
     assert _cli(images, "--out", tmp_path / "b.zarr", *base, "--workers", "2").exit_code == 0
     assert _cli(images, "--out", tmp_path / "c.h5", *base, "--workers", "0").exit_code == 0
@@ -384,7 +384,7 @@ def test_explicit_upsampler_with_a_checkpoint_is_refused(tmp_path):
 def test_lowres_upsampler_stores_the_token_grid(tmp_path):
     images = _folder(tmp_path / "in", n=2)
     out = tmp_path / "l.h5"
-    assert _cli(images, "--out", out, "--upsampler", "lowres", "--res", "99", *TINY_ARGS).exit_code == 0
+    assert _cli(images, "--out", out, "--res", "99", *TINY_ARGS, "--upsampler", "lowres").exit_code == 0
     with open_store(out) as store:
         assert store.shape == (2, 64, 4, 4) and store.attrs["res"] == [4, 4]
 
@@ -425,7 +425,7 @@ def test_rich_progress_and_resume_of_a_finished_hdf5_store(tmp_path):
     images = _folder(tmp_path / "in", n=3)
     config = ExtractConfig(
         images, tmp_path / "r.h5", res=(8, 8), backbone="dinov3_s", pretrained="none", backbone_args=TINY,
-        input_size=64, workers=0,
+        upsampler="bilinear", input_size=64, workers=0,
     )  # fmt: skip
     assert run_extract(config, reporter=RichReporter()).done == 3
     before = _store_digest(tmp_path / "r.h5")
@@ -439,7 +439,7 @@ def test_api_returns_a_summary(tmp_path):
     images = _folder(tmp_path / "in", n=5)
     config = ExtractConfig(
         images, tmp_path / "api.h5", res=(8, 8), backbone="dinov3_s", pretrained="none", backbone_args=TINY,
-        input_size=64, workers=0, batch_size=2,
+        upsampler="bilinear", input_size=64, workers=0, batch_size=2,
     )  # fmt: skip
     summary = run_extract(config, reporter=SilentReporter())
     assert (summary.total, summary.done, summary.failed, summary.skipped, summary.processed) == (5, 5, 0, 0, 5)

@@ -413,6 +413,39 @@ def test_train_checkpoint_loads_in_the_upsampler_interface(finished_run, image_d
     assert torch.equal(loaded[lora].detach(), state.model[lora]) and state.model[lora].abs().sum() > 0
 
 
+def test_init_from_a_checkpoint_or_an_official_file(finished_run, image_dir, tmp_path):
+    """`--init-from` starts a run from existing ViT-Up weights (upsampler + LoRA) of the same shape."""
+    from safetensors.torch import save_file
+
+    from vitup_cli.checkpoints import init_from, load_checkpoint
+    from vitup_cli.official import official_state
+
+    _, result = finished_run
+    source = load_checkpoint(result.last_checkpoint)
+    fresh = train_loop.build_model(tiny_config(image_dir, tmp_path / "a", seed=5))
+    assert not torch.equal(fresh.decoders[2][1].weight, source.decoders[2][1].weight)
+    init_from(fresh, result.last_checkpoint)
+    for (name, a), (_, b) in zip(fresh.state_dict().items(), source.state_dict().items(), strict=True):
+        assert torch.equal(a, b), name
+    release = tmp_path / "release.safetensors"
+    save_file(official_state(source), release)
+    # a fine-tuning run from the official layout: after two steps at lr 1e-12 the weights are the source's
+    run = train_loop.train(
+        tiny_config(image_dir, tmp_path / "ft", steps=2, lr=1e-12, min_lr=0.0, seed=7, init_from=str(release)),
+        reporter=train_loop.NullReporter(),
+    )
+    tuned = load_checkpoint(run.last_checkpoint)
+    for (name, a), b in zip(tuned.upsampler_parameters(), dict(source.upsampler_parameters()).values(), strict=True):
+        assert torch.allclose(a, b, atol=1e-6), name
+    lora = dict(source.backbone.lora_parameters())
+    for name, a in tuned.backbone.lora_parameters():
+        assert torch.allclose(a, lora[name], atol=1e-6), name
+    assert json.loads((Path(run.run_dir) / "config.json").read_text())["config"]["init_from"] == str(release)
+    other = train_loop.build_model(tiny_config(image_dir, tmp_path / "b", num_blocks=3, taps=[0, 1, 1, 2]))
+    with pytest.raises(VitupError, match="unknown key|does not fit|has shape"):
+        init_from(other, release)
+
+
 def test_extract_accepts_a_train_checkpoint(finished_run, image_dir, tmp_path):
     _, result = finished_run
     store = tmp_path / "f.zarr"

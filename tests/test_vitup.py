@@ -5,7 +5,16 @@ from conftest import tiny_backbone, tiny_vitup
 from vitup_cli.backbones import load_backbone
 from vitup_cli.errors import VitupError
 from vitup_cli.models import ViTUp, ViTUpConfig
-from vitup_cli.models.vitup import CrossAttention, apply_rope, fourier_code, rope_angles, window_index
+from vitup_cli.models.vitup import (
+    CrossAttention,
+    apply_rope,
+    fourier_code,
+    fourier_freqs,
+    nearest_token,
+    parameter_summary,
+    rope_angles,
+    window_index,
+)
 
 
 def _randomise(model):
@@ -23,9 +32,11 @@ def test_paper_parameter_count_for_dinov3_splus():
     model = ViTUp(bb)
     upsampler = sum(p.numel() for _, p in model.upsampler_parameters())
     lora = sum(p.numel() for _, p in bb.lora_parameters())
-    total = upsampler + lora
-    print(f"ViT-Up on dinov3_s+: {upsampler / 1e6:.2f}M upsampler + {lora / 1e6:.2f}M LoRA = {total / 1e6:.2f}M")
-    assert abs(total - 24.9e6) / 24.9e6 < 0.05
+    # the reference's counts exactly: separate q, k, v, o LoRAs (rank 16) and the patch-embedding LoRA
+    assert upsampler == 24_273_792 and lora == 608_256
+    summary = parameter_summary(model)
+    print(summary)
+    assert summary == "24.27M upsampler + 0.61M LoRA = 24.88M parameters"
     assert len(model.blocks) == 6 and len(model.decoders) == 7
     assert model.blocks[0].attn.num_heads == 6
 
@@ -93,14 +104,81 @@ def test_rope_uses_both_axes():
     assert torch.count_nonzero(b[0, 4:]) == 4 and torch.count_nonzero(b[0, :4]) == 0
 
 
-def test_fourier_code_is_66_dims():
-    code = fourier_code(torch.zeros(3, 2))
-    assert code.shape == (3, 66)
+def test_rope_rotates_adjacent_pairs_x_in_the_first_half_of_each_head():
+    """The reference's layout: pair i is channels (2i, 2i+1); a shift in x moves only the first half."""
+    t = torch.randn(1, 1, 1, 16)
+    moved_x = apply_rope(t, rope_angles(torch.tensor([[[0.3, 0.0]]]), 16)[:, None])
+    moved_y = apply_rope(t, rope_angles(torch.tensor([[[0.0, 0.3]]]), 16)[:, None])
+    assert not torch.allclose(moved_x[..., :8], t[..., :8]) and torch.equal(moved_x[..., 8:], t[..., 8:])
+    assert not torch.allclose(moved_y[..., 8:], t[..., 8:]) and torch.equal(moved_y[..., :8], t[..., :8])
+    # pair (0, 1) at angle 2 pi * 0.3 (period 1 token): a plain 2D rotation of those two channels
+    ang = torch.tensor(2 * torch.pi * 0.3)
+    x0, x1 = t[..., 0], t[..., 1]
+    assert torch.allclose(moved_x[..., 0], x0 * ang.cos() - x1 * ang.sin(), atol=1e-6)
+    assert torch.allclose(moved_x[..., 1], x0 * ang.sin() + x1 * ang.cos(), atol=1e-6)
+    assert torch.allclose(moved_x.norm(), t.norm(), atol=1e-5)
+
+
+def test_fourier_code_layout_follows_the_reference():
+    freqs = fourier_freqs(16, 10.0)
+    assert torch.allclose(freqs, torch.logspace(0, 1, 16), atol=1e-5)  # 1 .. 10, log-spaced
+    offset = torch.tensor([[0.25, -0.4]])
+    code = fourier_code(offset, freqs)
+    assert code.shape == (1, 66)
+    assert torch.equal(code[0, :2], offset[0])  # raw offset first
+    assert torch.allclose(code[0, 2:18], torch.sin(torch.pi * 0.25 * freqs))  # sin, x bands
+    assert torch.allclose(code[0, 18:34], torch.sin(torch.pi * -0.4 * freqs))  # sin, y bands
+    assert torch.allclose(code[0, 34:50], torch.cos(torch.pi * 0.25 * freqs))  # cos, x bands
+    assert torch.allclose(code[0, 50:66], torch.cos(torch.pi * -0.4 * freqs))
+
+
+def test_nearest_token_rounds_half_to_even_at_exact_boundaries():
+    """A 14-wide grid over 28 tokens puts every query on a token boundary (x * 28 - 0.5 = 2j + 0.5)."""
+    xs = (torch.arange(14, dtype=torch.float32) + 0.5) / 14
+    xy = torch.stack([xs, torch.full_like(xs, 0.5 / 28)], dim=-1)[None]
+    ids, offset = nearest_token(xy, 28, 28)
+    cols = ids[0] % 28
+    expected = torch.tensor([round(2 * j + 0.5) for j in range(14)])  # Python rounds half to even too
+    assert torch.equal(cols, expected)
+    assert torch.allclose(offset[0, :, 0].abs(), torch.full((14,), 0.5), atol=1e-5)
+    inside, off = nearest_token(torch.tensor([[[0.999, 0.001]]]), 28, 28)
+    assert int(inside) == 27 and torch.all(off.abs() <= 0.5 + 1e-5)
+
+
+def test_tap_zero_is_the_raw_patch_embedding():
+    bb = tiny_backbone()
+    x = bb.normalize(torch.rand(1, 3, 64, 64))
+    with torch.no_grad():
+        tap0 = bb.hidden_states(x, [0])[0]
+        assert torch.allclose(tap0, bb.patch_embed_grid(x), atol=1e-6)
+
+
+def test_resize_antialias_is_a_recorded_setting(images):
+    plain = _randomise(tiny_vitup())
+    smooth = tiny_vitup(antialias=True)
+    smooth.load_state_dict(plain.state_dict())
+    big = torch.rand(1, 3, 300, 260, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        ref = torch.nn.functional.interpolate(plain.backbone.normalize(big), size=(64, 64), mode="bilinear")
+        assert torch.allclose(plain.prepare(big), ref, atol=1e-5)  # normalise, then resize without antialias
+        assert not torch.allclose(smooth.prepare(big), ref, atol=1e-3)
+        xy = torch.rand(1, 20, 2)
+        assert not torch.allclose(plain.query(big, xy), smooth.query(big, xy), atol=1e-4)
+
+
+def test_normalising_before_the_resize_equals_after():
+    bb = tiny_backbone()
+    img = torch.rand(1, 3, 97, 131, generator=torch.Generator().manual_seed(2))
+    for antialias in (False, True):
+        kw = {"size": (256, 256), "mode": "bilinear", "align_corners": False, "antialias": antialias}
+        before = torch.nn.functional.interpolate(bb.normalize(img), **kw)
+        after = bb.normalize(torch.nn.functional.interpolate(img, **kw))
+        assert (before - after).abs().max() < 1e-5
 
 
 def test_film_is_identity_at_init():
     model = tiny_vitup()
-    token, code = torch.randn(4, 64), fourier_code(torch.rand(4, 2) - 0.5)
+    token, code = torch.randn(4, 64), fourier_code(torch.rand(4, 2) - 0.5, fourier_freqs())
     for block in model.blocks:
         assert torch.equal(block.featx.modulate(token, code), token)
 

@@ -17,6 +17,7 @@ from vitup_cli.errors import VitupError
 TINY = dict(depth=2, embed_dim=64, num_heads=1)
 TINY_ARGS = ["--backbone", "dinov3_s", "--pretrained", "none", "--backbone-args", "depth=2,embed_dim=64,num_heads=1"]
 TINY_ARGS += ["--input-size", "64", "--res", "24", "--dpi", "40", "--panel-size", "1.5", "--device", "cpu"]
+PAIR = ["--compare", "bilinear,nearest"]  # without --checkpoint or --compare, visualize wants the published ViT-Up
 
 
 def _photo(path, h=48, w=64, seed=0):
@@ -262,7 +263,7 @@ def test_checkpoint_draws_vitup_beside_teacher_baselines(photo, tmp_path, tiny_c
 
 # -- the CLI -----------------------------------------------------------------------------------------
 def test_cli_default_name_and_no_silent_overwrite(photo):
-    result = _run(photo, "--point", "10,12", *TINY_ARGS)
+    result = _run(photo, "--point", "10,12", *PAIR, *TINY_ARGS)
     assert result.exit_code == 0, result.output
     out = photo.with_name("photo.vitup.png")
     assert out.is_file() and "2x4 panels" in result.output
@@ -270,7 +271,7 @@ def test_cli_default_name_and_no_silent_overwrite(photo):
     os.umask(umask)
     assert out.stat().st_mode & 0o777 == 0o666 & ~umask  # a normal file, not the temp file's 0600
     before = out.read_bytes()
-    line = _error_line(_run(photo, *TINY_ARGS))
+    line = _error_line(_run(photo, *PAIR, *TINY_ARGS))
     assert "already exists" in line and "--overwrite" in line
     assert out.read_bytes() == before
     assert _run(photo, "--overwrite", "--compare", "nearest", *TINY_ARGS).exit_code == 0
@@ -280,15 +281,17 @@ def test_cli_default_name_and_no_silent_overwrite(photo):
 def test_cli_bad_inputs_give_one_line_and_exit_2(photo, tmp_path):
     (tmp_path / "junk.jpg").write_text("not an image")
     cases = {
-        "no such image": [tmp_path / "missing.jpg", *TINY_ARGS],
-        "outside photo.png": [photo, "--point", "64,10", *TINY_ARGS],
-        "X,Y": [photo, "--point", "3;4", *TINY_ARGS],
+        "no such image": [tmp_path / "missing.jpg", *PAIR, *TINY_ARGS],
+        "outside photo.png": [photo, "--point", "64,10", *PAIR, *TINY_ARGS],
+        "X,Y": [photo, "--point", "3;4", *PAIR, *TINY_ARGS],
         "needs --checkpoint": [photo, "--compare", "vitup", *TINY_ARGS],
         "unknown method 'bicubic'": [photo, "--compare", "bicubic", *TINY_ARGS],
         "--index selects rows": [photo, "--index", "0", *TINY_ARGS],
-        "cannot read this image": [tmp_path / "junk.jpg", *TINY_ARGS],
-        "ending in .png": [photo, "--out", tmp_path / "x.jpg", *TINY_ARGS],
-        "--res 0": [photo, *TINY_ARGS, "--res", "0"],
+        "cannot read this image": [tmp_path / "junk.jpg", *PAIR, *TINY_ARGS],
+        "ending in .png": [photo, "--out", tmp_path / "x.jpg", *PAIR, *TINY_ARGS],
+        "--res 0": [photo, *PAIR, *TINY_ARGS, "--res", "0"],
+        "no published ViT-Up weights for backbone 'dinov3_s'": [photo, *TINY_ARGS],
+        "with --pretrained none": [photo, *TINY_ARGS, "--backbone", "dinov3_s+"],
     }
     for needle, args in cases.items():
         assert needle in _error_line(_run(*args)), needle
@@ -498,7 +501,7 @@ def test_rows_of_a_store_made_by_vitup_extract(tmp_path, fit, monkeypatch, pca_s
     _photo(folder / "wide.png", h=30, w=80, seed=1)
     _photo(folder / "tall.png", h=70, w=40, seed=2)
     store = tmp_path / "feats.zarr"
-    flags = f"--res 16 --fit {fit} --tokens --pca 8 --dtype float32 --workers 0 --device cpu".split()
+    flags = f"--res 16 --fit {fit} --tokens --pca 8 --dtype float32 --workers 0 --device cpu -u bilinear".split()
     made = CliRunner().invoke(app, ["extract", str(folder), "--out", str(store), *flags, *TINY_ARGS[:8]])
     assert made.exit_code == 0, made.output
     # from here on, loading a model is an error

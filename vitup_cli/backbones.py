@@ -1,9 +1,14 @@
 """ViT backbones: friendly names -> timm models, weights, hidden-state taps, LoRA adapters.
 
-Tap convention (ViT-Up): tap ``0`` is the token sequence entering the first block (patch embedding,
-position embedding, prefix tokens dropped); tap ``i > 0`` is the residual stream after block ``i``.
-Every tap is normalised the way the network itself normalises it next: tap ``i < depth`` by block
-``i + 1``'s first LayerNorm, tap ``depth`` by the final norm. Taps are returned NCHW, ``(B, C, h, w)``.
+Tap convention (the ViT-Up reference's): tap ``0`` is the raw token sequence entering the first block
+(patch embedding, plus the position embedding where the model has one; prefix tokens dropped; *not*
+normalised); tap ``i > 0`` is the residual stream after block ``i``, normalised the way the network
+itself normalises it next: by block ``i + 1``'s first LayerNorm, tap ``depth`` by the final norm.
+Taps are returned NCHW, ``(B, C, h, w)``.
+
+LoRA (the reference's placement): the patch-embedding conv and the separate q, k, v and output
+projections of every block. timm fuses q, k and v into one ``qkv`` linear; ``add_lora`` first splits it
+into three modules holding the same weights (the same function), so that each gets its own adapter.
 """
 
 from __future__ import annotations
@@ -46,7 +51,7 @@ BACKBONES: dict[str, BackboneSpec] = {
 ALIASES: dict[str, str] = {"dinov3_splus": "dinov3_s+"}
 
 # Anchored so that only the backbone's own layers match (a bare "proj" also matches other modules).
-_LORA_TARGETS = r"^(patch_embed\.proj|blocks\.\d+\.attn\.(qkv|proj|q_proj|k_proj|v_proj))$"
+_LORA_TARGETS = r"^(patch_embed\.proj|blocks\.\d+\.attn\.(qkv\.)?(q_proj|k_proj|v_proj)|blocks\.\d+\.attn\.proj)$"
 
 
 def resolve_name(name: str) -> tuple[str, str | None]:
@@ -200,7 +205,7 @@ class Backbone(nn.Module):
         last = max(wanted)
         for i, block in enumerate(m.blocks):
             if i in wanted:
-                found[i] = block.norm1(tokens)
+                found[i] = tokens if i == 0 else block.norm1(tokens)
             if i >= last:
                 break
             if self._is_eva:
@@ -224,26 +229,52 @@ class Backbone(nn.Module):
 
     # -- LoRA -----------------------------------------------------------------------------------
     def add_lora(self, r: int = 16, alpha: float = 32, dropout: float = 0.05) -> None:
-        """Inject LoRA adapters (peft) on the patch embedding and attention projections.
+        """Inject LoRA adapters (peft) on the patch embedding and the q, k, v and output projections.
 
-        ``B`` is zero-initialised, so the adapted network equals the teacher until trained.
+        Fused ``qkv`` projections are split first (``split_qkv``). ``B`` is zero-initialised, so the
+        adapted network equals the teacher until trained.
         """
         if self.lora is not None:
             raise VitupError("LoRA adapters are already attached to this backbone")
         from peft import LoraConfig, inject_adapter_in_model
 
-        for block in self.model.blocks:
-            attn = block.attn
-            # `*_qkvb` models call F.linear(x, qkv.weight, bias) and bypass the adapter. Adding the bias
-            # after `self.qkv(x)` (timm's `qkv_bias_separate` path) is the same function and lets it work.
-            if getattr(attn, "q_bias", None) is not None and hasattr(attn, "qkv_bias_separate"):
-                attn.qkv_bias_separate = True
+        self.split_qkv()
         config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=_LORA_TARGETS)
         inject_adapter_in_model(config, self.model)
         n_adapted = sum(1 for n, _ in self.model.named_modules() if n.endswith("lora_A"))
         if n_adapted == 0:
             raise VitupError(f"no LoRA target found in {self.timm_name} (looked for {_LORA_TARGETS})")
         self.lora = {"r": r, "alpha": alpha, "dropout": dropout}
+
+    def split_qkv(self) -> None:
+        """Replace every fused ``qkv`` linear by separate ``q_proj``, ``k_proj``, ``v_proj`` modules with
+        the same weights (and biases): the same function, but one module per projection.
+
+        timm's Eva (DINOv3) has an unfused path of its own (``attn.q_proj`` ...); other timm ViTs get
+        ``attn.qkv`` replaced by a module that concatenates the three outputs.
+        """
+        for block in self.model.blocks:
+            attn = block.attn
+            qkv = getattr(attn, "qkv", None)
+            if not isinstance(qkv, nn.Linear):
+                continue
+            wq, wk, wv = qkv.weight.detach().chunk(3, dim=0)
+            if hasattr(attn, "q_proj") and hasattr(attn, "q_bias"):  # timm Eva
+                q_bias, v_bias = attn.q_bias, attn.v_bias
+                k_bias = getattr(attn, "k_bias", None)
+                if k_bias is not None and torch.count_nonzero(k_bias):
+                    raise VitupError(f"{self.timm_name}: a non-zero k bias cannot be split (not a DINOv3 model?)")
+                attn.q_proj = _linear(wq, None if q_bias is None else q_bias.detach())
+                attn.k_proj = _linear(wk, None)
+                attn.v_proj = _linear(wv, None if v_bias is None else v_bias.detach())
+                attn.qkv = None
+                attn.q_bias = attn.v_bias = None
+                if "k_bias" in attn._buffers:
+                    del attn._buffers["k_bias"]
+                attn.k_bias = None
+            else:
+                b = qkv.bias.detach().chunk(3) if qkv.bias is not None else (None, None, None)
+                attn.qkv = _SplitQKV(_linear(wq, b[0]), _linear(wk, b[1]), _linear(wv, b[2]))
 
     def lora_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
         for name, param in self.named_parameters():
@@ -283,6 +314,28 @@ class Backbone(nn.Module):
             "patch_size": self.patch_size,
             "lora": self.lora,
         }
+
+
+def _linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
+    out_f, in_f = weight.shape
+    layer = nn.Linear(in_f, out_f, bias=bias is not None, device=weight.device, dtype=weight.dtype)
+    with torch.no_grad():
+        layer.weight.copy_(weight)
+        if bias is not None:
+            layer.bias.copy_(bias)
+    layer.requires_grad_(False)
+    return layer
+
+
+class _SplitQKV(nn.Module):
+    """``qkv(x)`` as three projections: ``cat([q_proj(x), k_proj(x), v_proj(x)], -1)``."""
+
+    def __init__(self, q_proj: nn.Linear, k_proj: nn.Linear, v_proj: nn.Linear) -> None:
+        super().__init__()
+        self.q_proj, self.k_proj, self.v_proj = q_proj, k_proj, v_proj
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([self.q_proj(x), self.k_proj(x), self.v_proj(x)], dim=-1)
 
 
 def load_backbone(

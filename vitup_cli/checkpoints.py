@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import tempfile
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,10 @@ from vitup_cli.backbones import Backbone, load_backbone
 from vitup_cli.errors import VitupError
 from vitup_cli.models import Upsampler, ViTUp, ViTUpConfig, build_upsampler
 
-FORMAT = "vitup-checkpoint/1"
+#: 2: the reference's conventions (log-spaced Fourier bands, adjacent-pair RoPE, raw tap 0, nearest token
+#: half-to-even, separate q/k/v LoRAs, separate k/v projections, recorded resize antialiasing).
+FORMAT = "vitup-checkpoint/2"
+_OLD_FORMATS = {"vitup-checkpoint/1"}
 _PICKLE_SUFFIXES = {".pt", ".pth", ".ckpt", ".bin", ".pkl", ".pickle"}
 
 
@@ -132,6 +136,13 @@ def read_checkpoint_meta(path: str | Path) -> dict[str, Any]:
         meta = json.loads(meta_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise VitupError(f"checkpoint {meta_path}: not valid JSON ({exc})") from None
+    if isinstance(meta, dict) and meta.get("format") in _OLD_FORMATS:
+        raise VitupError(
+            f"checkpoint {meta_path}: written by an older vitup ({meta['format']}, before ViT-Up followed the "
+            "reference's Fourier bands, RoPE layout, tap 0 and LoRA placement); it cannot be converted exactly: "
+            f"retrain it with `vitup train` (now {FORMAT}) or use the official weights "
+            "(--checkpoint vit-up:dinov3_splus)"
+        )
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise VitupError(f"checkpoint {meta_path}: not a vitup checkpoint (format should be {FORMAT})")
     return meta
@@ -239,6 +250,81 @@ def _rebuild(
     return ViTUp(backbone, ViTUpConfig(**meta["model"]))
 
 
+def _is_vitup_checkpoint(path: Path) -> bool:
+    return checkpoint_paths(path)[1].is_file()
+
+
+def open_vitup(
+    ref: str | Path,
+    *,
+    weights: str | Path | None = None,
+    pretrained: str = "hub",
+    antialias: bool | None = None,
+    map_location: str | torch.device = "cpu",
+    notify: Callable[[str], None] | None = None,
+) -> ViTUp:
+    """The one way to get a ViT-Up from what a user typed after ``--checkpoint``.
+
+    ``ref``: a release short name (``vit-up:dinov3_splus``), ``hf:ORG/REPO/FILE``, a local copy of an
+    official ``.safetensors`` file, or a vitup checkpoint (``NAME``, ``NAME.safetensors``, ``NAME.json``).
+    The model carries ``weights_info`` (source, file sha256, release, licence) for store metadata;
+    ``notify`` receives the licence line of a release, once per process. ``antialias`` overrides the
+    recorded resize setting (official weights: the reference's, no antialiasing).
+    """
+    from vitup_cli.backbones import sha256_file
+    from vitup_cli.official import is_official_layout, load_official, safetensors_keys
+    from vitup_cli.weights import licence_notice, resolve_weights
+
+    resolved = resolve_weights(ref)
+    path = resolved.path
+    if resolved.release is None and _is_vitup_checkpoint(path):
+        model = load_checkpoint(path, weights=weights, pretrained=pretrained, map_location=map_location)
+        file = checkpoint_paths(path)[0]
+    else:
+        _refuse_pickle(path)
+        if not path.is_file():
+            raise VitupError(
+                f"--checkpoint {ref}: no such file; pass a vitup checkpoint (NAME.safetensors + NAME.json), "
+                "an official ViT-Up .safetensors file, hf:ORG/REPO/FILE, or vit-up:dinov3_splus / vit-up:dinov3_b"
+            )
+        keys = safetensors_keys(path)
+        if not is_official_layout(keys):
+            raise VitupError(
+                f"--checkpoint {ref}: {path.name} is neither a vitup checkpoint (no {checkpoint_paths(path)[1].name} "
+                "beside it) nor an official ViT-Up release (no vit_up_blocks.* keys)"
+            )
+        model = load_official(
+            path,
+            release=resolved.release,
+            weights=weights,
+            pretrained=pretrained,
+            map_location=map_location,
+            label=f"--checkpoint {ref}",
+        )
+        file = path
+    if antialias is not None:
+        model.config.antialias = bool(antialias)
+    release = resolved.release or getattr(model, "release", None)
+    model.weights_info = {
+        "checkpoint": resolved.source,
+        "file_sha256": sha256_file(file),
+        "release": release.name if release else None,
+        "licence": release.licence if release else None,
+        "antialias": model.config.antialias,
+    }
+    if release is not None:
+        line = licence_notice(release)
+        if line:
+            (notify or _stderr)(line)
+    return model.eval()
+
+
+def _stderr(message: str) -> None:
+    import sys
+
+    print(message, file=sys.stderr)
+
+
 def open_upsampler(
     upsampler: str = "bilinear",
     *,
@@ -249,12 +335,99 @@ def open_upsampler(
     overrides: dict[str, Any] | None = None,
     input_size: int | None = None,
     device: str | torch.device = "cpu",
+    notify: Callable[[str], None] | None = None,
 ) -> Upsampler:
-    """The one way downstream commands get an upsampler: a checkpoint means ViT-Up (its own backbone);
-    otherwise a training-free upsampler by name over the named backbone."""
+    """The one way downstream commands get an upsampler: a checkpoint (any form ``open_vitup`` takes)
+    means ViT-Up (its own backbone); otherwise a training-free upsampler by name over the named backbone."""
     if checkpoint is not None:
-        return load_checkpoint(checkpoint, weights=weights, pretrained=pretrained, map_location=device).eval()
+        return open_vitup(checkpoint, weights=weights, pretrained=pretrained, map_location=device, notify=notify)
     if upsampler == "vitup":
-        raise VitupError("--upsampler vitup needs --checkpoint (train one with `vitup train`)")
+        raise VitupError(
+            "--upsampler vitup needs --checkpoint (vit-up:dinov3_splus, vit-up:dinov3_b, or one from `vitup train`)"
+        )
     bb = load_backbone(backbone, weights=weights, pretrained=pretrained, overrides=overrides)
     return build_upsampler(upsampler, bb, input_size=input_size).to(device).eval()
+
+
+def default_checkpoint(
+    backbone: str,
+    *,
+    pretrained: str = "hub",
+    overrides: dict[str, Any] | None = None,
+    alternative: str = "--upsampler bilinear",
+) -> str:
+    """The official release for ``backbone``, used when a command gets neither --checkpoint nor an
+    upsampler; one clear line naming the choices where there is none (or it cannot apply)."""
+    from vitup_cli.backbones import ALIASES
+    from vitup_cli.weights import DEFAULT_RELEASE
+
+    key = ALIASES.get(backbone, backbone)
+    known = ", ".join(f"{r} ({b})" for b, r in DEFAULT_RELEASE.items())
+    if key not in DEFAULT_RELEASE:
+        raise VitupError(
+            f"ViT-Up needs --checkpoint: there are no published ViT-Up weights for backbone '{backbone}' "
+            f"(only {known}); pass --checkpoint (a run of `vitup train` or a release) or {alternative}"
+        )
+    if pretrained == "none" or overrides:
+        flag = "--pretrained none" if pretrained == "none" else "--backbone-args"
+        raise VitupError(
+            f"ViT-Up needs --checkpoint with {flag}: the published weights ({DEFAULT_RELEASE[key]}) only fit the "
+            f"DINOv3 weights they were trained on; pass --checkpoint (a run of `vitup train`) or {alternative}"
+        )
+    return DEFAULT_RELEASE[key]
+
+
+def init_from(model: ViTUp, ref: str | Path, notify: Callable[[str], None] | None = None) -> str:
+    """Copy ViT-Up weights (upsampler + LoRA; the base weights of a random-init source too) from ``ref``
+    (any form ``open_vitup`` takes) into ``model``, which must have the same backbone and shape.
+    Returns the source as the user can type it again."""
+    from safetensors.torch import load_file
+
+    from vitup_cli.backbones import ALIASES
+    from vitup_cli.official import is_official_layout, load_official_state, safetensors_keys
+    from vitup_cli.weights import licence_notice, resolve_weights
+
+    label = f"--init-from {ref}"
+    resolved = resolve_weights(ref)
+    path = resolved.path
+    if resolved.release is None and _is_vitup_checkpoint(path):
+        meta = read_checkpoint_meta(path)
+        included = bool(meta.get("backbone_included"))
+        diffs = _differences(model.backbone, meta["backbone"], included)
+        if diffs:
+            raise VitupError(f"{label} is for another backbone ({'; '.join(diffs)})")
+        tensors = load_file(str(checkpoint_paths(path)[0]))
+        own = dict(model.upsampler_parameters())
+        base = model.backbone.model.state_dict() if included else dict(model.backbone.lora_parameters())
+        expected = {f"upsampler.{n}" for n in own} | {f"backbone.{n}" for n in base}
+        if set(tensors) != expected:
+            missing, extra = sorted(expected - set(tensors))[:3], sorted(set(tensors) - expected)[:3]
+            raise VitupError(
+                f"{label}: its tensors do not fit this run's model (missing {missing}, unexpected {extra})"
+            )
+        with torch.no_grad():
+            for name, value in tensors.items():
+                kind, _, key = name.partition(".")
+                target = (own if kind == "upsampler" else base)[key]
+                if target.shape != value.shape:
+                    raise VitupError(
+                        f"{label}: {name} has shape {list(value.shape)}, this run needs {list(target.shape)}"
+                    )
+                target.copy_(value)
+        return resolved.source
+    _refuse_pickle(path)
+    if not path.is_file():
+        raise VitupError(f"{label}: no such file")
+    if not is_official_layout(safetensors_keys(path)):
+        raise VitupError(f"{label}: {path.name} is neither a vitup checkpoint nor an official ViT-Up release")
+    release = resolved.release
+    if release is not None:
+        wanted = ALIASES.get(release.backbone, release.backbone)
+        have = ALIASES.get(model.backbone.name, model.backbone.name)
+        if wanted != have:
+            raise VitupError(f"{label} is for backbone {release.backbone}: use --backbone {release.backbone}")
+        line = licence_notice(release)
+        if line:
+            (notify or _stderr)(line)
+    load_official_state(model, load_file(str(path)), label)
+    return resolved.source

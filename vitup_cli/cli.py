@@ -105,12 +105,13 @@ def backbones_cmd() -> None:
     from rich.table import Table
 
     from vitup_cli.backbones import ALIASES, BACKBONES
+    from vitup_cli.weights import DEFAULT_RELEASE
 
-    table = Table("name", "timm model", "hub tag", "notes")
+    table = Table("name", "timm model", "hub tag", "published ViT-Up", "notes")
     aliases = {v: k for k, v in ALIASES.items()}
     for name, spec in BACKBONES.items():
         shown = f"{name} ({aliases[name]})" if name in aliases else name
-        table.add_row(shown, spec.timm_name, spec.tag or "-", spec.note)
+        table.add_row(shown, spec.timm_name, spec.tag or "-", DEFAULT_RELEASE.get(name, "-"), spec.note)
     Console().print(table)
 
 
@@ -180,6 +181,15 @@ def train_cmd(
     ] = _TRAIN_DEFAULTS.embed_grid,
     window: Annotated[
         int | None, _opt(_MODEL, "--window", help="Cross-attention window in tokens (default: global).")
+    ] = None,
+    init_from: Annotated[
+        str | None,
+        _opt(
+            _MODEL,
+            "--init-from",
+            help="Fine-tune from ViT-Up weights: vit-up:dinov3_splus, vit-up:dinov3_b, hf:ORG/REPO/FILE, an "
+            "official .safetensors file or a vitup checkpoint (same backbone and shape as this run).",
+        ),
     ] = None,
     canvas: Annotated[
         int | None, _opt(_SIZES, "--canvas", help="Student canvas side in px (default: input tokens x patch = 448).")
@@ -304,7 +314,13 @@ def extract_cmd(
     ] = "224",
     checkpoint: Annotated[
         Path | None,
-        typer.Option("--checkpoint", "-c", rich_help_panel=_EX_MODEL, help="A ViT-Up checkpoint from `vitup train`."),
+        typer.Option(
+            "--checkpoint",
+            "-c",
+            rich_help_panel=_EX_MODEL,
+            help="ViT-Up weights: vit-up:dinov3_splus, vit-up:dinov3_b, hf:ORG/REPO/FILE, an official "
+            ".safetensors file, or a checkpoint from `vitup train`; brings its own backbone.",
+        ),
     ] = None,
     upsampler: Annotated[
         str | None,
@@ -312,7 +328,8 @@ def extract_cmd(
             "--upsampler",
             "-u",
             rich_help_panel=_EX_MODEL,
-            help="Without --checkpoint: bilinear (default), nearest or lowres. With one: vitup (implied).",
+            help="bilinear, nearest or lowres instead of ViT-Up. Default: vitup (--checkpoint, else the published "
+            "weights of the backbone: dinov3_s+, dinov3_b).",
         ),
     ] = None,
     backbone: BackboneOpt = "dinov3_s+",
@@ -491,7 +508,13 @@ def probe_cmd(
     ] = 10.0,
     checkpoint: Annotated[
         Path | None,
-        typer.Option("--checkpoint", "-c", rich_help_panel=_PR_MODEL, help="A ViT-Up checkpoint from `vitup train`."),
+        typer.Option(
+            "--checkpoint",
+            "-c",
+            rich_help_panel=_PR_MODEL,
+            help="ViT-Up weights: vit-up:dinov3_splus, vit-up:dinov3_b, hf:ORG/REPO/FILE, an official "
+            ".safetensors file, or a checkpoint from `vitup train`; brings its own backbone.",
+        ),
     ] = None,
     upsampler: Annotated[
         str | None,
@@ -793,7 +816,8 @@ def visualize_cmd(
             "--checkpoint",
             "-c",
             rich_help_panel=_VIZ_MODEL,
-            help="ViT-Up checkpoint (NAME or NAME.safetensors beside NAME.json); brings its own backbone.",
+            help="ViT-Up weights: vit-up:dinov3_splus, vit-up:dinov3_b, hf:ORG/REPO/FILE, an official "
+            ".safetensors file, or a checkpoint from `vitup train`; brings its own backbone.",
         ),
     ] = None,
     compare: Annotated[
@@ -801,8 +825,8 @@ def visualize_cmd(
         typer.Option(
             "--compare",
             rich_help_panel=_VIZ_MODEL,
-            help="Methods to draw, from vitup,bilinear,nearest,lowres (default: vitup,bilinear with "
-            "--checkpoint, else bilinear,nearest). The low-res tokens are always drawn.",
+            help="Methods to draw, from vitup,bilinear,nearest,lowres (default: vitup,bilinear; without "
+            "--checkpoint vitup is the backbone's published weights). The low-res tokens are always drawn.",
         ),
     ] = None,
     res: Annotated[
@@ -878,11 +902,12 @@ def visualize_cmd(
             device=device,
             seed=seed,
         )
+        model = viz.with_default_checkpoint(model, compare, log)
         result = viz.visualize_images(
             inputs,
             out,
             model=model,
-            compare=viz.parse_compare(compare, checkpoint is not None),
+            compare=viz.parse_compare(compare, model.checkpoint is not None),
             res=res,
             points=points,
             options=options,

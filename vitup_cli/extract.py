@@ -34,7 +34,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -230,7 +230,7 @@ class ExtractConfig:
     images: str | Path
     out: str | Path
     res: tuple[int, int] = (224, 224)
-    upsampler: str | None = None  # None: vitup with a checkpoint, else bilinear
+    upsampler: str | None = None  # None: vitup (the checkpoint, else the backbone's published weights)
     checkpoint: str | Path | None = None
     backbone: str = "dinov3_s+"
     weights: str | Path | None = None
@@ -683,7 +683,9 @@ def _validate(config: ExtractConfig) -> None:
     parse_res(config.res)
 
 
-def _build_upsampler(config: ExtractConfig, device: torch.device) -> Upsampler:
+def _build_upsampler(
+    config: ExtractConfig, device: torch.device, notify: Callable[[str], None] | None = None
+) -> Upsampler:
     from vitup_cli.checkpoints import open_upsampler
 
     if config.checkpoint is not None and config.upsampler not in {None, "vitup"}:
@@ -702,6 +704,7 @@ def _build_upsampler(config: ExtractConfig, device: torch.device) -> Upsampler:
             overrides=config.backbone_args,
             input_size=config.input_size if config.checkpoint is None else None,
             device=device,
+            notify=notify,
         )
     except ValueError as exc:
         raise VitupError(f"--input-size {config.input_size}: {exc}") from None
@@ -744,7 +747,8 @@ def _settings(
     return {
         "images": {"count": len(paths), "sha256": hashlib.sha256("\n".join(paths).encode()).hexdigest()},
         "upsampler": upsampler.name,
-        "checkpoint_sha256": sha256_file(_checkpoint_file(checkpoint)) if checkpoint else None,
+        "checkpoint_sha256": _checkpoint_sha256(upsampler, checkpoint),
+        "antialias": getattr(getattr(upsampler, "config", None), "antialias", None),
         "model_sha256": model_fingerprint(upsampler),
         "backbone": {k: bb[k] for k in ("timm_name", "weights_id", "overrides", "taps", "embed_dim", "depth", "lora")},
         "tap": tap,
@@ -757,6 +761,13 @@ def _settings(
         "pca_images": config.pca_images if config.pca else None,
         "lowres": bool(config.lowres),
     }
+
+
+def _checkpoint_sha256(upsampler: Upsampler, checkpoint: str | Path | None) -> str | None:
+    info = getattr(upsampler, "weights_info", None)
+    if info is not None:
+        return info["file_sha256"]
+    return sha256_file(_checkpoint_file(checkpoint)) if checkpoint else None
 
 
 def _checkpoint_file(checkpoint: str | Path) -> Path:
@@ -886,7 +897,13 @@ def _run(
 
     paths, files, root = dist_ctx.on_rank0(listing)
     device = _device(config.device, dist_ctx)
-    upsampler = _build_upsampler(config, device) if upsampler is None else upsampler.to(device)
+    if upsampler is None and config.checkpoint is None and config.upsampler is None:
+        from vitup_cli.checkpoints import default_checkpoint
+
+        release = default_checkpoint(config.backbone, pretrained=config.pretrained, overrides=config.backbone_args)
+        reporter.info(f"no --checkpoint or --upsampler: ViT-Up with the published weights {release}")
+        config = replace(config, checkpoint=release)
+    upsampler = _build_upsampler(config, device, reporter.info) if upsampler is None else upsampler.to(device)
     upsampler.eval()
     if upsampler.backbone.random_init:
         reporter.info(
@@ -1064,6 +1081,9 @@ def _prepare(
         "seed": config.seed if backbone.random_init else None,
         "checkpoint": str(config.checkpoint) if config.checkpoint else None,
         "checkpoint_sha256": settings["checkpoint_sha256"],
+        "weights_release": (getattr(upsampler, "weights_info", None) or {}).get("release"),
+        "weights_licence": (getattr(upsampler, "weights_info", None) or {}).get("licence"),
+        "resize_antialias": settings["antialias"],
         "upsampler": upsampler.name,
         "tap": tap,
         "input_size": upsampler.input_size,

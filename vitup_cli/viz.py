@@ -20,7 +20,7 @@ import io
 import math
 import os
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -511,26 +511,51 @@ def methods_to_draw(names: Sequence[str] | None, has_checkpoint: bool) -> list[s
     return seen
 
 
+def with_default_checkpoint(model: ModelOptions, compare: str | None, log: Log | None = None) -> ModelOptions:
+    """With neither --checkpoint nor --compare (or --compare naming vitup without a checkpoint): the
+    published ViT-Up weights of the chosen backbone, said in one line; otherwise ``model`` unchanged."""
+    from vitup_cli.checkpoints import default_checkpoint
+
+    wants_vitup = compare is None or "vitup" in [c.strip() for c in compare.split(",")]
+    if model.checkpoint is not None or not wants_vitup:
+        return model
+    release = default_checkpoint(
+        model.backbone, pretrained=model.pretrained, overrides=model.overrides, alternative="--compare bilinear,nearest"
+    )
+    if log is not None:
+        log(f"no --checkpoint: ViT-Up with the published weights {release} for {model.backbone}")
+    from vitup_cli.weights import resolve_weights
+
+    try:  # offline without the file: the same one line, with this command's training-free choice
+        resolve_weights(release)
+    except VitupError as exc:
+        raise VitupError(str(exc).replace("--upsampler bilinear", "--compare bilinear,nearest")) from None
+    return replace(model, checkpoint=release)
+
+
 def _describe_source(up: Any, checkpoint: Path | None) -> str:
     bb = up.backbone
     weights = bb.weights_id
     if weights.startswith("file:"):
         weights = weights.split("@", 1)[0]
     what = f"backbone {bb.name} [{weights}] · input {up.input_size} px"
-    if checkpoint is not None:
+    release = (getattr(up, "weights_info", None) or {}).get("release")
+    if release is not None:
+        what = f"ViT-Up {release} ({up.weights_info['licence'].split(' ')[0]}) · " + what
+    elif checkpoint is not None:
         what = f"ViT-Up checkpoint {Path(checkpoint).name} · " + what
     if bb.random_init:
         what += " · RANDOM-INIT BACKBONE: demo only, not meaningful features"
     return what
 
 
-def _open_primary(model: ModelOptions, device: torch.device) -> Any:
+def _open_primary(model: ModelOptions, device: torch.device, log: Log | None = None) -> Any:
     """The checkpoint's ViT-Up, or (without one) the token upsampler over the named backbone."""
     from vitup_cli.checkpoints import open_upsampler
 
     if model.checkpoint is not None:
         return open_upsampler(
-            checkpoint=model.checkpoint, weights=model.weights, pretrained=model.pretrained, device=device
+            checkpoint=model.checkpoint, weights=model.weights, pretrained=model.pretrained, device=device, notify=log
         )
     return open_upsampler(
         LOWRES,
@@ -599,7 +624,7 @@ def visualize_images(
     device = torch.device(model.device)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(model.seed)
-        primary = _open_primary(model, device)
+        primary = _open_primary(model, device, log)
     backbone = primary.backbone
     upsamplers: dict[str, Any] = {}
     for name in methods:

@@ -1,11 +1,17 @@
 """ViT-Up: predict a ViT's own features at any image coordinate from its intermediate hidden states.
 
-Per image, once: the backbone's hidden states at the taps (``h x w`` tokens, 28 per side by default)
-and a query-embedding grid (the patch embedding of the image resized to a ``224 x 224`` token grid).
+Per image, once: the image is normalised, then resized (bilinear, no antialiasing by default, as the
+reference) to the backbone input (``h x w`` tokens, 28 per side by default) for the hidden states at the
+taps, and to a ``224 x 224`` token grid for the query-embedding grid (the patch embedding alone).
 Per query ``xy``: ``q0`` is a bilinear sample of that grid; six blocks each read one tap
 (transition MLP, cross-attention with continuous 2D RoPE, FeatX, fusion MLP); one decoder per tap maps
 ``q0`` and each block's output into that tap's feature space. Queries run in chunks against the cache,
 so memory is bounded at any output resolution and results do not depend on the chunk size.
+
+Every convention follows the public reference (github krispinwandel/vit-up) number for number, so the
+official weights load as they are: log-spaced Fourier bands with the channel order (raw, sin, cos); RoPE
+on adjacent channel pairs, x frequencies in the first half of each head and y in the second; the nearest
+token rounds half to even at exact token boundaries.
 """
 
 from __future__ import annotations
@@ -39,6 +45,10 @@ class ViTUpConfig:
     chunk_queries: int = 112 * 112
     transition_ratio: int = 2
     mlp_ratio: int = 4
+    #: antialias when resizing the image to the backbone input and the query grid. False is the
+    #: reference's behaviour (and what the official weights were trained with); True is smoother on
+    #: large photos. Recorded in checkpoints and stores.
+    antialias: bool = False
 
     @property
     def code_dim(self) -> int:
@@ -46,32 +56,52 @@ class ViTUpConfig:
 
 
 # -- position codes ---------------------------------------------------------------------------------
-def fourier_code(offset: torch.Tensor, bands: int = 16, max_res: float = 10.0) -> torch.Tensor:
-    """Fourier features of an offset ``(..., 2)`` -> ``(..., 2 + 4 * bands)`` (sin, cos, then raw)."""
-    freqs = torch.linspace(1.0, max_res / 2, bands, device=offset.device, dtype=offset.dtype)
-    angles = offset.unsqueeze(-1) * freqs * math.pi  # (..., 2, bands)
-    code = torch.cat([angles.sin(), angles.cos()], dim=-1).flatten(-2)
-    return torch.cat([code, offset], dim=-1)
+def fourier_freqs(bands: int = 16, max_res: float = 10.0) -> torch.Tensor:
+    """Log-spaced band frequencies ``exp(linspace(0, ln max_res, bands))``: 1 .. ``max_res``, ``(bands,)``."""
+    return torch.exp(torch.linspace(0.0, math.log(max_res), bands))
+
+
+def fourier_code(offset: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
+    """Fourier features of an offset ``(..., 2)`` -> ``(..., 2 + 4 * bands)``.
+
+    Channel order: the raw offset (x, y), then sin of (x bands, y bands), then cos likewise;
+    the angle of band ``f`` is ``pi * f * offset``.
+    """
+    angles = offset.unsqueeze(-1) * freqs.to(offset) * math.pi  # (..., 2, bands)
+    return torch.cat([offset, angles.sin().flatten(-2), angles.cos().flatten(-2)], dim=-1)
 
 
 def rope_angles(pos: torch.Tensor, head_dim: int, base: float = 100.0) -> torch.Tensor:
     """Continuous 2D RoPE angles: positions ``(..., 2)`` in token units -> ``(..., head_dim // 2)``.
 
-    Half the rotation pairs follow x, half follow y; periods run from 1 to ``base`` tokens
-    (angle = 2 pi * coordinate / period).
+    One angle per rotation pair: the first ``head_dim // 4`` pairs follow x, the rest follow y; periods
+    run from 1 to ``base`` tokens (angle = 2 pi * coordinate / period).
     """
     n = head_dim // 4
-    periods = base ** (torch.arange(n, device=pos.device, dtype=torch.float32) / n)
-    ang = 2 * math.pi * pos.float().unsqueeze(-1) / periods  # (..., 2, n)
+    inv_freq = 1.0 / (base ** (torch.arange(n, device=pos.device, dtype=torch.float32) / n))
+    ang = 2 * math.pi * pos.float().unsqueeze(-1) * inv_freq  # (..., 2, n)
     return ang.flatten(-2)
 
 
 def apply_rope(t: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
-    """Rotate ``t`` ``(B, heads, N, D)`` by ``angles`` ``(B, 1, N, D/2)`` (rotate-half pairing)."""
-    half = t.shape[-1] // 2
+    """Rotate ``t`` ``(B, heads, N, D)`` by ``angles`` ``(B, 1, N, D/2)``: pair ``i`` is channels
+    ``(2i, 2i + 1)`` (adjacent pairs, so x occupies the first half of each head, y the second)."""
     cos, sin = angles.cos().to(t.dtype), angles.sin().to(t.dtype)
-    t1, t2 = t[..., :half], t[..., half:]
-    return torch.cat([t1 * cos - t2 * sin, t1 * sin + t2 * cos], dim=-1)
+    even, odd = t[..., 0::2], t[..., 1::2]
+    return torch.stack([even * cos - odd * sin, even * sin + odd * cos], dim=-1).flatten(-2)
+
+
+def nearest_token(xy: torch.Tensor, h: int, w: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The token nearest to each ``xy`` ``(B, N, 2)`` in ``[0, 1]`` on an ``h x w`` grid.
+
+    Returns flat token ids ``(B, N)`` and the offset from that token's centre in token units ``(B, N, 2)``.
+    Exact ties (a query on a token boundary) round half to even, as the reference does.
+    """
+    size = xy.new_tensor([w, h])
+    cell = torch.round(xy * size - 0.5).long()
+    cx, cy = cell[..., 0].clamp(0, w - 1), cell[..., 1].clamp(0, h - 1)
+    centre = (torch.stack([cx, cy], dim=-1).to(xy.dtype) + 0.5) / size
+    return cy * w + cx, (xy - centre) / (1.0 / size)
 
 
 def token_centres(h: int, w: int, device: torch.device | str | None = None) -> torch.Tensor:
@@ -115,7 +145,8 @@ class CrossAttention(nn.Module):
         self.rope_base, self.window = rope_base, window
         self.norm_q, self.norm_kv = nn.LayerNorm(dim), nn.LayerNorm(dim)
         self.q = nn.Linear(dim, dim, bias=True)
-        self.kv = nn.Linear(dim, 2 * dim, bias=True)
+        self.k = nn.Linear(dim, dim, bias=True)
+        self.v = nn.Linear(dim, dim, bias=True)
         self.proj = nn.Linear(dim, dim)
 
     def _heads(self, x: torch.Tensor) -> torch.Tensor:
@@ -125,7 +156,8 @@ class CrossAttention(nn.Module):
     def keys_values(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(B, C, h, w)`` -> RoPE'd keys and values ``(B, heads, h*w, D)``, once per image."""
         h, w = tokens.shape[-2:]
-        k, v = self.kv(self.norm_kv(tokens.flatten(2).transpose(1, 2))).chunk(2, dim=-1)
+        normed = self.norm_kv(tokens.flatten(2).transpose(1, 2))
+        k, v = self.k(normed), self.v(normed)
         ang = rope_angles(token_centres(h, w, tokens.device), self.head_dim, self.rope_base)
         return apply_rope(self._heads(k), ang[None, None]), self._heads(v)
 
@@ -257,6 +289,7 @@ class ViTUp(Upsampler):
         dim = backbone.embed_dim
         heads = config.num_heads or max(1, dim // 64)
         self.blocks = nn.ModuleList(ViTUpBlock(dim, heads, config) for _ in range(config.num_blocks))
+        self.register_buffer("fourier_freqs", fourier_freqs(config.fourier_bands, config.fourier_max_res), False)
         self.decoders = nn.ModuleList(
             nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, dim)) for _ in range(config.num_blocks + 1)
         )
@@ -273,12 +306,26 @@ class ViTUp(Upsampler):
             raise VitupError(f"--tap {tap}: this ViT-Up decodes taps {taps}")
         return len(taps) - 1 - taps[::-1].index(tap)
 
+    def _resize(self, x: torch.Tensor, side: int) -> torch.Tensor:
+        if x.shape[-2:] == (side, side):
+            return x
+        aa = self.config.antialias
+        return F.interpolate(x, size=(side, side), mode="bilinear", align_corners=False, antialias=aa)
+
+    def prepare(self, images: torch.Tensor) -> torch.Tensor:
+        """``(B, 3, H, W)`` in ``[0, 1]`` -> normalised, then resized to the backbone input ``(B, 3, S, S)``."""
+        return self._resize(self.backbone.normalize(images), self.input_size)
+
     def encode(self, images: torch.Tensor) -> ViTUpCache:
-        """``(B, 3, H, W)`` in ``[0, 1]`` -> hidden states at every tap and the query-embedding grid."""
-        states = self.backbone.hidden_states(self.prepare(images))
-        side = self.config.query_grid * self.backbone.patch_size
-        big = F.interpolate(images, size=(side, side), mode="bilinear", align_corners=False, antialias=True)
-        return ViTUpCache(states=states, query_grid=self.backbone.patch_embed_grid(self.backbone.normalize(big)))
+        """``(B, 3, H, W)`` in ``[0, 1]`` -> hidden states at every tap and the query-embedding grid.
+
+        The image is normalised once, before both resizes (the same result as after, with one
+        full-size copy less: the query grid's image is 3584 px for patch 16)."""
+        x = self.backbone.normalize(images)
+        states = self.backbone.hidden_states(self._resize(x, self.input_size))
+        big = self._resize(x, self.config.query_grid * self.backbone.patch_size)
+        del x
+        return ViTUpCache(states=states, query_grid=self.backbone.patch_embed_grid(big))
 
     def decode(
         self,
@@ -302,11 +349,8 @@ class ViTUp(Upsampler):
             part = xy[:, start : start + chunk]
             q = sample_map(cache.query_grid, part)
             pos = part * part.new_tensor([w, h])
-            cell = pos.floor().long()
-            cx, cy = cell[..., 0].clamp(0, w - 1), cell[..., 1].clamp(0, h - 1)
-            nearest = cy * w + cx
-            offset = pos - torch.stack([cx, cy], dim=-1).to(pos.dtype) - 0.5
-            code = fourier_code(offset, self.config.fourier_bands, self.config.fourier_max_res)
+            nearest, offset = nearest_token(part, h, w)
+            code = fourier_code(offset, self.fourier_freqs)
             decoded = {0: self.decoders[0](q)} if 0 in levels else {}
             for t in range(1, depth + 1):
                 q = self.blocks[t - 1](q, pos, code, nearest, kv[t - 1], normed[t - 1], (h, w))
@@ -318,3 +362,10 @@ class ViTUp(Upsampler):
 
     def query(self, images: torch.Tensor, xy: torch.Tensor, tap: int | None = None) -> torch.Tensor:
         return self.decode(self.encode(images), xy, [self.level_of(tap)])[0]
+
+
+def parameter_summary(model: ViTUp) -> str:
+    """``"24.27M upsampler + 0.61M LoRA = 24.88M parameters"`` (the paper's count for dinov3_s+)."""
+    upsampler = sum(p.numel() for _, p in model.upsampler_parameters())
+    lora = sum(p.numel() for _, p in model.backbone.lora_parameters())
+    return f"{upsampler / 1e6:.2f}M upsampler + {lora / 1e6:.2f}M LoRA = {(upsampler + lora) / 1e6:.2f}M parameters"

@@ -243,13 +243,13 @@ def build_upsamplers(config: ProbeConfig) -> list[tuple[Upsampler, bool]]:
     """``(upsampler, teacher)`` per name: ``vitup`` from the checkpoint; the others over the checkpoint's
     backbone with its adapters off (``teacher``), or over ``config.backbone`` without a checkpoint."""
     from vitup_cli.backbones import load_backbone
-    from vitup_cli.checkpoints import load_checkpoint
+    from vitup_cli.checkpoints import open_vitup
 
     names = _names(config)
     torch.manual_seed(config.seed)  # a random-init backbone (--pretrained none) is the same in every run
     out: list[tuple[Upsampler, bool]] = []
     if config.checkpoint is not None:
-        vit = load_checkpoint(config.checkpoint, weights=config.weights, pretrained=config.pretrained).eval()
+        vit = open_vitup(config.checkpoint, weights=config.weights, pretrained=config.pretrained)
         if config.input_size not in (None, vit.input_size):
             raise VitupError(
                 f"--input-size {config.input_size}: this ViT-Up checkpoint was trained at {vit.input_size}; "

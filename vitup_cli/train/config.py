@@ -45,6 +45,9 @@ class TrainConfig:
     input_tokens: int = 28  # student backbone input, tokens per side (448 px)
     embed_grid: int = 224  # query-embedding grid, tokens per side (3584 px)
     window: int | None = None  # cross-attention window in tokens; None = global
+    # ViT-Up weights to start from (fine-tuning): a release (vit-up:dinov3_splus), hf:ORG/REPO/FILE, an
+    # official .safetensors file or a vitup checkpoint; None: a fresh ViT-Up from `seed`
+    init_from: str | None = None
     # sizes of the distillation task
     canvas: int | None = None  # student canvas side; None: input_tokens * patch (448)
     queries: int | None = None  # query grid side; None: the finest teacher grid (56)
@@ -125,7 +128,7 @@ def coerce(values: dict[str, Any], source: str) -> dict[str, Any]:
             kind = type(default) if default is not None and not callable(default) else None
             if key in {"canvas", "queries", "window", "val_every"}:
                 kind = int
-            if key in {"val_data", "weights"}:
+            if key in {"val_data", "weights", "init_from"}:
                 kind = str
             try:
                 if kind is bool and isinstance(value, str):

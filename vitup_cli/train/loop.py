@@ -30,6 +30,7 @@ from vitup_cli.checkpoints import atomic_write_bytes, checkpoint_paths, save_che
 from vitup_cli.data.images import list_images
 from vitup_cli.errors import VitupError
 from vitup_cli.models import ViTUp, ViTUpConfig
+from vitup_cli.models.vitup import parameter_summary
 from vitup_cli.train.config import Sizes, TrainConfig, check, resolve
 from vitup_cli.train.data import (
     TRAIN_STREAM,
@@ -365,6 +366,11 @@ def _train(
     cfg, sizes = resolve(cfg, model.backbone.patch_size, d.world)
     run_dir = Path(cfg.out)
     reporter = (reporter or default_reporter()) if d.main else NullReporter()
+    if cfg.init_from and not resume:  # on --resume the saved state replaces these weights anyway
+        from vitup_cli.checkpoints import init_from
+
+        source = init_from(model, cfg.init_from, notify=reporter.message)
+        reporter.message(f"--init-from: starting from the ViT-Up weights of {source}")
 
     model.to(d.device)
     set_train_mode(model)
@@ -413,6 +419,7 @@ def _train(
             _write_config(run_dir, cfg, model, len(train_list.files), d)
         torch.manual_seed(cfg.seed * 1000 + 17 + d.rank)  # per-process dropout noise
 
+    reporter.message(f"ViT-Up on {model.backbone.name}: {parameter_summary(model)}")
     if model.backbone.random_init:
         reporter.message("backbone is randomly initialised (--pretrained none): for tests and demos only")
     weights = LossWeights(cfg.w_l2, cfg.w_cos, cfg.w_kl, cfg.tau, cfg.kl_window)
