@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import tempfile
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -198,14 +199,14 @@ def load_checkpoint(
     return model.to(map_location)
 
 
-def _rebuild(
+def rebuild_backbone(
     meta: dict[str, Any],
     path: str | Path,
-    backbone: Backbone | None,
-    weights: str | Path | None,
-    pretrained: str,
-) -> ViTUp:
-    """The untrained ViT-Up (and its backbone) that a checkpoint's JSON describes."""
+    backbone: Backbone | None = None,
+    weights: str | Path | None = None,
+    pretrained: str = "hub",
+) -> Backbone:
+    """The backbone a checkpoint's JSON describes (any method), checked against ``backbone`` if given."""
     recorded = meta["backbone"]
     included = bool(meta.get("backbone_included"))
     wid = recorded["weights_id"]
@@ -234,9 +235,73 @@ def _rebuild(
             f"checkpoint {path} is for another backbone ({'; '.join(diffs)}): "
             f"use --backbone {recorded['name']} with the weights it was trained on"
         )
+    return backbone
+
+
+def _rebuild(
+    meta: dict[str, Any],
+    path: str | Path,
+    backbone: Backbone | None,
+    weights: str | Path | None,
+    pretrained: str,
+) -> ViTUp:
+    """The untrained ViT-Up (and its backbone) that a checkpoint's JSON describes."""
+    recorded = meta["backbone"]
+    backbone = rebuild_backbone(meta, path, backbone, weights, pretrained)
     if recorded.get("lora") and backbone.lora is None:
         backbone.add_lora(**recorded["lora"])
     return ViTUp(backbone, ViTUpConfig(**meta["model"]))
+
+
+#: how a checkpoint is rebuilt, by the ``upsampler`` its JSON names (``vitup train --method NAME``
+#: writes checkpoints a loader here reads): ``loader(path, weights=, pretrained=, map_location=)``
+CHECKPOINT_LOADERS: dict[str, Callable[..., Upsampler]] = {}
+#: how published weights are loaded, by the release's method (``vitup_cli.weights.RELEASES``):
+#: ``loader(resolved, weights=, pretrained=, map_location=)``
+PUBLISHED_LOADERS: dict[str, Callable[..., Upsampler]] = {}
+
+
+def _register_loaders() -> None:
+    from vitup_cli.models import uplift
+
+    CHECKPOINT_LOADERS.setdefault("vitup", load_checkpoint)
+    CHECKPOINT_LOADERS.setdefault("uplift", uplift.load_uplift_checkpoint)
+    PUBLISHED_LOADERS.setdefault("uplift", uplift.load_uplift_release)
+
+
+def load_trained(
+    ref: str | Path,
+    *,
+    weights: str | Path | None = None,
+    pretrained: str = "hub",
+    map_location: str | torch.device = "cpu",
+) -> Upsampler:
+    """A trained upsampler from ``--checkpoint``: a vitup checkpoint of any method (``NAME`` /
+    ``NAME.safetensors`` beside ``NAME.json``), a published release (``uplift:dinov3_splus``,
+    ``hf:ORG/REPO/FILE``) or a local copy of a published file (its published name tells the release)."""
+    from vitup_cli.weights import is_release_ref, release_for_file, resolve_weights
+
+    _register_loaders()
+    text = str(ref)
+    meta_path = checkpoint_paths(text)[1]
+    if is_release_ref(text) or (not meta_path.is_file() and release_for_file(text) is not None):
+        resolved = resolve_weights(text)
+        release = resolved.release
+        if release is None:
+            raise VitupError(f"--checkpoint {text}: not a published release vitup knows (see `vitup weights`)")
+        if release.method not in PUBLISHED_LOADERS:
+            raise VitupError(f"--checkpoint {text}: published {release.method} weights are not loadable yet")
+        _refuse_pickle(resolved.path)
+        return PUBLISHED_LOADERS[release.method](
+            resolved, weights=weights, pretrained=pretrained, map_location=map_location
+        )
+    meta = read_checkpoint_meta(text)
+    name = meta.get("upsampler", "vitup")
+    if name not in CHECKPOINT_LOADERS:
+        raise VitupError(
+            f"checkpoint {meta_path}: upsampler '{name}' has no loader (known: {', '.join(CHECKPOINT_LOADERS)})"
+        )
+    return CHECKPOINT_LOADERS[name](text, weights=weights, pretrained=pretrained, map_location=map_location)
 
 
 def open_upsampler(
@@ -250,11 +315,17 @@ def open_upsampler(
     input_size: int | None = None,
     device: str | torch.device = "cpu",
 ) -> Upsampler:
-    """The one way downstream commands get an upsampler: a checkpoint means ViT-Up (its own backbone);
-    otherwise a training-free upsampler by name over the named backbone."""
+    """The one way downstream commands get an upsampler: a checkpoint means the trained upsampler it
+    holds (``load_trained``; its own backbone); otherwise a training-free upsampler by name over the
+    named backbone."""
     if checkpoint is not None:
-        return load_checkpoint(checkpoint, weights=weights, pretrained=pretrained, map_location=device).eval()
+        return load_trained(checkpoint, weights=weights, pretrained=pretrained, map_location=device).eval()
     if upsampler == "vitup":
         raise VitupError("--upsampler vitup needs --checkpoint (train one with `vitup train`)")
+    if upsampler == "uplift":
+        raise VitupError(
+            "--upsampler uplift needs --checkpoint: published weights (uplift:dinov3_splus, uplift:dinov2_s) or a "
+            "`vitup train --method uplift` run"
+        )
     bb = load_backbone(backbone, weights=weights, pretrained=pretrained, overrides=overrides)
     return build_upsampler(upsampler, bb, input_size=input_size).to(device).eval()

@@ -115,6 +115,7 @@ def backbones_cmd() -> None:
 
 
 _TRAIN_DEFAULTS = TrainConfig()
+_UPLIFT = "UPLiFT (--method uplift)"
 _RUN, _SIZES, _MODEL, _LOSS, _LORA, _OPT, _RUNTIME, _LOG = (
     "Data and run",
     "Distillation sizes",
@@ -152,8 +153,8 @@ def train_cmd(
             _RUN,
             "--method",
             "-m",
-            help="Training method: vitup (ViT-Up distillation). Each has its paper's defaults; the defaults "
-            "shown below are ViT-Up's.",
+            help="Training method: vitup (ViT-Up distillation) or uplift (UPLiFT). Each has its paper's "
+            "defaults; the defaults shown below are ViT-Up's.",
         ),
     ] = "vitup",
     data: Annotated[str, _opt(_RUN, "--data", "-d", help="Training images: a folder, @list.txt, or one image.")] = "",
@@ -254,12 +255,26 @@ def train_cmd(
     tensorboard: Annotated[
         bool, _opt(_LOG, "--tensorboard/--no-tensorboard", help="TensorBoard events when installed.")
     ] = True,
+    image_size: Annotated[
+        int, _opt(_UPLIFT, "--image-size", help="Top of the image pyramid, px (448: 448/224/112/56).")
+    ] = 448,
+    fit: Annotated[
+        str, _opt(_UPLIFT, "--fit", help="squash (resize to a square, the ImageNet recipe) or crop (centre).")
+    ] = "squash",
+    depths: Annotated[
+        str | None, _opt(_UPLIFT, "--depths", help="Iteration depths trained every step (default 1,2,3; DINOv3 1,2).")
+    ] = None,
+    sync_bn: Annotated[
+        bool, _opt(_UPLIFT, "--sync-bn/--no-sync-bn", help="Synchronise BatchNorm across GPUs under DDP.")
+    ] = True,
 ) -> None:
     """Train an upsampler: --method vitup (default) distils ViT-Up (LoRA-adapted backbone, frozen teacher).
 
     Defaults are each paper's recipe. ViT-Up (DINOv3-S+ on ImageNet-1K):
     batch 24, AdamW 2e-4, 5% warm-up, cosine to 1e-6, 53,381 steps;
     448 px canvas, 56x56 queries, teachers at 224/448/896 px.
+    UPLiFT (--method uplift): batch 32, Adam 1e-3 constant, 40,037 steps (one ImageNet epoch);
+    448 px squash, pyramid 448/224/112/56, depths 1,2,3 (1,2 for DINOv3), summed MSE.
     Only the flags you give are applied; a flag of another method is refused.
     """
     import os
@@ -318,7 +333,13 @@ def extract_cmd(
     ] = "224",
     checkpoint: Annotated[
         Path | None,
-        typer.Option("--checkpoint", "-c", rich_help_panel=_EX_MODEL, help="A ViT-Up checkpoint from `vitup train`."),
+        typer.Option(
+            "--checkpoint",
+            "-c",
+            rich_help_panel=_EX_MODEL,
+            help="A trained upsampler: a `vitup train` checkpoint (any --method) or published weights "
+            "(uplift:dinov3_splus, uplift:dinov2_s, or a local copy of the published file).",
+        ),
     ] = None,
     upsampler: Annotated[
         str | None,
@@ -326,7 +347,8 @@ def extract_cmd(
             "--upsampler",
             "-u",
             rich_help_panel=_EX_MODEL,
-            help="Without --checkpoint: bilinear (default), nearest or lowres. With one: vitup (implied).",
+            help="Without --checkpoint: bilinear (default), nearest or lowres. With one: the checkpoint's "
+            "(vitup or uplift, implied).",
         ),
     ] = None,
     backbone: BackboneOpt = "dinov3_s+",
@@ -491,8 +513,14 @@ def probe_cmd(
         float, typer.Option("--max-depth", rich_help_panel=_PR_DATA, help="Depth range of the head's bins, metres.")
     ] = 10.0,
     checkpoint: Annotated[
-        Path | None,
-        typer.Option("--checkpoint", "-c", rich_help_panel=_PR_MODEL, help="A ViT-Up checkpoint from `vitup train`."),
+        list[str] | None,
+        typer.Option(
+            "--checkpoint",
+            "-c",
+            rich_help_panel=_PR_MODEL,
+            help="A trained upsampler (a `vitup train` checkpoint of any --method, or published weights such as "
+            "uplift:dinov3_splus); repeat it once per method to compare them side by side.",
+        ),
     ] = None,
     upsampler: Annotated[
         str | None,
@@ -500,8 +528,8 @@ def probe_cmd(
             "--upsampler",
             "-u",
             rich_help_panel=_PR_MODEL,
-            help="Comma-separated: vitup (needs --checkpoint), bilinear, nearest, lowres; the first is the "
-            "reference column (default: vitup with --checkpoint, else bilinear).",
+            help="Comma-separated: vitup, uplift (each needs its --checkpoint), bilinear, nearest, lowres; the first "
+            "is the reference column (default: the checkpoints' upsamplers, else bilinear).",
         ),
     ] = None,
     backbone: BackboneOpt = "dinov3_s+",
@@ -610,7 +638,7 @@ def probe_cmd(
         dataset=dataset,
         root=root,
         upsamplers=[u for u in (upsampler or "").split(",") if u.strip()] or None,
-        checkpoint=checkpoint,
+        checkpoint=(checkpoint[0] if len(checkpoint) == 1 else checkpoint) if checkpoint else None,
         backbone=backbone,
         weights=weights,
         pretrained=pretrained,
@@ -707,7 +735,8 @@ def visualize_cmd(
             "--checkpoint",
             "-c",
             rich_help_panel=_VIZ_MODEL,
-            help="ViT-Up checkpoint (NAME or NAME.safetensors beside NAME.json); brings its own backbone.",
+            help="Trained upsampler: a `vitup train` checkpoint (NAME or NAME.safetensors beside NAME.json; "
+            "ViT-Up or UPLiFT) or published UPLiFT weights (uplift:dinov3_splus); brings its own backbone.",
         ),
     ] = None,
     compare: Annotated[
@@ -715,8 +744,8 @@ def visualize_cmd(
         typer.Option(
             "--compare",
             rich_help_panel=_VIZ_MODEL,
-            help="Methods to draw, from vitup,bilinear,nearest,lowres (default: vitup,bilinear with "
-            "--checkpoint, else bilinear,nearest). The low-res tokens are always drawn.",
+            help="Methods to draw, from vitup,uplift,bilinear,nearest,lowres (default: the checkpoint's and "
+            "bilinear with --checkpoint, else bilinear,nearest). The low-res tokens are always drawn.",
         ),
     ] = None,
     res: Annotated[

@@ -24,6 +24,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -400,3 +401,114 @@ def load_published_state(net: UPLiFTNet, tensors: dict[str, torch.Tensor], sourc
     with torch.no_grad():
         for name, value in renamed.items():
             own[name].copy_(value.to(own[name].dtype))
+
+
+# -- files ------------------------------------------------------------------------------------------
+#: the input side of the published models (448 px: 32 tokens at patch 14, 28 at patch 16)
+PUBLISHED_INPUT_SIZE = 448
+
+
+def save_uplift_checkpoint(path: str | Path, model: UPLiFT, extra: dict[str, Any] | None = None) -> Path:
+    """``path.safetensors`` (the net in the published key layout, so the reference code loads it too;
+    plus ``backbone.*`` when the backbone was randomly initialised) and ``path.json``; atomic."""
+    import datetime as _dt
+    import hashlib
+    import json
+    from dataclasses import asdict
+
+    import timm
+    from safetensors.torch import save
+
+    from vitup_cli import __version__
+    from vitup_cli.checkpoints import FORMAT, atomic_write_bytes, checkpoint_paths
+
+    weights_path, meta_path = checkpoint_paths(path)
+    tensors = dict(model.net.state_dict())
+    if model.backbone.random_init:
+        tensors.update({f"backbone.{k}": v for k, v in model.backbone.model.state_dict().items()})
+    blob = save({k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}, metadata={"format": FORMAT})
+    meta = {
+        "format": FORMAT,
+        "vitup_version": __version__,
+        "upsampler": model.name,
+        "backbone": model.backbone.describe(),
+        "backbone_included": model.backbone.random_init,
+        "model": {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(model.config).items()},
+        "input_size": model.input_size,
+        "weights_sha256": hashlib.sha256(blob).hexdigest(),
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "versions": {"torch": torch.__version__, "timm": timm.__version__},
+        **(extra or {}),
+    }
+    atomic_write_bytes(weights_path, blob)
+    atomic_write_bytes(meta_path, (json.dumps(meta, indent=2, sort_keys=True) + "\n").encode())
+    return weights_path
+
+
+def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    from vitup_cli.errors import VitupError
+
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError) as exc:
+        raise VitupError(f"{path}: unreadable safetensors file ({exc})") from None
+
+
+def load_uplift_checkpoint(
+    path: str | Path,
+    *,
+    weights: str | Path | None = None,
+    pretrained: str = "hub",
+    map_location: str | torch.device = "cpu",
+) -> UPLiFT:
+    """Rebuild an UPLiFT from a ``vitup train --method uplift`` checkpoint (its own backbone)."""
+    from vitup_cli.checkpoints import checkpoint_paths, read_checkpoint_meta, rebuild_backbone
+    from vitup_cli.errors import VitupError
+
+    meta = read_checkpoint_meta(path)
+    weights_path, meta_path = checkpoint_paths(path)
+    try:
+        backbone = rebuild_backbone(meta, path, None, weights, pretrained)
+        config = UPLiFTConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in meta["model"].items()})
+        model = UPLiFT(backbone, int(meta["input_size"]), config)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise VitupError(f"checkpoint {meta_path}: malformed JSON ({type(exc).__name__}: {exc})") from None
+    tensors = _read_tensors(weights_path)
+    base = {k.removeprefix("backbone."): v for k, v in tensors.items() if k.startswith("backbone.")}
+    if meta.get("backbone_included"):
+        try:
+            backbone.model.load_state_dict(base)
+        except RuntimeError as exc:
+            raise VitupError(f"checkpoint {weights_path}: backbone weights do not fit ({str(exc)[:200]})") from None
+    own = {k: v for k, v in tensors.items() if not k.startswith("backbone.")}
+    load_published_state(model.net, own, f"checkpoint {weights_path}")
+    return model.to(map_location)
+
+
+def load_uplift_release(
+    resolved: Any,
+    *,
+    weights: str | Path | None = None,
+    pretrained: str = "hub",
+    map_location: str | torch.device = "cpu",
+) -> UPLiFT:
+    """The published UPLiFT weights of ``resolved`` (``vitup_cli.weights.ResolvedWeights``) over the
+    backbone the release names (``--weights`` / ``--pretrained`` may point at a local copy of it)."""
+    import sys
+
+    from vitup_cli.backbones import load_backbone
+    from vitup_cli.weights import licence_notice
+
+    release = resolved.release
+    backbone = load_backbone(
+        release.backbone, weights=weights, pretrained=release.backbone_tag if pretrained == "hub" else pretrained
+    )
+    model = UPLiFT(backbone, PUBLISHED_INPUT_SIZE)
+    load_published_state(model.net, _read_tensors(resolved.path), f"{resolved.source} ({resolved.path})")
+    notice = licence_notice(release)
+    if notice:
+        print(notice, file=sys.stderr)
+    return model.to(map_location)

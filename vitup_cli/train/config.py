@@ -137,7 +137,8 @@ def _kind(f: Any) -> str:
 
 def coerce(values: dict[str, Any], source: str, cls: type[CommonConfig] | None = None) -> dict[str, Any]:
     """Validate names and types of settings from a file or flags -> keyword arguments of ``cls``
-    (default ``TrainConfig``)."""
+    (default ``TrainConfig``). A ``str`` field is a single value, a ``list[int]`` field takes
+    ``"1,2,3"`` or a list."""
     from vitup_cli.backbones import parse_overrides
 
     cls = cls or TrainConfig
