@@ -50,7 +50,7 @@ def image_dir(tmp_path_factory) -> Path:
     return folder
 
 
-def _cli_args(image_dir: Path, out: Path, *extra: str) -> list[str]:
+def _cli_args(image_dir: Path, out: Path, *extra: str, size: int = 64) -> list[str]:
     return [
         "train",
         "--method",
@@ -66,7 +66,7 @@ def _cli_args(image_dir: Path, out: Path, *extra: str) -> list[str]:
         "--backbone-args",
         "depth=2,embed_dim=64,num_heads=1",
         "--image-size",
-        "64",
+        str(size),
         "--batch-size",
         "2",
         "--workers",
@@ -274,7 +274,7 @@ def test_killed_run_resumes_to_the_same_weights(image_dir, tmp_path):
 @pytest.mark.slow
 def test_torchrun_two_processes_match_one(image_dir, tmp_path):
     """2 gloo processes x 1 image == 1 process with 2 accumulation steps of 1 image: the same BatchNorm
-    batches, gradients averaged. BatchNorm running statistics follow rank 0 under DDP (on CPU there is
+    batches (128 px, so that one image still has 2 x 2 tokens at depth 2), gradients averaged. BatchNorm running statistics follow rank 0 under DDP (on CPU there is
     no SyncBatchNorm), so those buffers are not compared."""
     common = ["--steps", "3", "--save-every", "3", "--log-every", "1"]
     ddp = tmp_path / "ddp"
@@ -288,13 +288,13 @@ def test_torchrun_two_processes_match_one(image_dir, tmp_path):
         str(30500 + os.getpid() % 1000),
         "-m",
         "vitup_cli",
-        *_cli_args(image_dir, ddp, *common),
+        *_cli_args(image_dir, ddp, *common, size=128),
     ]
     proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stderr.count("finished at step 3") == 1
     single = tmp_path / "single"
-    done = CliRunner().invoke(app, _cli_args(image_dir, single, *common, "--accum", "2"))
+    done = CliRunner().invoke(app, _cli_args(image_dir, single, *common, "--accum", "2", size=128))
     assert done.exit_code == 0, done.output
     a, b = load_state(single / "state.safetensors"), load_state(ddp / "state.safetensors")
     assert len(b.rng) == 2 and b.run.world_size == 2
