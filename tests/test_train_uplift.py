@@ -274,8 +274,9 @@ def test_killed_run_resumes_to_the_same_weights(image_dir, tmp_path):
 @pytest.mark.slow
 def test_torchrun_two_processes_match_one(image_dir, tmp_path):
     """2 gloo processes x 1 image == 1 process with 2 accumulation steps of 1 image: the same BatchNorm
-    batches (128 px, so that one image still has 2 x 2 tokens at depth 2), gradients averaged. BatchNorm running statistics follow rank 0 under DDP (on CPU there is
-    no SyncBatchNorm), so those buffers are not compared."""
+    batches (128 px, so that one image still has 2 x 2 tokens at depth 2), gradients averaged. BatchNorm
+    running statistics follow rank 0 under DDP (on CPU there is no SyncBatchNorm), so those buffers are
+    not compared."""
     common = ["--steps", "3", "--save-every", "3", "--log-every", "1"]
     ddp = tmp_path / "ddp"
     cmd = [

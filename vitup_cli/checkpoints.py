@@ -295,6 +295,8 @@ def load_trained(
         return PUBLISHED_LOADERS[release.method](
             resolved, weights=weights, pretrained=pretrained, map_location=map_location
         )
+    if not meta_path.is_file():
+        resolve_weights(text)  # a mistyped short name (``uplift:nope``) gets the list of releases
     meta = read_checkpoint_meta(text)
     name = meta.get("upsampler", "vitup")
     if name not in CHECKPOINT_LOADERS:

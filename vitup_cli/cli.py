@@ -825,7 +825,7 @@ def visualize_cmd(
             inputs,
             out,
             model=model,
-            compare=viz.parse_compare(compare, checkpoint is not None),
+            compare=None if compare is None else viz.parse_compare(compare, checkpoint is not None),
             res=res,
             points=points,
             options=options,
