@@ -20,7 +20,11 @@ Adding a method ``foo``:
      per micro-batch and passes the ``autocast`` context to put around the forward), ``term_keys``
      and ``save_checkpoint``. Override ``set_train_mode``, ``student``, ``keep_in_state``, ``describe`` or
      ``notes`` when the defaults do not fit.
-2. Register it in ``METHODS`` (``vitup_cli/train/methods/__init__.py``).
+2. Register it in ``METHODS`` (``vitup_cli/train/methods/__init__.py``), and the loader of the
+   checkpoints it writes in ``vitup_cli.checkpoints._register_loaders`` (``CHECKPOINT_LOADERS`` by the
+   JSON's ``upsampler`` name; ``PUBLISHED_LOADERS`` by a release's method for official weights), so
+   ``--checkpoint`` works in extract, probe and visualize. ``methods/uplift.py`` is a complete small
+   example (its model, checkpoint writer and loaders live in ``vitup_cli/models/uplift.py``).
 3. Add its flags to ``vitup train`` in ``cli.py`` (only flags the user gives are passed, so each
    method's own defaults apply; a flag another method does not know is refused in one line).
 4. Test: a few steps lower the loss, kill/resume equals an uninterrupted run, 2 gloo processes equal
