@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vitup_cli.backbones import Backbone
-from vitup_cli.models.base import Upsampler, _as_size
+from vitup_cli.models.base import Upsampler, _as_size, sample_map
 
 #: the 17 (dy, dx) offsets of the Local Attender, in the order of its logits
 OFFSETS_17: tuple[tuple[int, int], ...] = (
@@ -305,8 +305,6 @@ class UPLiFT(Upsampler):
         tokens, encoded = self._start(images, tap)
         steps = iterations_for(tokens.shape[-2:], (self.input_size, self.input_size))
         if steps == 0:
-            from vitup_cli.models.base import sample_map
-
             return sample_map(tokens, xy)
         value = self._run(tokens, encoded, steps - 1)
         weights = self.net.attender.weights(self.net.guide(value, encoded))  # (B, 17, H, W)
