@@ -1,9 +1,13 @@
-"""Faithfulness benchmark: does `vitup train` make ViT-Up's features closer to the teacher's real
-high-resolution features than bilinear and nearest interpolation of the tokens?
+"""Faithfulness benchmark: does `vitup train` make ViT-Up's (and UPLiFT's) features closer to the
+teacher's real high-resolution features than bilinear and nearest interpolation of the tokens?
 
-Per (teacher, seed): train ViT-Up with the `vitup train` core (``vitup_cli.train.train``) on generated
-images for a CPU-feasible number of steps, over a shrunk randomly initialised DINOv3-layout backbone
-(each seed draws its own backbone, ViT-Up init, data order, crops and noise). Then, on held-out images
+Per (teacher, seed): train ViT-Up (``--method vitup``) and UPLiFT (``--method uplift``) with the
+`vitup train` core (``vitup_cli.train.train``) on the same generated images for a CPU-feasible number of
+steps, over a shrunk randomly initialised DINOv3-layout backbone (each seed draws its own backbone, inits,
+data order, crops and noise). UPLiFT trains with its own recipe (summed MSE over its depths 1, 2 against
+the frozen backbone on an image pyramid whose top is ``--uplift-top`` x the student's input), scaled
+down like ViT-Up's.
+Then, on held-out images
 never seen in training, the student sees each image at its input size (``g x g`` tokens) and every
 upsampler predicts features on a ``2g`` and a ``4g`` grid; the target is the teacher (the same backbone,
 adapters off) run on the image at 2x and 4x the pixels, i.e. its *real* ``2g`` / ``4g`` token maps.
@@ -13,6 +17,9 @@ Two random teachers (no pretrained weights can be downloaded here):
   features (cosine between tap 0 and the last tap ~0.25, as in trained ViTs) and deep taps mix context.
 - ``patch``: timm's own random init (block weights std 0.02, layer scale 1e-5): the blocks are near
   no-ops, so every tap is the normalised patch embedding; this isolates sub-token detail recovery.
+
+UPLiFT upsamples the last tap only (what it is trained on); ViT-Up and the interpolations are scored at
+every tap in the JSON.
 
 Metrics (per image, then averaged), at the last tap (and every tap in the JSON): cosine similarity,
 target-normalised L2 (each target vector standardised by its own channel mean/std, as in the loss), and
@@ -48,14 +55,15 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from vitup_cli.backbones import load_backbone  # noqa: E402
-from vitup_cli.checkpoints import load_checkpoint  # noqa: E402
+from vitup_cli.checkpoints import load_checkpoint, load_trained  # noqa: E402
 from vitup_cli.models import build_upsampler, grid_xy  # noqa: E402
-from vitup_cli.train import TrainConfig  # noqa: E402
+from vitup_cli.train import TrainConfig, build_config  # noqa: E402
 from vitup_cli.train.config import coerce  # noqa: E402
 from vitup_cli.train.loop import train  # noqa: E402
 from vitup_cli.train.report import LogReporter  # noqa: E402
 
-UPSAMPLERS = ("vitup", "bilinear", "nearest")
+UPSAMPLERS = ("vitup", "uplift", "bilinear", "nearest")
+TRAINED = ("vitup", "uplift")
 METRICS = ("cosine", "nl2", "fidelity")  # higher, lower, higher is better
 HIGHER_IS_BETTER = {"cosine": True, "nl2": False, "fidelity": True}
 
@@ -148,14 +156,26 @@ def metrics(pred: torch.Tensor, target: torch.Tensor) -> dict[str, float]:
     return {"cosine": cosine, "nl2": nl2, "fidelity": fidelity}
 
 
-def evaluate(checkpoint: Path, teacher: Path, images: list[Path], input_tokens: int, factors: tuple[int, ...]) -> dict:
+def evaluate(
+    checkpoint: Path,
+    teacher: Path,
+    images: list[Path],
+    input_tokens: int,
+    factors: tuple[int, ...],
+    uplift_checkpoint: Path | None = None,
+) -> dict:
     """Every upsampler vs the teacher's real token maps at ``factor x`` the student's grid, at every tap
-    (the headline is the last tap)."""
+    (the headline is the last tap; UPLiFT at the last tap only)."""
     vitup = load_checkpoint(checkpoint, weights=teacher).eval()
     backbone = vitup.backbone
     patch = backbone.patch_size
     side = input_tokens * patch
-    others = {name: build_upsampler(name, backbone, input_size=side).eval() for name in UPSAMPLERS[1:]}
+    others = {name: build_upsampler(name, backbone, input_size=side).eval() for name in ("bilinear", "nearest")}
+    uplift = None
+    if uplift_checkpoint is not None:
+        uplift = load_trained(uplift_checkpoint, weights=teacher).eval()
+        assert uplift.backbone.weights_id == backbone.weights_id
+        uplift.input_size = side  # the student's input, as for ViT-Up (it trained on a pyramid around it)
     taps = backbone.taps
     sums: dict = {}
     with torch.no_grad():
@@ -172,8 +192,12 @@ def evaluate(checkpoint: Path, teacher: Path, images: list[Path], input_tokens: 
                 xy = grid_xy(grid, grid)[None]
                 levels = vitup.decode(vitup.encode(student_in), xy, levels=range(len(taps)))
                 preds["vitup"] = [lv[0].T.reshape(-1, grid, grid) for lv in levels]
+                if uplift is not None:  # the last tap only: None elsewhere
+                    preds["uplift"] = [None] * (len(taps) - 1) + [uplift.features(student_in, grid)[0]]
                 for name, per_tap in preds.items():
                     for k, pred in enumerate(per_tap):
+                        if pred is None:
+                            continue
                         for metric, value in metrics(pred, targets[k][0]).items():
                             key = (f"{factor}x", name, k, metric)
                             sums[key] = sums.get(key, 0.0) + value
@@ -215,19 +239,65 @@ def train_config(args: argparse.Namespace, teacher: str, seed: int, work: Path) 
     )
 
 
+def uplift_config(args: argparse.Namespace, teacher: str, seed: int, work: Path, weights: str):
+    """UPLiFT's recipe over the same teacher and images: the pyramid top is ``--uplift-top`` x the
+    student's input side (2: depth 1 maps the student's ``tokens x tokens`` to the 2x grid), batch and
+    threads as ViT-Up's."""
+    return build_config(
+        None,
+        {
+            "method": "uplift",
+            "data": str(work / "train"),
+            "out": str(work / f"run-uplift-{teacher}-seed{seed}"),
+            "backbone": "dinov3_s",
+            "weights": weights,
+            "backbone_args": backbone_overrides(args, teacher),
+            "image_size": args.uplift_top * 16 * args.tokens,
+            "steps": args.uplift_steps,
+            "batch_size": args.batch,
+            "lr": args.uplift_lr,
+            "workers": 0,
+            "seed": seed,
+            "log_every": 10,
+            "save_every": args.uplift_steps,
+            "tensorboard": False,
+        },
+    )
+
+
+def _losses(run_dir: Path) -> list[float]:
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in records if "loss" in r]
+
+
 def run_one(args: argparse.Namespace, teacher: str, seed: int, work: Path) -> dict:
-    """Train one ViT-Up and score it with the training-free upsamplers on the held-out images."""
+    """Train one ViT-Up and one UPLiFT and score them with the training-free upsamplers on the held-out
+    images."""
     torch.set_num_threads(args.threads)
     cfg = train_config(args, teacher, seed, work)
     shutil.rmtree(cfg.out, ignore_errors=True)
     t0 = time.monotonic()
     result = train(cfg, reporter=LogReporter(interval=120))
     train_s = time.monotonic() - t0
+    up_result, up_s, up_losses = None, 0.0, []
+    if args.uplift_steps > 0:
+        up_cfg = uplift_config(args, teacher, seed, work, cfg.weights)
+        shutil.rmtree(up_cfg.out, ignore_errors=True)
+        t0 = time.monotonic()
+        up_result = train(up_cfg, reporter=LogReporter(interval=120))
+        up_s = time.monotonic() - t0
+        up_losses = _losses(Path(up_cfg.out))
     t0 = time.monotonic()
     test_images = sorted((work / "heldout").glob("*.png"))
-    scores = evaluate(result.last_checkpoint, Path(cfg.weights), test_images, args.tokens, (2, 4))
-    records = [json.loads(line) for line in (Path(cfg.out) / "metrics.jsonl").read_text().splitlines()]
-    losses = [r["loss"] for r in records if "loss" in r]
+    scores = evaluate(
+        result.last_checkpoint,
+        Path(cfg.weights),
+        test_images,
+        args.tokens,
+        (2, 4),
+        up_result.last_checkpoint if up_result else None,
+    )
+    losses = _losses(Path(cfg.out))
     if args.keep_runs:
         dest = Path(args.keep_runs) / f"{teacher}-seed{seed}"
         shutil.rmtree(dest, ignore_errors=True)
@@ -240,6 +310,14 @@ def run_one(args: argparse.Namespace, teacher: str, seed: int, work: Path) -> di
         "eval_seconds": round(time.monotonic() - t0, 1),
         "loss_first_10_steps": losses[0],
         "loss_last_10_steps": losses[-1],
+        "seconds_per_step": round(train_s / cfg.steps, 3),
+        "uplift": {
+            "steps": args.uplift_steps,
+            "train_seconds": round(up_s, 1),
+            "seconds_per_step": round(up_s / max(args.uplift_steps, 1), 3),
+            "loss_first_10_steps": up_losses[0] if up_losses else None,
+            "loss_last_10_steps": up_losses[-1] if up_losses else None,
+        },
         "scores": scores,
     }
 
@@ -285,8 +363,8 @@ def run(args: argparse.Namespace) -> dict:
     summary = {t: summarise([r for r in per_run if r["teacher"] == t]) for t in args.teachers}
     result = {
         "benchmark": "faithfulness",
-        "question": "after `vitup train`, are ViT-Up features closer to the teacher's real 2x/4x features than "
-        "bilinear / nearest upsampling of the tokens, on held-out images?",
+        "question": "after `vitup train`, are ViT-Up (and UPLiFT) features closer to the teacher's real 2x/4x "
+        "features than bilinear / nearest upsampling of the tokens, on held-out images?",
         "setup": {
             "backbone": f"dinov3_s layout (RoPE, 4 registers, patch 16), depth {args.depth}, dim {args.dim}, "
             "random weights, a new backbone per seed, given to training as --weights",
@@ -313,6 +391,19 @@ def run(args: argparse.Namespace) -> dict:
                 "2e-4 / 24 / 53k (CPU budget; measured: 3e-4 and 1e-3 are slower to converge here); paste "
                 "scale s ~ U(0.5, 1) instead of U(0.1, 1) (the evaluated ratios are 2x-4x = s in [0.5, 1]; "
                 "measured: better at equal steps)",
+            },
+            "uplift_train": {
+                "steps": args.uplift_steps,
+                "batch_size": args.batch,
+                "lr": args.uplift_lr,
+                "image_size_px": args.uplift_top * 16 * args.tokens,
+                "pyramid_px": [args.uplift_top * 16 * args.tokens // 2**k for k in range(3)],
+                "depths": [1, 2],
+                "other settings": "the paper's recipe (squash, summed MSE of every intermediate output, Adam, "
+                "no schedule, no clipping); deviations: batch 4 and few steps (CPU budget), pyramid top "
+                "--uplift-top x the student input instead of 448 px (the full-resolution encoder dominates the "
+                "cost); the 4x grid is reached by 2 iterations, as UPLiFT runs more iterations at inference "
+                "than it trained with",
             },
             "heldout_images": args.test_images,
             "images": "generated scenes (gradients, shapes, stripes, blur, noise); held-out ones use another seed",
@@ -341,31 +432,45 @@ def run(args: argparse.Namespace) -> dict:
     return result
 
 
+def _present(per_seed: list[dict]) -> list[str]:
+    scale = next(iter(per_seed[0]["scores"]))
+    return [n for n in UPSAMPLERS if n in per_seed[0]["scores"][scale]]
+
+
 def summarise(per_seed: list[dict]) -> dict:
     scales = list(per_seed[0]["scores"])
-    summary: dict = {"mean_std": {}, "vitup_beats_bilinear": {}, "vitup_beats_nearest": {}}
+    names = _present(per_seed)
+    summary: dict = {"mean_std": {}}
     for scale in scales:
-        for name in UPSAMPLERS:
+        for name in names:
             for metric in METRICS:
                 values = [s["scores"][scale][name][metric] for s in per_seed]
                 summary["mean_std"].setdefault(scale, {}).setdefault(name, {})[metric] = [
                     float(np.mean(values)),
                     float(np.std(values)),
                 ]
+    for method in (n for n in TRAINED if n in names):
         for rival in ("bilinear", "nearest"):
-            wins = {}
-            for metric in METRICS:
-                per = []
-                for s in per_seed:
-                    v, b = s["scores"][scale]["vitup"][metric], s["scores"][scale][rival][metric]
-                    per.append(bool(v > b) if HIGHER_IS_BETTER[metric] else bool(v < b))
-                wins[metric] = per
-            summary[f"vitup_beats_{rival}"][scale] = wins
+            key = f"{method}_beats_{rival}"
+            summary[key] = {}
+            for scale in scales:
+                wins = {}
+                for metric in METRICS:
+                    per = []
+                    for s in per_seed:
+                        v, b = s["scores"][scale][method][metric], s["scores"][scale][rival][metric]
+                        per.append(bool(v > b) if HIGHER_IS_BETTER[metric] else bool(v < b))
+                    wins[metric] = per
+                summary[key][scale] = wins
     taps = list(per_seed[0]["scores"][scales[0]]["vitup"]["per_tap"])
     summary["per_tap_nl2_mean"] = {
         scale: {
-            name: {t: float(np.mean([s["scores"][scale][name]["per_tap"][t]["nl2"] for s in per_seed])) for t in taps}
-            for name in UPSAMPLERS
+            name: {
+                t: float(np.mean([s["scores"][scale][name]["per_tap"][t]["nl2"] for s in per_seed]))
+                for t in taps
+                if t in per_seed[0]["scores"][scale][name]["per_tap"]
+            }
+            for name in names
         }
         for scale in scales
     }
@@ -380,16 +485,17 @@ def summarise(per_seed: list[dict]) -> dict:
         ]
         for scale in scales
     }
-    summary["vitup_ahead_of_bilinear_everywhere"] = all(
-        all(v) for scale in summary["vitup_beats_bilinear"].values() for v in scale.values()
-    )
+    for method in (n for n in TRAINED if n in names):
+        summary[f"{method}_ahead_of_bilinear_everywhere"] = all(
+            all(v) for scale in summary[f"{method}_beats_bilinear"].values() for v in scale.values()
+        )
     return summary
 
 
 def table(scores: dict) -> str:
     lines = [f"{'scale':6} {'upsampler':10} {'cosine ↑':>9} {'norm. L2 ↓':>11} {'fidelity ↑':>11}"]
     for scale, per in scores.items():
-        for name in UPSAMPLERS:
+        for name in (n for n in UPSAMPLERS if n in per):
             m = per[name]
             lines.append(f"{scale:6} {name:10} {m['cosine']:9.4f} {m['nl2']:11.4f} {m['fidelity']:11.3f}")
     return "\n".join(lines)
@@ -398,7 +504,7 @@ def table(scores: dict) -> str:
 def summary_table(summary: dict) -> str:
     lines = [f"{'scale':6} {'upsampler':10} {'cosine ↑':>17} {'norm. L2 ↓':>17} {'fidelity ↑':>17}"]
     for scale, per in summary["mean_std"].items():
-        for name in UPSAMPLERS:
+        for name in (n for n in UPSAMPLERS if n in per):
             cells = [f"{per[name][m][0]:8.4f} ± {per[name][m][1]:6.4f}" for m in METRICS]
             lines.append(f"{scale:6} {name:10} " + " ".join(f"{c:>17}" for c in cells))
     return "\n".join(lines)
@@ -411,6 +517,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=1400, help="training steps with the deep teacher")
     parser.add_argument("--patch-steps", type=int, default=500, help="training steps with the patch teacher")
     parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--uplift-steps", type=int, default=600, help="UPLiFT training steps (0: no UPLiFT)")
+    parser.add_argument("--uplift-lr", type=float, default=1e-3, help="UPLiFT's Adam learning rate (the paper's)")
+    parser.add_argument("--uplift-top", type=int, default=2, help="UPLiFT pyramid top / student input side")
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--scale-min", type=float, default=0.5)
     parser.add_argument("--tokens", type=int, default=8, help="student input tokens per side")
@@ -437,8 +546,11 @@ def main() -> None:
     for teacher, summary in result["summary"].items():
         print(f"teacher {teacher}, seeds {args.seeds} (mean ± std), last tap, held-out images:")
         print(summary_table(summary))
-        ahead = summary["vitup_ahead_of_bilinear_everywhere"]
-        print(f"ViT-Up ahead of bilinear on every metric, scale and seed: {ahead}\n")
+        for method in TRAINED:
+            if f"{method}_ahead_of_bilinear_everywhere" in summary:
+                ahead = summary[f"{method}_ahead_of_bilinear_everywhere"]
+                print(f"{method} ahead of bilinear on every metric, scale and seed: {ahead}")
+        print()
     print(f"total {result['total_seconds']:.0f} s")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -209,14 +209,14 @@ def load_checkpoint(
     return model.to(map_location)
 
 
-def _rebuild(
+def rebuild_backbone(
     meta: dict[str, Any],
     path: str | Path,
-    backbone: Backbone | None,
-    weights: str | Path | None,
-    pretrained: str,
-) -> ViTUp:
-    """The untrained ViT-Up (and its backbone) that a checkpoint's JSON describes."""
+    backbone: Backbone | None = None,
+    weights: str | Path | None = None,
+    pretrained: str = "hub",
+) -> Backbone:
+    """The backbone a checkpoint's JSON describes (any method), checked against ``backbone`` if given."""
     recorded = meta["backbone"]
     included = bool(meta.get("backbone_included"))
     wid = recorded["weights_id"]
@@ -245,6 +245,19 @@ def _rebuild(
             f"checkpoint {path} is for another backbone ({'; '.join(diffs)}): "
             f"use --backbone {recorded['name']} with the weights it was trained on"
         )
+    return backbone
+
+
+def _rebuild(
+    meta: dict[str, Any],
+    path: str | Path,
+    backbone: Backbone | None,
+    weights: str | Path | None,
+    pretrained: str,
+) -> ViTUp:
+    """The untrained ViT-Up (and its backbone) that a checkpoint's JSON describes."""
+    recorded = meta["backbone"]
+    backbone = rebuild_backbone(meta, path, backbone, weights, pretrained)
     if recorded.get("lora") and backbone.lora is None:
         backbone.add_lora(**recorded["lora"])
     return ViTUp(backbone, ViTUpConfig(**meta["model"]))
@@ -325,6 +338,73 @@ def _stderr(message: str) -> None:
     print(message, file=sys.stderr)
 
 
+#: how a checkpoint is rebuilt, by the ``upsampler`` its JSON names (``vitup train --method NAME``
+#: writes checkpoints a loader here reads): ``loader(path, weights=, pretrained=, map_location=)``
+CHECKPOINT_LOADERS: dict[str, Callable[..., Upsampler]] = {}
+#: how published weights are loaded, by the release's method (``vitup_cli.weights.RELEASES``):
+#: ``loader(resolved, weights=, pretrained=, map_location=)``
+PUBLISHED_LOADERS: dict[str, Callable[..., Upsampler]] = {}
+
+
+def _register_loaders() -> None:
+    from vitup_cli.models import uplift
+
+    CHECKPOINT_LOADERS.setdefault("vitup", load_checkpoint)
+    CHECKPOINT_LOADERS.setdefault("uplift", uplift.load_uplift_checkpoint)
+    PUBLISHED_LOADERS.setdefault("uplift", uplift.load_uplift_release)
+
+
+def load_trained(
+    ref: str | Path,
+    *,
+    weights: str | Path | None = None,
+    pretrained: str = "hub",
+    antialias: bool | None = None,
+    map_location: str | torch.device = "cpu",
+    notify: Callable[[str], None] | None = None,
+) -> Upsampler:
+    """A trained upsampler from ``--checkpoint``: a vitup checkpoint of any method (``NAME`` /
+    ``NAME.safetensors`` beside ``NAME.json``), a published release (``vit-up:dinov3_splus``,
+    ``uplift:dinov3_splus``, ``hf:ORG/REPO/FILE``) or a local copy of a published file. ViT-Up in any of
+    its forms goes through ``open_vitup``; other methods through the loaders registered above. A
+    release's licence goes to ``notify`` once per process."""
+    from vitup_cli.weights import is_release_ref, licence_notice, release_for_file, resolve_weights
+
+    _register_loaders()
+    text = str(ref)
+    vitup_kw = {"weights": weights, "pretrained": pretrained, "antialias": antialias, "notify": notify}
+    meta_path = checkpoint_paths(text)[1]
+    if is_release_ref(text) or (not meta_path.is_file() and release_for_file(text) is not None):
+        resolved = resolve_weights(text)
+        release = resolved.release
+        if release is None or release.method == "vitup":  # open_vitup checks the file's layout
+            return open_vitup(text, map_location=map_location, **vitup_kw)
+        if release.method not in PUBLISHED_LOADERS:
+            raise VitupError(f"--checkpoint {text}: published {release.method} weights are not loadable yet")
+        if release.filename.endswith(".safetensors"):
+            _refuse_pickle(resolved.path)
+        model = PUBLISHED_LOADERS[release.method](
+            resolved, weights=weights, pretrained=pretrained, map_location=map_location
+        )
+        line = licence_notice(release)
+        if line:
+            (notify or _stderr)(line)
+        return model.eval()
+    if not meta_path.is_file():
+        if Path(text).is_file():  # an official ViT-Up file under another name (open_vitup says if it is not)
+            return open_vitup(text, map_location=map_location, **vitup_kw)
+        resolve_weights(text)  # a mistyped short name (``uplift:nope``) gets the list of releases
+    meta = read_checkpoint_meta(text)
+    name = meta.get("upsampler", "vitup")
+    if name == "vitup":
+        return open_vitup(text, map_location=map_location, **vitup_kw)
+    if name not in CHECKPOINT_LOADERS:
+        raise VitupError(
+            f"checkpoint {meta_path}: upsampler '{name}' has no loader (known: {', '.join(CHECKPOINT_LOADERS)})"
+        )
+    return CHECKPOINT_LOADERS[name](text, weights=weights, pretrained=pretrained, map_location=map_location).eval()
+
+
 def open_upsampler(
     upsampler: str = "bilinear",
     *,
@@ -337,13 +417,19 @@ def open_upsampler(
     device: str | torch.device = "cpu",
     notify: Callable[[str], None] | None = None,
 ) -> Upsampler:
-    """The one way downstream commands get an upsampler: a checkpoint (any form ``open_vitup`` takes)
-    means ViT-Up (its own backbone); otherwise a training-free upsampler by name over the named backbone."""
+    """The one way downstream commands get an upsampler: a checkpoint means the trained upsampler it
+    holds (``load_trained``: any method, any form; its own backbone); otherwise a training-free upsampler
+    by name over the named backbone."""
     if checkpoint is not None:
-        return open_vitup(checkpoint, weights=weights, pretrained=pretrained, map_location=device, notify=notify)
+        return load_trained(checkpoint, weights=weights, pretrained=pretrained, map_location=device, notify=notify)
     if upsampler == "vitup":
         raise VitupError(
             "--upsampler vitup needs --checkpoint (vit-up:dinov3_splus, vit-up:dinov3_b, or one from `vitup train`)"
+        )
+    if upsampler == "uplift":
+        raise VitupError(
+            "--upsampler uplift needs --checkpoint: published weights (uplift:dinov3_splus, uplift:dinov2_s) or a "
+            "`vitup train --method uplift` run"
         )
     bb = load_backbone(backbone, weights=weights, pretrained=pretrained, overrides=overrides)
     return build_upsampler(upsampler, bb, input_size=input_size).to(device).eval()

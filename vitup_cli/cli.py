@@ -116,6 +116,7 @@ def backbones_cmd() -> None:
 
 
 _TRAIN_DEFAULTS = TrainConfig()
+_UPLIFT = "UPLiFT (--method uplift)"
 _RUN, _SIZES, _MODEL, _LOSS, _LORA, _OPT, _RUNTIME, _LOG = (
     "Data and run",
     "Distillation sizes",
@@ -147,6 +148,16 @@ def _opt(panel: str, *names: str, help: str, **kw: Any) -> Any:
 @app.command("train", epilog=_TRAIN_EPILOG)
 def train_cmd(
     ctx: typer.Context,
+    method: Annotated[
+        str,
+        _opt(
+            _RUN,
+            "--method",
+            "-m",
+            help="Training method: vitup (ViT-Up distillation) or uplift (UPLiFT). Each has its paper's "
+            "defaults; the defaults shown below are ViT-Up's.",
+        ),
+    ] = "vitup",
     data: Annotated[str, _opt(_RUN, "--data", "-d", help="Training images: a folder, @list.txt, or one image.")] = "",
     out: Annotated[str, _opt(_RUN, "--out", "-o", help="Run directory (config, checkpoints, metrics).")] = "",
     val_data: Annotated[
@@ -223,6 +234,9 @@ def train_cmd(
         int, _opt(_OPT, "--batch-size", "-B", help="Images per step over all processes and accumulation steps.")
     ] = _TRAIN_DEFAULTS.batch_size,
     lr: Annotated[float, _opt(_OPT, "--lr", help="Peak AdamW learning rate.")] = _TRAIN_DEFAULTS.lr,
+    schedule: Annotated[
+        str, _opt(_OPT, "--schedule", help="cosine (warm-up, then cosine to --min-lr) or constant.")
+    ] = _TRAIN_DEFAULTS.schedule,
     warmup: Annotated[
         float, _opt(_OPT, "--warmup", help="Linear warm-up, fraction of steps.")
     ] = _TRAIN_DEFAULTS.warmup,
@@ -251,12 +265,27 @@ def train_cmd(
     tensorboard: Annotated[
         bool, _opt(_LOG, "--tensorboard/--no-tensorboard", help="TensorBoard events when installed.")
     ] = True,
+    image_size: Annotated[
+        int, _opt(_UPLIFT, "--image-size", help="Top of the image pyramid, px (448: 448/224/112/56).")
+    ] = 448,
+    fit: Annotated[
+        str, _opt(_UPLIFT, "--fit", help="squash (resize to a square, the ImageNet recipe) or crop (centre).")
+    ] = "squash",
+    depths: Annotated[
+        str | None, _opt(_UPLIFT, "--depths", help="Iteration depths trained every step (default 1,2,3; DINOv3 1,2).")
+    ] = None,
+    sync_bn: Annotated[
+        bool, _opt(_UPLIFT, "--sync-bn/--no-sync-bn", help="Synchronise BatchNorm across GPUs under DDP.")
+    ] = True,
 ) -> None:
-    """Distil a ViT-Up upsampler (LoRA-adapted backbone, frozen teacher).
+    """Train an upsampler: --method vitup (default) distils ViT-Up (LoRA-adapted backbone, frozen teacher).
 
-    Defaults are the paper's recipe (DINOv3-S+ on ImageNet-1K):
+    Defaults are each paper's recipe. ViT-Up (DINOv3-S+ on ImageNet-1K):
     batch 24, AdamW 2e-4, 5% warm-up, cosine to 1e-6, 53,381 steps;
     448 px canvas, 56x56 queries, teachers at 224/448/896 px.
+    UPLiFT (--method uplift): batch 32, Adam 1e-3 constant, 40,037 steps (one ImageNet epoch);
+    448 px squash, pyramid 448/224/112/56, depths 1,2,3 (1,2 for DINOv3), summed MSE.
+    Only the flags you give are applied; a flag of another method is refused.
     """
     import os
     import sys
@@ -318,8 +347,9 @@ def extract_cmd(
             "--checkpoint",
             "-c",
             rich_help_panel=_EX_MODEL,
-            help="ViT-Up weights: vit-up:dinov3_splus, vit-up:dinov3_b, hf:ORG/REPO/FILE, an official "
-            ".safetensors file, or a checkpoint from `vitup train`; brings its own backbone.",
+            help="A trained upsampler: vit-up:dinov3_splus, vit-up:dinov3_b, uplift:dinov3_splus, uplift:dinov2_s, "
+            "hf:ORG/REPO/FILE, a local copy of a published file, or a `vitup train` checkpoint (any --method); "
+            "brings its own backbone.",
         ),
     ] = None,
     upsampler: Annotated[
@@ -328,8 +358,9 @@ def extract_cmd(
             "--upsampler",
             "-u",
             rich_help_panel=_EX_MODEL,
-            help="bilinear, nearest or lowres instead of ViT-Up. Default: vitup (--checkpoint, else the published "
-            "weights of the backbone: dinov3_s+, dinov3_b).",
+            help="bilinear, nearest or lowres instead of a trained upsampler. Default: the checkpoint's (vitup or "
+            "uplift, implied); without --checkpoint, the published ViT-Up weights of the backbone (dinov3_s+, "
+            "dinov3_b).",
         ),
     ] = None,
     backbone: BackboneOpt = "dinov3_s+",
@@ -507,13 +538,14 @@ def probe_cmd(
         float, typer.Option("--max-depth", rich_help_panel=_PR_DATA, help="Depth range of the head's bins, metres.")
     ] = 10.0,
     checkpoint: Annotated[
-        Path | None,
+        list[str] | None,
         typer.Option(
             "--checkpoint",
             "-c",
             rich_help_panel=_PR_MODEL,
-            help="ViT-Up weights: vit-up:dinov3_splus, vit-up:dinov3_b, hf:ORG/REPO/FILE, an official "
-            ".safetensors file, or a checkpoint from `vitup train`; brings its own backbone.",
+            help="A trained upsampler: vit-up:dinov3_splus, vit-up:dinov3_b, uplift:dinov3_splus, hf:ORG/REPO/FILE, "
+            "an official file, or a `vitup train` checkpoint of any --method; repeat it once per method to compare "
+            "them side by side.",
         ),
     ] = None,
     upsampler: Annotated[
@@ -522,9 +554,9 @@ def probe_cmd(
             "--upsampler",
             "-u",
             rich_help_panel=_PR_MODEL,
-            help="Comma-separated: vitup (needs --checkpoint), bilinear, nearest, lowres; the first is the "
-            "reference column (default: vitup with --checkpoint, else bilinear; spair and keypoints: lowres,bilinear "
-            "and vitup with --checkpoint).",
+            help="Comma-separated: vitup, uplift (each needs its --checkpoint), bilinear, nearest, lowres; the first "
+            "is the reference column (default: the checkpoints' upsamplers, else bilinear; spair and keypoints: "
+            "lowres,bilinear and the checkpoints').",
         ),
     ] = None,
     backbone: BackboneOpt = "dinov3_s+",
@@ -668,7 +700,8 @@ def probe_cmd(
         if task != "seg":
             raise VitupError(f"--task {task}: not for `vitup probe {dataset}` (correspondence has no task)")
         _correspondence(
-            dataset, root, split=split, categories=categories, limit=limit, checkpoint=checkpoint,
+            dataset, root, split=split, categories=categories, limit=limit,
+            checkpoint=(checkpoint[0] if len(checkpoint) == 1 else checkpoint) if checkpoint else None,
             upsampler=upsampler, backbone=backbone, weights=weights, pretrained=pretrained,
             backbone_args=backbone_args, input_size=input_size, res=res or 448, alpha=alpha,
             padding="exclude" if exclude_padding else "include", map_back=map_back, source_sampling=source_sampling,
@@ -687,7 +720,7 @@ def probe_cmd(
         dataset=dataset,
         root=root,
         upsamplers=[u for u in (upsampler or "").split(",") if u.strip()] or None,
-        checkpoint=checkpoint,
+        checkpoint=(checkpoint[0] if len(checkpoint) == 1 else checkpoint) if checkpoint else None,
         backbone=backbone,
         weights=weights,
         pretrained=pretrained,
@@ -816,8 +849,9 @@ def visualize_cmd(
             "--checkpoint",
             "-c",
             rich_help_panel=_VIZ_MODEL,
-            help="ViT-Up weights: vit-up:dinov3_splus, vit-up:dinov3_b, hf:ORG/REPO/FILE, an official "
-            ".safetensors file, or a checkpoint from `vitup train`; brings its own backbone.",
+            help="A trained upsampler: vit-up:dinov3_splus, vit-up:dinov3_b, uplift:dinov3_splus, uplift:dinov2_s, "
+            "hf:ORG/REPO/FILE, a local copy of a published file, or a `vitup train` checkpoint (any --method); "
+            "brings its own backbone.",
         ),
     ] = None,
     compare: Annotated[
@@ -825,8 +859,9 @@ def visualize_cmd(
         typer.Option(
             "--compare",
             rich_help_panel=_VIZ_MODEL,
-            help="Methods to draw, from vitup,bilinear,nearest,lowres (default: vitup,bilinear; without "
-            "--checkpoint vitup is the backbone's published weights). The low-res tokens are always drawn.",
+            help="Methods to draw, from vitup,uplift,bilinear,nearest,lowres (default: the checkpoint's and "
+            "bilinear; without --checkpoint the backbone's published ViT-Up weights). The low-res tokens are "
+            "always drawn.",
         ),
     ] = None,
     res: Annotated[
@@ -907,7 +942,7 @@ def visualize_cmd(
             inputs,
             out,
             model=model,
-            compare=viz.parse_compare(compare, model.checkpoint is not None),
+            compare=None if compare is None else viz.parse_compare(compare, model.checkpoint is not None),
             res=res,
             points=points,
             options=options,

@@ -626,7 +626,9 @@ def model_fingerprint(upsampler: Upsampler) -> str | None:
         tensors = {n: p for n, p in upsampler.upsampler_parameters()}
         tensors.update({f"backbone.{n}": p for n, p in backbone.lora_parameters()})
     else:
-        return None
+        tensors = upsampler.trained_tensors()
+        if not tensors:
+            return None
     digest = hashlib.sha256()
     for name in sorted(tensors):
         t = tensors[name].detach().to("cpu").contiguous()
@@ -688,9 +690,9 @@ def _build_upsampler(
 ) -> Upsampler:
     from vitup_cli.checkpoints import open_upsampler
 
-    if config.checkpoint is not None and config.upsampler not in {None, "vitup"}:
+    if config.checkpoint is not None and config.upsampler not in {None, "vitup", "uplift"}:
         raise VitupError(
-            f"--checkpoint is a ViT-Up; --upsampler {config.upsampler} cannot be combined with it "
+            f"--checkpoint is a trained upsampler; --upsampler {config.upsampler} cannot be combined with it "
             "(drop --checkpoint to store a training-free upsampler)"
         )
     torch.manual_seed(config.seed)  # a random-init backbone (--pretrained none) is the same in every run
@@ -708,9 +710,15 @@ def _build_upsampler(
         )
     except ValueError as exc:
         raise VitupError(f"--input-size {config.input_size}: {exc}") from None
+    if config.checkpoint is not None and config.upsampler not in (None, model.name):
+        raise VitupError(
+            f"--upsampler {config.upsampler}: --checkpoint {config.checkpoint} holds a {model.name}; "
+            f"use --upsampler {model.name} or drop the flag"
+        )
     if config.checkpoint is not None and config.input_size not in (None, model.input_size):
         raise VitupError(
-            f"--input-size {config.input_size}: this ViT-Up checkpoint was trained at {model.input_size}; drop the flag"
+            f"--input-size {config.input_size}: this {model.name} checkpoint was trained at {model.input_size}; "
+            "drop the flag"
         )
     return model
 
@@ -771,9 +779,13 @@ def _checkpoint_sha256(upsampler: Upsampler, checkpoint: str | Path | None) -> s
 
 
 def _checkpoint_file(checkpoint: str | Path) -> Path:
-    """The weights file of a checkpoint path (``NAME``, ``NAME.safetensors`` or ``NAME.json``)."""
+    """The weights file of a checkpoint path (``NAME``, ``NAME.safetensors`` or ``NAME.json``) or of a
+    published release (``uplift:dinov3_splus``, ``hf:ORG/REPO/FILE``)."""
     from vitup_cli.checkpoints import checkpoint_paths
+    from vitup_cli.weights import is_release_ref, resolve_weights
 
+    if is_release_ref(str(checkpoint)):
+        return resolve_weights(str(checkpoint)).path
     return checkpoint_paths(checkpoint)[0]
 
 
@@ -1085,6 +1097,7 @@ def _prepare(
         "weights_licence": (getattr(upsampler, "weights_info", None) or {}).get("licence"),
         "resize_antialias": settings["antialias"],
         "upsampler": upsampler.name,
+        "upsampler_notes": upsampler.output_notes(grid),
         "tap": tap,
         "input_size": upsampler.input_size,
         "res": list(grid),

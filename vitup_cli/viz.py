@@ -482,6 +482,10 @@ class ModelOptions:
     seed: int = 0  # seeds a random-init backbone (pretrained="none"), so demo pictures are reproducible
 
 
+#: upsamplers that come from ``--checkpoint`` (drawn from it, never built untrained)
+_TRAINED = ("vitup", "uplift")
+
+
 def parse_compare(text: str | None, has_checkpoint: bool) -> list[str]:
     """``"vitup,bilinear"`` -> method names (see ``methods_to_draw``); ``None`` -> the default."""
     if text is None:
@@ -504,6 +508,8 @@ def methods_to_draw(names: Sequence[str] | None, has_checkpoint: bool) -> list[s
             raise VitupError(f"--compare: unknown method '{name}': use some of {', '.join(UPSAMPLERS)}")
     if "vitup" in names and not has_checkpoint:
         raise VitupError("--compare vitup needs --checkpoint (a ViT-Up trained with `vitup train`)")
+    if "uplift" in names and not has_checkpoint:
+        raise VitupError("--compare uplift needs --checkpoint (uplift:dinov3_splus or `vitup train --method uplift`)")
     seen: list[str] = []
     for name in names:
         if name not in seen and name != LOWRES:
@@ -540,10 +546,11 @@ def _describe_source(up: Any, checkpoint: Path | None) -> str:
         weights = weights.split("@", 1)[0]
     what = f"backbone {bb.name} [{weights}] · input {up.input_size} px"
     release = (getattr(up, "weights_info", None) or {}).get("release")
+    label = "ViT-Up" if up.name == "vitup" else up.name
     if release is not None:
-        what = f"ViT-Up {release} ({up.weights_info['licence'].split(' ')[0]}) · " + what
+        what = f"{label} {release} ({up.weights_info['licence'].split(' ')[0]}) · " + what
     elif checkpoint is not None:
-        what = f"ViT-Up checkpoint {Path(checkpoint).name} · " + what
+        what = f"{label} checkpoint {Path(checkpoint).name} · " + what
     if bb.random_init:
         what += " · RANDOM-INIT BACKBONE: demo only, not meaningful features"
     return what
@@ -626,9 +633,15 @@ def visualize_images(
         torch.manual_seed(model.seed)
         primary = _open_primary(model, device, log)
     backbone = primary.backbone
+    trained = primary.name if model.checkpoint is not None else None
+    if compare is None and trained is not None:
+        methods = [trained if n == "vitup" else n for n in methods]  # the default pair: the checkpoint's + bilinear
+    for name in methods:
+        if name in _TRAINED and name != trained:
+            raise VitupError(f"--compare {name}: --checkpoint {model.checkpoint} holds a {trained}; draw {trained}")
     upsamplers: dict[str, Any] = {}
     for name in methods:
-        if name == "vitup":
+        if name == trained:
             upsamplers[name] = primary
         else:
             upsamplers[name] = build_upsampler(name, backbone, input_size=primary.input_size).to(device).eval()
@@ -646,11 +659,11 @@ def visualize_images(
                 # the low-res tokens and training-free baselines come from the frozen teacher
                 panels.append(FeaturePanel("low-res tokens", tokens_from.features(x)[0].float().cpu(), nearest=True))
                 for name, up in upsamplers.items():
-                    if name != "vitup":
+                    if name != trained:
                         panels.append(FeaturePanel(name, up.features(x, shape)[0].float().cpu(), name == "nearest"))
-            if "vitup" in upsamplers:
-                vit = FeaturePanel("vitup", upsamplers["vitup"].features(x, shape)[0].float().cpu())
-                panels.insert(1 + methods.index("vitup"), vit)
+            if trained in upsamplers:
+                vit = FeaturePanel(trained, upsamplers[trained].features(x, shape)[0].float().cpu())
+                panels.insert(1 + methods.index(trained), vit)
         rows.append(VizRow(label=p.name, size=size, panels=panels, image=_display_image(pil), points=list(points)))
     title = _describe_source(primary, model.checkpoint)
     log(f"drawing {out}")

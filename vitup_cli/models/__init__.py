@@ -9,6 +9,7 @@ from vitup_cli.backbones import Backbone
 from vitup_cli.errors import VitupError
 from vitup_cli.models.base import Upsampler, grid_xy, sample_map
 from vitup_cli.models.simple import BilinearUpsampler, LowresUpsampler, NearestUpsampler
+from vitup_cli.models.uplift import UPLiFT, UPLiFTConfig
 from vitup_cli.models.vitup import ViTUp, ViTUpConfig
 
 UPSAMPLERS: dict[str, Callable[..., Upsampler]] = {
@@ -16,6 +17,7 @@ UPSAMPLERS: dict[str, Callable[..., Upsampler]] = {
     "bilinear": lambda backbone, input_size=None, **_: BilinearUpsampler(backbone, input_size),
     "nearest": lambda backbone, input_size=None, **_: NearestUpsampler(backbone, input_size),
     "lowres": lambda backbone, input_size=None, **_: LowresUpsampler(backbone, input_size),
+    "uplift": lambda backbone, input_size=None, config=None, **_: UPLiFT(backbone, input_size, config),
 }
 TRAINING_FREE = ("bilinear", "nearest", "lowres")
 
@@ -33,6 +35,8 @@ __all__ = [
     "BilinearUpsampler",
     "LowresUpsampler",
     "NearestUpsampler",
+    "UPLiFT",
+    "UPLiFTConfig",
     "Upsampler",
     "ViTUp",
     "ViTUpConfig",

@@ -9,6 +9,7 @@ input size and normalises.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -57,6 +58,14 @@ class Upsampler(nn.Module, ABC):
     @property
     def dim(self) -> int:
         return self.backbone.embed_dim
+
+    def trained_tensors(self) -> dict[str, torch.Tensor]:
+        """Learned weights that no backbone name identifies (for store fingerprints); none by default."""
+        return {}
+
+    def output_notes(self, size: int | tuple[int, int]) -> dict[str, Any]:
+        """What a store should record about how ``features`` reaches ``size`` (e.g. a final resize)."""
+        return {}
 
     @property
     def token_grid(self) -> tuple[int, int]:

@@ -294,7 +294,8 @@ class CorrespondenceConfig:
     """Everything ``run_correspondence`` needs; the defaults are the ViT-Up reference protocol's.
 
     ``dataset``: ``spair`` or ``keypoints`` (your own ``pairs.json``). ``upsamplers``: names to compare
-    (default ``lowres,bilinear`` and ``vitup`` with a checkpoint); the first is the reference column.
+    (default ``lowres,bilinear`` and the upsampler of each checkpoint); the first is the reference column.
+    ``checkpoint``: one reference or a list, one per trained method (as ``vitup probe``'s ``--checkpoint``).
     ``limit``: the first N pairs of each category. ``res``: feature grid over the padded square.
     """
 
@@ -304,7 +305,7 @@ class CorrespondenceConfig:
     categories: Sequence[str] | None = None
     limit: int | None = None
     upsamplers: Sequence[str] | None = None
-    checkpoint: str | Path | None = None
+    checkpoint: str | Path | Sequence[str | Path] | None = None
     backbone: str = "dinov3_s+"
     weights: str | Path | None = None
     pretrained: str = "hub"
@@ -397,7 +398,9 @@ class CorrespondenceReport:
 def _names(config: CorrespondenceConfig) -> list[str]:
     names = [n.strip() for n in (config.upsamplers or []) if n.strip()]
     if not names:
-        names = ["lowres", "bilinear", *(["vitup"] if config.checkpoint else [])]
+        from vitup_cli.probe.run import checkpoint_refs
+
+        names = ["lowres", "bilinear", *checkpoint_refs(_probe_config(config, []))]
     return names
 
 
@@ -479,6 +482,12 @@ def prepare_canvases(
         if reporter is not None:
             reporter.finish()
     return good, bad
+
+
+def _checkpoint_json(checkpoint: Any) -> str | list[str] | None:
+    if checkpoint is None or isinstance(checkpoint, (str, Path)):
+        return None if checkpoint is None else str(checkpoint)
+    return [str(c) for c in checkpoint]
 
 
 def _probe_config(config: CorrespondenceConfig, names: list[str]) -> Any:
@@ -643,7 +652,7 @@ def run_correspondence(config: CorrespondenceConfig, reporter: Any = None) -> Co
         "aggregation": "PCK per point within a category, then the unweighted mean over categories",
         "split": pairset.split, "limit": config.limit, "categories": list(config.categories or []) or None,
         "dtype": config.dtype, "backbone": upsamplers[0][0].backbone.describe(),
-        "checkpoint": str(config.checkpoint) if config.checkpoint else None, "cache": str(cache_dir),
+        "checkpoint": _checkpoint_json(config.checkpoint), "cache": str(cache_dir),
         "device": device,
     }  # fmt: skip
     report = CorrespondenceReport(
@@ -678,8 +687,10 @@ def _run_one(
     from vitup_cli.extract import human_bytes
     from vitup_cli.probe import cache as _cache
     from vitup_cli.probe.datasets import ProbeDataset
-    from vitup_cli.probe.run import _store_bytes
+    from vitup_cli.probe.run import _store_bytes, checkpoint_refs
     from vitup_cli.stores import open_store
+
+    refs = checkpoint_refs(_probe_config(config, []))
 
     tap = upsampler.backbone.taps[-1]
     result = CorrespondenceResult(name, {}, {}, {}, {}, input_size=upsampler.input_size, channels=upsampler.dim)
@@ -704,7 +715,7 @@ def _run_one(
             )
             _cache.ensure_store(
                 entry, ds, upsampler, res=config.res, dtype=config.dtype,
-                checkpoint=config.checkpoint if name == "vitup" else None, device=device, workers=config.workers,
+                checkpoint=refs.get(name), device=device, workers=config.workers,
                 seed=config.seed, reporter=reporter,
             )  # fmt: skip
         result.stores[cat], result.cached[cat] = str(entry.path), entry.cached

@@ -66,7 +66,7 @@ class ProbeConfig:
     dataset: str
     root: str | Path
     upsamplers: Sequence[str] | None = None
-    checkpoint: str | Path | None = None
+    checkpoint: str | Path | Sequence[str | Path] | None = None  # one per trained upsampler
     backbone: str = "dinov3_s+"
     weights: str | Path | None = None
     pretrained: str = "hub"
@@ -203,18 +203,50 @@ def _default_budget() -> int:
         return 4 << 30
 
 
+#: upsamplers that only come from a checkpoint (``--checkpoint``), never built untrained
+TRAINED = ("vitup", "uplift")
+
+
+def checkpoint_refs(config: ProbeConfig) -> dict[str, str]:
+    """The checkpoints of ``config`` by the upsampler each holds (``vitup``, ``uplift``), in order."""
+    from vitup_cli.checkpoints import read_checkpoint_meta
+    from vitup_cli.weights import is_release_ref, release_for_file, resolve_weights
+
+    given = config.checkpoint
+    if given is None:
+        return {}
+    refs = [given] if isinstance(given, (str, Path)) else list(given)
+    out: dict[str, str] = {}
+    for ref in (str(r) for r in refs):
+        if is_release_ref(ref) or (not Path(ref).with_suffix(".json").is_file() and release_for_file(ref)):
+            release = resolve_weights(ref).release if is_release_ref(ref) else release_for_file(ref)
+            name = release.method if release is not None else "?"
+        else:
+            name = read_checkpoint_meta(ref).get("upsampler", "vitup")
+        if name in out:
+            raise VitupError(f"--checkpoint {ref}: a second {name} checkpoint (after {out[name]}); give one per method")
+        out[name] = ref
+    return out
+
+
 def _names(config: ProbeConfig) -> list[str]:
     names = [n.strip() for n in (config.upsamplers or []) if n.strip()]
+    refs = checkpoint_refs(config)
     if not names:
-        names = ["vitup"] if config.checkpoint else ["bilinear"]
+        names = list(refs) if refs else ["bilinear"]
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:
         raise VitupError(f"--upsampler lists {', '.join(dupes)} twice")
     unknown = [n for n in names if n not in UPSAMPLERS]
     if unknown:
         raise VitupError(f"--upsampler {unknown[0]}: unknown; use one of {', '.join(UPSAMPLERS)}")
-    if "vitup" in names and config.checkpoint is None:
+    if "vitup" in names and "vitup" not in refs:
         raise VitupError("--upsampler vitup needs --checkpoint (train one with `vitup train`)")
+    if "uplift" in names and "uplift" not in refs:
+        raise VitupError(
+            "--upsampler uplift needs --checkpoint uplift:dinov3_splus (published weights) or a "
+            "`vitup train --method uplift` checkpoint (--checkpoint may be given once per method)"
+        )
     return names
 
 
@@ -240,27 +272,40 @@ def _validate(config: ProbeConfig) -> None:
 
 
 def build_upsamplers(config: ProbeConfig) -> list[tuple[Upsampler, bool]]:
-    """``(upsampler, teacher)`` per name: ``vitup`` from the checkpoint; the others over the checkpoint's
-    backbone with its adapters off (``teacher``), or over ``config.backbone`` without a checkpoint."""
+    """``(upsampler, teacher)`` per name: trained ones (``vitup``, ``uplift``) from their checkpoints; the
+    others over the first checkpoint's backbone with its adapters off (``teacher``), or over
+    ``config.backbone`` without a checkpoint. Checkpoints side by side must share backbone and input size."""
     from vitup_cli.backbones import load_backbone
-    from vitup_cli.checkpoints import open_vitup
+    from vitup_cli.checkpoints import load_trained
 
     names = _names(config)
     torch.manual_seed(config.seed)  # a random-init backbone (--pretrained none) is the same in every run
     out: list[tuple[Upsampler, bool]] = []
-    if config.checkpoint is not None:
-        vit = open_vitup(config.checkpoint, weights=config.weights, pretrained=config.pretrained)
-        if config.input_size not in (None, vit.input_size):
-            raise VitupError(
-                f"--input-size {config.input_size}: this ViT-Up checkpoint was trained at {vit.input_size}; "
-                "drop the flag"
-            )
+    refs = checkpoint_refs(config)
+    if refs:
+        trained = {
+            name: load_trained(ref, weights=config.weights, pretrained=config.pretrained).eval()
+            for name, ref in refs.items()
+        }
+        first = next(iter(trained.values()))
+        for name, model in trained.items():
+            if config.input_size not in (None, model.input_size):
+                raise VitupError(
+                    f"--input-size {config.input_size}: this {name} checkpoint was trained at {model.input_size}; "
+                    "drop the flag"
+                )
+            if (model.backbone.weights_id, model.input_size) != (first.backbone.weights_id, first.input_size):
+                raise VitupError(
+                    f"--checkpoint {refs[name]}: its backbone/input ({model.backbone.weights_id}, {model.input_size} "
+                    f"px) differs from {first.name}'s ({first.backbone.weights_id}, {first.input_size} px); "
+                    "side-by-side probes need the same backbone and input size"
+                )
         for name in names:
-            if name == "vitup":
-                out.append((vit, False))
+            if name in trained:
+                out.append((trained[name], False))
             else:
-                inner = build_upsampler(name, vit.backbone, input_size=vit.input_size)
-                out.append((TeacherView(inner).eval(), vit.backbone.lora is not None))
+                inner = build_upsampler(name, first.backbone, input_size=first.input_size)
+                out.append((TeacherView(inner).eval(), first.backbone.lora is not None))
         return out
     backbone = load_backbone(
         config.backbone, weights=config.weights, pretrained=config.pretrained, overrides=config.backbone_args
@@ -337,6 +382,7 @@ def run_probe(config: ProbeConfig, reporter: Any = None) -> ProbeReport:
     }
     num_classes = train_ds.num_classes
     upsamplers = build_upsamplers(config)
+    refs = checkpoint_refs(config)
     budget = config.memory_budget if config.memory_budget is not None else _default_budget()
     results = []
     predictions: dict[str, list[np.ndarray]] = {}
@@ -372,7 +418,7 @@ def run_probe(config: ProbeConfig, reporter: Any = None) -> ProbeReport:
                     )
                     _cache.ensure_store(
                         entry, ds, upsampler, res=config.res, dtype=config.dtype,
-                        checkpoint=config.checkpoint if name == "vitup" else None, device=device,
+                        checkpoint=refs.get(name), device=device,
                         workers=config.workers, seed=config.seed, reporter=reporter,
                     )  # fmt: skip
                 src = StoreFeatures(entry.path, memory_budget=budget)
@@ -438,7 +484,7 @@ def run_probe(config: ProbeConfig, reporter: Any = None) -> ProbeReport:
         "flip": config.flip, "seed": config.seed, "dtype": config.dtype, "no_cache": config.no_cache,
         "limit": config.limit, "cache": str(cache_dir), "device": device,
         "backbone": upsamplers[0][0].backbone.describe(),
-        "checkpoint": str(config.checkpoint) if config.checkpoint else None,
+        "checkpoint": (list(refs.values()) if len(refs) > 1 else next(iter(refs.values()))) if refs else None,
         "optimizer": "AdamW", "loss": "cross-entropy, ignore 255" if task == SEG else "SigLoss + 0.5 GradientLoss",
     }  # fmt: skip
     report = ProbeReport(

@@ -1,6 +1,7 @@
 """The resumable training state: one ``state.safetensors`` file, written atomically.
 
-Tensors: the trainable weights (and the base backbone when it was randomly initialised), the optimiser
+Tensors: the method's model tensors (``TrainMethod.state_tensors``: trainable weights, and frozen ones
+that nothing else could rebuild, such as a randomly initialised backbone), the optimiser
 moments, and every process's torch RNG state. The file's metadata holds the rest as JSON: step,
 optimiser hyperparameters, scheduler, Python/NumPy RNG, best held-out loss, unreadable files. Nothing
 is pickled, so a state file from anywhere is safe to open.
@@ -16,7 +17,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
 
 from vitup_cli.checkpoints import atomic_write_bytes
 from vitup_cli.errors import VitupError
@@ -36,16 +36,6 @@ class RunState:
     bad_files: dict[str, str] = field(default_factory=dict)
     world_size: int = 1
     images_seen: int = 0
-
-
-def model_tensors(model: nn.Module, include_base: bool) -> dict[str, torch.Tensor]:
-    """Trainable weights (and, with ``include_base``, the whole backbone) by parameter name."""
-    out: dict[str, torch.Tensor] = {}
-    for name, tensor in model.state_dict().items():
-        is_base = name.startswith("backbone.") and "lora_" not in name
-        if include_base or not is_base:
-            out[name] = tensor
-    return out
 
 
 def _host_rng() -> dict[str, Any]:
@@ -97,18 +87,18 @@ def _jsonable(value: Any) -> Any:
 def save_state(
     path: Path,
     *,
-    model: nn.Module,
-    include_base: bool,
+    model: dict[str, torch.Tensor],
     optimizer: torch.optim.Optimizer,
     scheduler: Any,
     run: RunState,
     rng_states: list[torch.Tensor],
     config: dict[str, Any],
 ) -> None:
-    """Write the state atomically (``rng_states``: one per process, rank order)."""
+    """Write the state atomically (``model``: the method's tensors by name; ``rng_states``: one per
+    process, rank order)."""
     from safetensors.torch import save
 
-    tensors = {f"model/{k}": v for k, v in model_tensors(model, include_base).items()}
+    tensors = {f"model/{k}": v for k, v in model.items()}
     opt = optimizer.state_dict()
     for index, slot in opt["state"].items():
         for key, value in slot.items():
