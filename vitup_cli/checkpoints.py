@@ -20,7 +20,7 @@ import torch
 from vitup_cli import __version__
 from vitup_cli.backbones import Backbone, load_backbone
 from vitup_cli.errors import VitupError
-from vitup_cli.models import Upsampler, ViTUp, ViTUpConfig, build_upsampler
+from vitup_cli.models import CHECKPOINT_METHODS, TRAINING_FREE, Upsampler, build_upsampler
 
 FORMAT = "vitup-checkpoint/1"
 _PICKLE_SUFFIXES = {".pt", ".pth", ".ckpt", ".bin", ".pkl", ".pickle"}
@@ -58,8 +58,13 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         raise
 
 
-def _state(model: ViTUp) -> dict[str, torch.Tensor]:
-    tensors = {f"upsampler.{n}": p for n, p in model.upsampler_parameters()}
+def _own_state(model: Upsampler) -> dict[str, torch.Tensor]:
+    """The upsampler's own parameters and persistent buffers (e.g. FeatSharp's PHI-S), without the backbone."""
+    return {n: t for n, t in model.state_dict().items() if not n.startswith("backbone.")}
+
+
+def _state(model: Upsampler) -> dict[str, torch.Tensor]:
+    tensors = {f"upsampler.{n}": p for n, p in _own_state(model).items()}
     backbone = model.backbone
     if backbone.random_init:
         tensors.update({f"backbone.{n}": t for n, t in backbone.model.state_dict().items()})
@@ -68,7 +73,7 @@ def _state(model: ViTUp) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
 
 
-def save_checkpoint(path: str | Path, model: ViTUp, extra: dict[str, Any] | None = None) -> Path:
+def save_checkpoint(path: str | Path, model: Upsampler, extra: dict[str, Any] | None = None) -> Path:
     """Write ``path.safetensors`` and ``path.json`` atomically; returns the weights path."""
     import timm
     from safetensors.torch import save
@@ -154,8 +159,8 @@ def load_checkpoint(
     weights: str | Path | None = None,
     pretrained: str = "hub",
     map_location: str | torch.device = "cpu",
-) -> ViTUp:
-    """Rebuild a ViT-Up from a checkpoint.
+) -> Upsampler:
+    """Rebuild the upsampler a checkpoint holds (ViT-Up, or the method its JSON names).
 
     Args:
         backbone: use this backbone (checked against the checkpoint's) instead of building one.
@@ -178,7 +183,7 @@ def load_checkpoint(
         tensors = load_file(str(weights_path), device=str(map_location))
     except (SafetensorError, OSError) as exc:
         raise VitupError(f"checkpoint {weights_path}: unreadable safetensors file ({exc})") from None
-    own = dict(model.upsampler_parameters())
+    own = _own_state(model)
     included = bool(meta.get("backbone_included"))
     base = model.backbone.model.state_dict() if included else dict(model.backbone.lora_parameters())
     expected = {f"upsampler.{n}" for n in own} | {f"backbone.{n}" for n in base}
@@ -204,8 +209,8 @@ def _rebuild(
     backbone: Backbone | None,
     weights: str | Path | None,
     pretrained: str,
-) -> ViTUp:
-    """The untrained ViT-Up (and its backbone) that a checkpoint's JSON describes."""
+) -> Upsampler:
+    """The untrained upsampler (and its backbone) that a checkpoint's JSON describes."""
     recorded = meta["backbone"]
     included = bool(meta.get("backbone_included"))
     wid = recorded["weights_id"]
@@ -236,7 +241,11 @@ def _rebuild(
         )
     if recorded.get("lora") and backbone.lora is None:
         backbone.add_lora(**recorded["lora"])
-    return ViTUp(backbone, ViTUpConfig(**meta["model"]))
+    method = meta.get("upsampler", "vitup")
+    if method not in CHECKPOINT_METHODS:
+        raise VitupError(f"checkpoint {path} holds a '{method}' upsampler, which this vitup cannot rebuild")
+    cls, config_cls = CHECKPOINT_METHODS[method]
+    return cls(backbone, config_cls(**meta["model"]))
 
 
 def open_upsampler(
@@ -250,11 +259,12 @@ def open_upsampler(
     input_size: int | None = None,
     device: str | torch.device = "cpu",
 ) -> Upsampler:
-    """The one way downstream commands get an upsampler: a checkpoint means ViT-Up (its own backbone);
-    otherwise a training-free upsampler by name over the named backbone."""
+    """The one way downstream commands get an upsampler: a checkpoint means the trained method it holds
+    (with its own backbone); otherwise a training-free upsampler by name over the named backbone."""
     if checkpoint is not None:
         return load_checkpoint(checkpoint, weights=weights, pretrained=pretrained, map_location=device).eval()
-    if upsampler == "vitup":
-        raise VitupError("--upsampler vitup needs --checkpoint (train one with `vitup train`)")
+    if upsampler in CHECKPOINT_METHODS and upsampler not in TRAINING_FREE:
+        how = "`vitup train`" if upsampler == "vitup" else f"`vitup train --method {upsampler}`"
+        raise VitupError(f"--upsampler {upsampler} needs --checkpoint (train one with {how})")
     bb = load_backbone(backbone, weights=weights, pretrained=pretrained, overrides=overrides)
     return build_upsampler(upsampler, bb, input_size=input_size).to(device).eval()

@@ -304,7 +304,12 @@ def extract_cmd(
     ] = "224",
     checkpoint: Annotated[
         Path | None,
-        typer.Option("--checkpoint", "-c", rich_help_panel=_EX_MODEL, help="A ViT-Up checkpoint from `vitup train`."),
+        typer.Option(
+            "--checkpoint",
+            "-c",
+            rich_help_panel=_EX_MODEL,
+            help="A checkpoint from `vitup train` (ViT-Up or FeatSharp).",
+        ),
     ] = None,
     upsampler: Annotated[
         str | None,
@@ -312,7 +317,8 @@ def extract_cmd(
             "--upsampler",
             "-u",
             rich_help_panel=_EX_MODEL,
-            help="Without --checkpoint: bilinear (default), nearest or lowres. With one: vitup (implied).",
+            help="Without --checkpoint: bilinear (default), nearest or lowres. With one: its method, vitup or "
+            "featsharp (implied).",
         ),
     ] = None,
     backbone: BackboneOpt = "dinov3_s+",
@@ -478,7 +484,12 @@ def probe_cmd(
     ] = 10.0,
     checkpoint: Annotated[
         Path | None,
-        typer.Option("--checkpoint", "-c", rich_help_panel=_PR_MODEL, help="A ViT-Up checkpoint from `vitup train`."),
+        typer.Option(
+            "--checkpoint",
+            "-c",
+            rich_help_panel=_PR_MODEL,
+            help="A checkpoint from `vitup train` (ViT-Up or FeatSharp).",
+        ),
     ] = None,
     upsampler: Annotated[
         str | None,
@@ -486,8 +497,8 @@ def probe_cmd(
             "--upsampler",
             "-u",
             rich_help_panel=_PR_MODEL,
-            help="Comma-separated: vitup (needs --checkpoint), bilinear, nearest, lowres; the first is the "
-            "reference column (default: vitup with --checkpoint, else bilinear).",
+            help="Comma-separated: vitup or featsharp (the --checkpoint's method), bilinear, nearest, lowres; the "
+            "first is the reference column (default: the checkpoint's method, else bilinear).",
         ),
     ] = None,
     backbone: BackboneOpt = "dinov3_s+",
@@ -693,7 +704,7 @@ def visualize_cmd(
             "--checkpoint",
             "-c",
             rich_help_panel=_VIZ_MODEL,
-            help="ViT-Up checkpoint (NAME or NAME.safetensors beside NAME.json); brings its own backbone.",
+            help="ViT-Up or FeatSharp checkpoint (NAME or NAME.safetensors beside NAME.json); brings its own backbone.",
         ),
     ] = None,
     compare: Annotated[
@@ -701,8 +712,8 @@ def visualize_cmd(
         typer.Option(
             "--compare",
             rich_help_panel=_VIZ_MODEL,
-            help="Methods to draw, from vitup,bilinear,nearest,lowres (default: vitup,bilinear with "
-            "--checkpoint, else bilinear,nearest). The low-res tokens are always drawn.",
+            help="Methods to draw, from vitup|featsharp (the checkpoint's),bilinear,nearest,lowres (default: the "
+            "checkpoint's method and bilinear, else bilinear,nearest). The low-res tokens are always drawn.",
         ),
     ] = None,
     res: Annotated[
@@ -782,7 +793,7 @@ def visualize_cmd(
             inputs,
             out,
             model=model,
-            compare=viz.parse_compare(compare, checkpoint is not None),
+            compare=viz.parse_compare(compare, viz.trained_method(checkpoint)),
             res=res,
             points=points,
             options=options,

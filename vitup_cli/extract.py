@@ -622,8 +622,8 @@ def model_fingerprint(upsampler: Upsampler) -> str | None:
     backbone = upsampler.backbone
     if backbone.random_init:
         tensors = dict(upsampler.state_dict())
-    elif isinstance(upsampler, ViTUp):
-        tensors = {n: p for n, p in upsampler.upsampler_parameters()}
+    elif hasattr(upsampler, "upsampler_parameters"):  # a trained method: its own weights (and buffers)
+        tensors = {n: t for n, t in upsampler.state_dict().items() if not n.startswith("backbone.")}
         tensors.update({f"backbone.{n}": p for n, p in backbone.lora_parameters()})
     else:
         return None
@@ -684,13 +684,15 @@ def _validate(config: ExtractConfig) -> None:
 
 
 def _build_upsampler(config: ExtractConfig, device: torch.device) -> Upsampler:
-    from vitup_cli.checkpoints import open_upsampler
+    from vitup_cli.checkpoints import open_upsampler, read_checkpoint_meta
 
-    if config.checkpoint is not None and config.upsampler not in {None, "vitup"}:
-        raise VitupError(
-            f"--checkpoint is a ViT-Up; --upsampler {config.upsampler} cannot be combined with it "
-            "(drop --checkpoint to store a training-free upsampler)"
-        )
+    if config.checkpoint is not None:
+        method = str(read_checkpoint_meta(config.checkpoint).get("upsampler", "vitup"))
+        if config.upsampler not in {None, method}:
+            raise VitupError(
+                f"--checkpoint holds a {method} upsampler; --upsampler {config.upsampler} cannot be combined with "
+                f"it (use --upsampler {method}, or drop --checkpoint to store a training-free upsampler)"
+            )
     torch.manual_seed(config.seed)  # a random-init backbone (--pretrained none) is the same in every run
     try:
         model = open_upsampler(
@@ -707,7 +709,8 @@ def _build_upsampler(config: ExtractConfig, device: torch.device) -> Upsampler:
         raise VitupError(f"--input-size {config.input_size}: {exc}") from None
     if config.checkpoint is not None and config.input_size not in (None, model.input_size):
         raise VitupError(
-            f"--input-size {config.input_size}: this ViT-Up checkpoint was trained at {model.input_size}; drop the flag"
+            f"--input-size {config.input_size}: this {model.name} checkpoint was trained at {model.input_size}; "
+            "drop the flag"
         )
     return model
 
@@ -719,6 +722,8 @@ def _resolve_tap(upsampler: Upsampler, tap: int | None) -> int:
         upsampler.level_of(resolved)  # raises with the taps it can decode
     elif not 0 <= resolved <= backbone.depth:
         raise VitupError(f"--tap {tap}: this backbone has hidden states 0..{backbone.depth}")
+    elif hasattr(upsampler, "check_tap"):  # e.g. FeatSharp upsamples one tap only
+        upsampler.check_tap(resolved)
     return resolved
 
 
@@ -756,6 +761,18 @@ def _settings(
         "pca": config.pca,
         "pca_images": config.pca_images if config.pca else None,
         "lowres": bool(config.lowres),
+    }
+
+
+def _native_attrs(upsampler: Upsampler, grid: tuple[int, int]) -> dict[str, Any]:
+    """For an upsampler with a fixed native grid (FeatSharp): that grid, and how the store's grid was made."""
+    native = getattr(upsampler, "native_grid", None)
+    if native is None:
+        return {}
+    resized = tuple(native) != tuple(grid)
+    return {
+        "native_res": list(native),
+        "resized_from_native": f"bilinear from {native[0]}x{native[1]}" if resized else None,
     }
 
 
@@ -1065,6 +1082,7 @@ def _prepare(
         "checkpoint": str(config.checkpoint) if config.checkpoint else None,
         "checkpoint_sha256": settings["checkpoint_sha256"],
         "upsampler": upsampler.name,
+        **_native_attrs(upsampler, grid),
         "tap": tap,
         "input_size": upsampler.input_size,
         "res": list(grid),

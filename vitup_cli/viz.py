@@ -482,7 +482,16 @@ class ModelOptions:
     seed: int = 0  # seeds a random-init backbone (pretrained="none"), so demo pictures are reproducible
 
 
-def parse_compare(text: str | None, has_checkpoint: bool) -> list[str]:
+def trained_method(checkpoint: Path | str | None) -> str | None:
+    """The trained method a checkpoint holds (``vitup``, ``featsharp``, ...), or None without one."""
+    if checkpoint is None:
+        return None
+    from vitup_cli.checkpoints import read_checkpoint_meta
+
+    return str(read_checkpoint_meta(checkpoint).get("upsampler", "vitup"))
+
+
+def parse_compare(text: str | None, has_checkpoint: bool | str | None) -> list[str]:
     """``"vitup,bilinear"`` -> method names (see ``methods_to_draw``); ``None`` -> the default."""
     if text is None:
         return methods_to_draw(None, has_checkpoint)
@@ -492,18 +501,23 @@ def parse_compare(text: str | None, has_checkpoint: bool) -> list[str]:
     return methods_to_draw(names, has_checkpoint)
 
 
-def methods_to_draw(names: Sequence[str] | None, has_checkpoint: bool) -> list[str]:
+def methods_to_draw(names: Sequence[str] | None, has_checkpoint: bool | str | None) -> list[str]:
     """Validated upsampler names, in order, without duplicates and without ``lowres`` (the low-res token
-    panel is always drawn once). Default: ``vitup,bilinear`` with a checkpoint, else ``bilinear,nearest``."""
-    from vitup_cli.models import UPSAMPLERS
+    panel is always drawn once). ``has_checkpoint``: the checkpoint's method name (``True`` = ``vitup``).
+    Default: that method and ``bilinear`` with a checkpoint, else ``bilinear,nearest``."""
+    from vitup_cli.models import CHECKPOINT_METHODS, UPSAMPLERS
 
+    trained = "vitup" if has_checkpoint is True else (has_checkpoint or None)
     if names is None:
-        return ["vitup", "bilinear"] if has_checkpoint else ["bilinear", "nearest"]
+        return [trained, "bilinear"] if trained else ["bilinear", "nearest"]
     for name in names:
         if name not in UPSAMPLERS:
             raise VitupError(f"--compare: unknown method '{name}': use some of {', '.join(UPSAMPLERS)}")
-    if "vitup" in names and not has_checkpoint:
-        raise VitupError("--compare vitup needs --checkpoint (a ViT-Up trained with `vitup train`)")
+    for name in names:
+        if name in CHECKPOINT_METHODS and name != trained:
+            if trained is None:
+                raise VitupError(f"--compare {name} needs --checkpoint (a {name} trained with `vitup train`)")
+            raise VitupError(f"--compare {name}: the checkpoint holds a {trained} upsampler, not {name}")
     seen: list[str] = []
     for name in names:
         if name not in seen and name != LOWRES:
@@ -518,7 +532,8 @@ def _describe_source(up: Any, checkpoint: Path | None) -> str:
         weights = weights.split("@", 1)[0]
     what = f"backbone {bb.name} [{weights}] · input {up.input_size} px"
     if checkpoint is not None:
-        what = f"ViT-Up checkpoint {Path(checkpoint).name} · " + what
+        label = "ViT-Up" if up.name == "vitup" else up.name
+        what = f"{label} checkpoint {Path(checkpoint).name} · " + what
     if bb.random_init:
         what += " · RANDOM-INIT BACKBONE: demo only, not meaningful features"
     return what
@@ -581,7 +596,7 @@ def visualize_images(
         if p.is_dir():
             raise VitupError(f"{p} is a folder: pass image files (e.g. {p}/*.jpg)")
     out = _check_output(Path(out) if out is not None else default_output(paths[0], "vitup"), overwrite)
-    methods = methods_to_draw(compare, model.checkpoint is not None)
+    methods = methods_to_draw(compare, trained_method(model.checkpoint))
     grid = res
     if grid < 1:
         raise VitupError(f"--res {res}: must be a positive number of feature pixels per side")
@@ -602,12 +617,14 @@ def visualize_images(
         primary = _open_primary(model, device)
     backbone = primary.backbone
     upsamplers: dict[str, Any] = {}
+    trained = primary.name if model.checkpoint is not None else None
+    side = primary.backbone_size  # the backbone's own resolution (FeatSharp's global view)
     for name in methods:
-        if name == "vitup":
+        if name == trained:
             upsamplers[name] = primary
         else:
-            upsamplers[name] = build_upsampler(name, backbone, input_size=primary.input_size).to(device).eval()
-    tokens_from = build_upsampler(LOWRES, backbone, input_size=primary.input_size).to(device).eval()
+            upsamplers[name] = build_upsampler(name, backbone, input_size=side).to(device).eval()
+    tokens_from = build_upsampler(LOWRES, backbone, input_size=side).to(device).eval()
 
     rows: list[VizRow] = []
     for i, (pil, p) in enumerate(zip(decoded, paths, strict=True)):
@@ -621,11 +638,11 @@ def visualize_images(
                 # the low-res tokens and training-free baselines come from the frozen teacher
                 panels.append(FeaturePanel("low-res tokens", tokens_from.features(x)[0].float().cpu(), nearest=True))
                 for name, up in upsamplers.items():
-                    if name != "vitup":
+                    if name != trained:
                         panels.append(FeaturePanel(name, up.features(x, shape)[0].float().cpu(), name == "nearest"))
-            if "vitup" in upsamplers:
-                vit = FeaturePanel("vitup", upsamplers["vitup"].features(x, shape)[0].float().cpu())
-                panels.insert(1 + methods.index("vitup"), vit)
+            if trained in upsamplers:
+                vit = FeaturePanel(trained, upsamplers[trained].features(x, shape)[0].float().cpu())
+                panels.insert(1 + methods.index(trained), vit)
         rows.append(VizRow(label=p.name, size=size, panels=panels, image=_display_image(pil), points=list(points)))
     title = _describe_source(primary, model.checkpoint)
     log(f"drawing {out}")

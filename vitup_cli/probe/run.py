@@ -34,7 +34,7 @@ import torch
 
 from vitup_cli import __version__
 from vitup_cli.errors import VitupError
-from vitup_cli.models import UPSAMPLERS, Upsampler, build_upsampler
+from vitup_cli.models import CHECKPOINT_METHODS, UPSAMPLERS, Upsampler, build_upsampler
 from vitup_cli.probe import cache as _cache
 from vitup_cli.probe.datasets import DEFAULT_EPOCHS, DEPTH, DEPTH_EPOCHS, SEG, TASKS, ProbeDataset, open_splits
 from vitup_cli.probe.heads import SCHEDULES
@@ -205,17 +205,34 @@ def _default_budget() -> int:
 
 def _names(config: ProbeConfig) -> list[str]:
     names = [n.strip() for n in (config.upsamplers or []) if n.strip()]
+    method = _checkpoint_method(config)
     if not names:
-        names = ["vitup"] if config.checkpoint else ["bilinear"]
+        names = [method] if method else ["bilinear"]
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:
         raise VitupError(f"--upsampler lists {', '.join(dupes)} twice")
     unknown = [n for n in names if n not in UPSAMPLERS]
     if unknown:
         raise VitupError(f"--upsampler {unknown[0]}: unknown; use one of {', '.join(UPSAMPLERS)}")
-    if "vitup" in names and config.checkpoint is None:
-        raise VitupError("--upsampler vitup needs --checkpoint (train one with `vitup train`)")
+    trained = [n for n in names if n in CHECKPOINT_METHODS and n != method]
+    if trained and method is None:
+        how = "`vitup train`" if trained[0] == "vitup" else f"`vitup train --method {trained[0]}`"
+        raise VitupError(f"--upsampler {trained[0]} needs --checkpoint (train one with {how})")
+    if trained:
+        raise VitupError(
+            f"--upsampler {trained[0]}: the checkpoint holds a {method} upsampler; one checkpoint gives one "
+            f"trained method (compare {method} with training-free ones, or probe the other checkpoint separately)"
+        )
     return names
+
+
+def _checkpoint_method(config: ProbeConfig) -> str | None:
+    """The trained method ``config.checkpoint`` holds (as its JSON records it), or None without one."""
+    if config.checkpoint is None:
+        return None
+    from vitup_cli.checkpoints import read_checkpoint_meta
+
+    return str(read_checkpoint_meta(config.checkpoint).get("upsampler", "vitup"))
 
 
 def _validate(config: ProbeConfig) -> None:
@@ -252,14 +269,14 @@ def build_upsamplers(config: ProbeConfig) -> list[tuple[Upsampler, bool]]:
         vit = load_checkpoint(config.checkpoint, weights=config.weights, pretrained=config.pretrained).eval()
         if config.input_size not in (None, vit.input_size):
             raise VitupError(
-                f"--input-size {config.input_size}: this ViT-Up checkpoint was trained at {vit.input_size}; "
+                f"--input-size {config.input_size}: this {vit.name} checkpoint was trained at {vit.input_size}; "
                 "drop the flag"
             )
         for name in names:
-            if name == "vitup":
+            if name == vit.name:
                 out.append((vit, False))
-            else:
-                inner = build_upsampler(name, vit.backbone, input_size=vit.input_size)
+            else:  # over the backbone at the resolution the trained method runs it (FeatSharp: its global view)
+                inner = build_upsampler(name, vit.backbone, input_size=vit.backbone_size)
                 out.append((TeacherView(inner).eval(), vit.backbone.lora is not None))
         return out
     backbone = load_backbone(
@@ -372,7 +389,7 @@ def run_probe(config: ProbeConfig, reporter: Any = None) -> ProbeReport:
                     )
                     _cache.ensure_store(
                         entry, ds, upsampler, res=config.res, dtype=config.dtype,
-                        checkpoint=config.checkpoint if name == "vitup" else None, device=device,
+                        checkpoint=config.checkpoint if name == _checkpoint_method(config) else None, device=device,
                         workers=config.workers, seed=config.seed, reporter=reporter,
                     )  # fmt: skip
                 src = StoreFeatures(entry.path, memory_budget=budget)
