@@ -125,11 +125,13 @@ _RUN, _SIZES, _MODEL, _LOSS, _LORA, _OPT, _RUNTIME, _LOG = (
     "Runtime",
     "Logging and checkpoints",
 )
+_FEATSHARP = "FeatSharp (--method featsharp)"
 _TRAIN_EPILOG = (
     "Examples:\n\n"
     "  vitup train --backbone dinov3_s+ --data /data/imagenet/train --out runs/splus --val-data /data/val\n\n"
     "  torchrun --nproc-per-node 8 -m vitup_cli train --config train.yaml --out runs/b; "
-    "vitup train --resume runs/b"
+    "vitup train --resume runs/b\n\n"
+    "  vitup train --method featsharp --factor 2 --backbone dinov3_s --data /data/sa1b --out runs/fs2"
 )
 
 
@@ -152,8 +154,8 @@ def train_cmd(
             _RUN,
             "--method",
             "-m",
-            help="Training method: vitup (ViT-Up distillation). Each has its paper's defaults; the defaults "
-            "shown below are ViT-Up's.",
+            help="Training method: vitup (ViT-Up distillation) or featsharp (FeatSharp, multi-view "
+            "consistency). Each has its paper's defaults; the defaults shown below are ViT-Up's.",
         ),
     ] = "vitup",
     data: Annotated[str, _opt(_RUN, "--data", "-d", help="Training images: a folder, @list.txt, or one image.")] = "",
@@ -189,8 +191,23 @@ def train_cmd(
         int, _opt(_MODEL, "--embed-grid", help="Query-embedding grid, tokens per side.")
     ] = _TRAIN_DEFAULTS.embed_grid,
     window: Annotated[
-        int | None, _opt(_MODEL, "--window", help="Cross-attention window in tokens (default: global).")
+        int | None,
+        _opt(
+            _MODEL,
+            "--window",
+            help="ViT-Up: cross-attention window in tokens (default: global). FeatSharp: local attention window (7).",
+        ),
     ] = None,
+    factor: Annotated[
+        int, _opt(_FEATSHARP, "--factor", help="Upsample factor u, 2 or 4: 1 + u^2 backbone passes per image.")
+    ] = 2,
+    jitters: Annotated[int, _opt(_FEATSHARP, "--jitters", help="Jittered views per image (known homographies).")] = 5,
+    phis_images: Annotated[
+        int, _opt(_FEATSHARP, "--phis-images", help="Images whose features fit the PHI-S statistics (at most all).")
+    ] = 100_000,
+    downsampler_kernel: Annotated[
+        int, _opt(_FEATSHARP, "--downsampler-kernel", help="Attention downsampler kernel (paper: 7).")
+    ] = 7,
     canvas: Annotated[
         int | None, _opt(_SIZES, "--canvas", help="Student canvas side in px (default: input tokens x patch = 448).")
     ] = None,
@@ -260,6 +277,8 @@ def train_cmd(
     Defaults are each paper's recipe. ViT-Up (DINOv3-S+ on ImageNet-1K):
     batch 24, AdamW 2e-4, 5% warm-up, cosine to 1e-6, 53,381 steps;
     448 px canvas, 56x56 queries, teachers at 224/448/896 px.
+    FeatSharp (--method featsharp, frozen backbone): batch 32, NAdam 1e-4, 100 warm-up steps,
+    cosine, 9,000 steps; 5 jittered views per image; PHI-S fitted on the training images first.
     Only the flags you give are applied; a flag of another method is refused.
     """
     import os

@@ -181,6 +181,9 @@ class PhiS(nn.Module):
             raise VitupError("PHI-S needs at least two feature vectors to estimate a covariance")
         lam, vecs = torch.linalg.eigh(stats.covariance())
         lam = lam.clamp_min(0)
+        # a canonical sign per eigenvector (largest entry positive): the same statistics, the same rotation
+        signs = torch.sign(vecs.gather(0, vecs.abs().argmax(0, keepdim=True)))
+        vecs = vecs * torch.where(signs == 0, 1.0, signs)
         if not float(lam.mean()) > 0:
             raise VitupError("PHI-S: the sampled features have zero variance (constant images?)")
         mixer = hadamard(lam.shape[0])
@@ -191,14 +194,16 @@ class PhiS(nn.Module):
         self.samples.fill_(stats.count)
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
-        """``(B, C, H, W)`` backbone features -> PHI-S space."""
-        rot = self.rotation.to(x.dtype) * self.alpha.to(x.dtype)
-        return torch.einsum("dc,bchw->bdhw", rot, x - self.mean.to(x.dtype)[:, None, None])
+        """``(B, C, H, W)`` backbone features -> PHI-S space (in the input's dtype, never autocast)."""
+        with torch.autocast(x.device.type, enabled=False):
+            rot = self.rotation.to(x.dtype) * self.alpha.to(x.dtype)
+            return torch.einsum("dc,bchw->bdhw", rot, x - self.mean.to(x.dtype)[:, None, None])
 
     def denormalize(self, y: torch.Tensor) -> torch.Tensor:
         """``(B, C, H, W)`` PHI-S features -> the backbone's space (``R^T y / alpha + mu``)."""
-        rot = self.rotation.to(y.dtype) / self.alpha.to(y.dtype)
-        return torch.einsum("dc,bdhw->bchw", rot, y) + self.mean.to(y.dtype)[:, None, None]
+        with torch.autocast(y.device.type, enabled=False):
+            rot = self.rotation.to(y.dtype) / self.alpha.to(y.dtype)
+            return torch.einsum("dc,bdhw->bchw", rot, y) + self.mean.to(y.dtype)[:, None, None]
 
 
 # =================================================================================================
@@ -526,7 +531,9 @@ class FeatSharp(Upsampler):
         PHI-S normalised and de-biased."""
         self.require_statistics()
         B, u = x.shape[0], self.factor
-        feats = self.head.add_bias(self.phis.normalize(self.backbone_features(self.views(x)).float()))
+        with torch.no_grad():  # the backbone is frozen: no graph through it
+            raw = self.backbone_features(self.views(x)).float()
+        feats = self.head.add_bias(self.phis.normalize(raw))
         lowres, tiles = feats[:B], feats[B:]
         C, h, w = tiles.shape[1:]
         mosaic = tiles.reshape(B, u, u, C, h, w).permute(0, 3, 1, 4, 2, 5).reshape(B, C, u * h, u * w)
@@ -547,7 +554,9 @@ class FeatSharp(Upsampler):
     def target_features(self, views: torch.Tensor) -> torch.Tensor:
         """Training targets: normalised ``(N, 3, r, r)`` views -> de-biased PHI-S features ``(N, C, h, h)``."""
         self.require_statistics()
-        return self.head.add_bias(self.phis.normalize(self.backbone_features(views).float()))
+        with torch.no_grad():
+            raw = self.backbone_features(views).float()
+        return self.head.add_bias(self.phis.normalize(raw))
 
     # -- PHI-S ---------------------------------------------------------------------------------------
     def require_statistics(self) -> None:

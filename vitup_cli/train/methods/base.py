@@ -73,6 +73,14 @@ class TrainMethod(ABC):
     def trainable_parameters(self) -> list[tuple[str, nn.Parameter]]:
         """The optimised parameters, in a fixed order (the optimiser state is saved in this order)."""
 
+    def optimizer(self, params: list[tuple[str, nn.Parameter]]) -> torch.optim.Optimizer:
+        """The optimiser over ``params`` (default AdamW with the shared settings; Adam when weight_decay is 0).
+        Every parameter group's ``lr`` is scaled by the shared schedule."""
+        cfg = self.cfg
+        return torch.optim.AdamW(
+            [p for _, p in params], lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay, eps=1e-8
+        )
+
     def set_train_mode(self) -> None:
         """Train-time behaviour (dropout, BatchNorm statistics) where the method wants it."""
         self.model.train()
