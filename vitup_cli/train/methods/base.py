@@ -1,10 +1,10 @@
 """What a training method is: the part of ``vitup train`` that differs between upsamplers.
 
 The loop (``vitup_cli.train.loop``) owns everything generic: processes and DDP, the optimiser (AdamW;
-Adam when ``weight_decay`` is 0) and its schedule, precision, gradient accumulation, clipping, the NaN
-stop, metrics and progress, checkpoints of ``last``/``best``/``step-N``, the resumable state and exact
-resume. A method owns its model, what one sample is, how a batch becomes a loss, which parameters
-train, and what goes into its checkpoints.
+Adam when ``weight_decay`` is 0; a method may override ``optimizer``) and its schedule, precision,
+gradient accumulation, clipping, the NaN stop, metrics and progress, checkpoints of
+``last``/``best``/``step-N``, the resumable state and exact resume. A method owns its model, what one
+sample is, how a batch becomes a loss, which parameters train, and what goes into its checkpoints.
 
 Adding a method ``foo``:
 

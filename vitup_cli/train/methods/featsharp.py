@@ -184,7 +184,7 @@ def make_views(img: Image.Image, spec: ViewSpec, rng: np.random.Generator, stude
         amount = rng.uniform(*spec.perspective, size=4) * s_side
         corners = corners + np.stack([np.cos(angles), np.sin(angles)], -1) * amount[:, None]
         h_view = homography(_CORNERS, corners)
-        view = _warp(src, h_view, spec.student)
+        view = _warp(src, h_view, min(spec.student, 2 * spec.view))  # then area-averaged to the view size
         view = F.interpolate(view[None], size=(spec.view, spec.view), mode="bilinear", antialias=True)[0]
         to_student = inv_student @ h_view
         in_src = apply_homography(torch.from_numpy(h_view), tokens)
