@@ -21,7 +21,7 @@ import torch
 from vitup_cli import __version__
 from vitup_cli.backbones import Backbone, load_backbone
 from vitup_cli.errors import VitupError
-from vitup_cli.models import Upsampler, ViTUp, ViTUpConfig, build_upsampler
+from vitup_cli.models import CHECKPOINT_METHODS, TRAINING_FREE, Upsampler, ViTUp, build_upsampler
 
 #: 2: the reference's conventions (log-spaced Fourier bands, adjacent-pair RoPE, raw tap 0, nearest token
 #: half-to-even, separate q/k/v LoRAs, separate k/v projections, recorded resize antialiasing).
@@ -62,8 +62,13 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         raise
 
 
-def _state(model: ViTUp) -> dict[str, torch.Tensor]:
-    tensors = {f"upsampler.{n}": p for n, p in model.upsampler_parameters()}
+def _own_state(model: Upsampler) -> dict[str, torch.Tensor]:
+    """The upsampler's own parameters and persistent buffers (e.g. FeatSharp's PHI-S), without the backbone."""
+    return {n: t for n, t in model.state_dict().items() if not n.startswith("backbone.")}
+
+
+def _state(model: Upsampler) -> dict[str, torch.Tensor]:
+    tensors = {f"upsampler.{n}": p for n, p in _own_state(model).items()}
     backbone = model.backbone
     if backbone.random_init:
         tensors.update({f"backbone.{n}": t for n, t in backbone.model.state_dict().items()})
@@ -72,7 +77,7 @@ def _state(model: ViTUp) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
 
 
-def save_checkpoint(path: str | Path, model: ViTUp, extra: dict[str, Any] | None = None) -> Path:
+def save_checkpoint(path: str | Path, model: Upsampler, extra: dict[str, Any] | None = None) -> Path:
     """Write ``path.safetensors`` and ``path.json`` atomically; returns the weights path."""
     import timm
     from safetensors.torch import save
@@ -165,8 +170,8 @@ def load_checkpoint(
     weights: str | Path | None = None,
     pretrained: str = "hub",
     map_location: str | torch.device = "cpu",
-) -> ViTUp:
-    """Rebuild a ViT-Up from a checkpoint.
+) -> Upsampler:
+    """Rebuild the upsampler a checkpoint holds (ViT-Up, or the method its JSON names).
 
     Args:
         backbone: use this backbone (checked against the checkpoint's) instead of building one.
@@ -189,7 +194,7 @@ def load_checkpoint(
         tensors = load_file(str(weights_path), device=str(map_location))
     except (SafetensorError, OSError) as exc:
         raise VitupError(f"checkpoint {weights_path}: unreadable safetensors file ({exc})") from None
-    own = dict(model.upsampler_parameters())
+    own = _own_state(model)
     included = bool(meta.get("backbone_included"))
     base = model.backbone.model.state_dict() if included else dict(model.backbone.lora_parameters())
     expected = {f"upsampler.{n}" for n in own} | {f"backbone.{n}" for n in base}
@@ -254,13 +259,17 @@ def _rebuild(
     backbone: Backbone | None,
     weights: str | Path | None,
     pretrained: str,
-) -> ViTUp:
-    """The untrained ViT-Up (and its backbone) that a checkpoint's JSON describes."""
+) -> Upsampler:
+    """The untrained upsampler of the method a checkpoint's JSON names (and its backbone)."""
     recorded = meta["backbone"]
     backbone = rebuild_backbone(meta, path, backbone, weights, pretrained)
     if recorded.get("lora") and backbone.lora is None:
         backbone.add_lora(**recorded["lora"])
-    return ViTUp(backbone, ViTUpConfig(**meta["model"]))
+    method = meta.get("upsampler", "vitup")
+    if method not in CHECKPOINT_METHODS:
+        raise VitupError(f"checkpoint {path} holds a '{method}' upsampler, which this vitup cannot rebuild")
+    cls, config_cls = CHECKPOINT_METHODS[method]
+    return cls(backbone, config_cls(**meta["model"]))
 
 
 def _is_vitup_checkpoint(path: Path) -> bool:
@@ -351,6 +360,7 @@ def _register_loaders() -> None:
 
     CHECKPOINT_LOADERS.setdefault("vitup", load_checkpoint)
     CHECKPOINT_LOADERS.setdefault("uplift", uplift.load_uplift_checkpoint)
+    CHECKPOINT_LOADERS.setdefault("featsharp", load_checkpoint)  # rebuilt through models.CHECKPOINT_METHODS
     PUBLISHED_LOADERS.setdefault("uplift", uplift.load_uplift_release)
 
 
@@ -430,6 +440,10 @@ def open_upsampler(
         raise VitupError(
             "--upsampler uplift needs --checkpoint: published weights (uplift:dinov3_splus, uplift:dinov2_s) or a "
             "`vitup train --method uplift` run"
+        )
+    if upsampler in CHECKPOINT_METHODS and upsampler not in TRAINING_FREE:
+        raise VitupError(
+            f"--upsampler {upsampler} needs --checkpoint (train one with `vitup train --method {upsampler}`)"
         )
     bb = load_backbone(backbone, weights=weights, pretrained=pretrained, overrides=overrides)
     return build_upsampler(upsampler, bb, input_size=input_size).to(device).eval()

@@ -127,11 +127,13 @@ _RUN, _SIZES, _MODEL, _LOSS, _LORA, _OPT, _RUNTIME, _LOG = (
     "Runtime",
     "Logging and checkpoints",
 )
+_FEATSHARP = "FeatSharp (--method featsharp)"
 _TRAIN_EPILOG = (
     "Examples:\n\n"
     "  vitup train --backbone dinov3_s+ --data /data/imagenet/train --out runs/splus --val-data /data/val\n\n"
     "  torchrun --nproc-per-node 8 -m vitup_cli train --config train.yaml --out runs/b; "
-    "vitup train --resume runs/b"
+    "vitup train --resume runs/b\n\n"
+    "  vitup train --method featsharp --factor 2 --backbone dinov3_s --data /data/sa1b --out runs/fs2"
 )
 
 
@@ -154,8 +156,8 @@ def train_cmd(
             _RUN,
             "--method",
             "-m",
-            help="Training method: vitup (ViT-Up distillation) or uplift (UPLiFT). Each has its paper's "
-            "defaults; the defaults shown below are ViT-Up's.",
+            help="Training method: vitup (ViT-Up distillation), uplift (UPLiFT) or featsharp (FeatSharp, multi-view "
+            "consistency). Each has its paper's defaults; the defaults shown below are ViT-Up's.",
         ),
     ] = "vitup",
     data: Annotated[str, _opt(_RUN, "--data", "-d", help="Training images: a folder, @list.txt, or one image.")] = "",
@@ -191,7 +193,12 @@ def train_cmd(
         int, _opt(_MODEL, "--embed-grid", help="Query-embedding grid, tokens per side.")
     ] = _TRAIN_DEFAULTS.embed_grid,
     window: Annotated[
-        int | None, _opt(_MODEL, "--window", help="Cross-attention window in tokens (default: global).")
+        int | None,
+        _opt(
+            _MODEL,
+            "--window",
+            help="ViT-Up: cross-attention window in tokens (default: global). FeatSharp: local attention window (7).",
+        ),
     ] = None,
     init_from: Annotated[
         str | None,
@@ -202,6 +209,16 @@ def train_cmd(
             "official .safetensors file or a vitup checkpoint (same backbone and shape as this run).",
         ),
     ] = None,
+    factor: Annotated[
+        int, _opt(_FEATSHARP, "--factor", help="Upsample factor u, 2 or 4: 1 + u^2 backbone passes per image.")
+    ] = 2,
+    jitters: Annotated[int, _opt(_FEATSHARP, "--jitters", help="Jittered views per image (known homographies).")] = 5,
+    phis_images: Annotated[
+        int, _opt(_FEATSHARP, "--phis-images", help="Images whose features fit the PHI-S statistics (at most all).")
+    ] = 100_000,
+    downsampler_kernel: Annotated[
+        int, _opt(_FEATSHARP, "--downsampler-kernel", help="Attention downsampler kernel (paper: 7).")
+    ] = 7,
     canvas: Annotated[
         int | None, _opt(_SIZES, "--canvas", help="Student canvas side in px (default: input tokens x patch = 448).")
     ] = None,
@@ -285,6 +302,8 @@ def train_cmd(
     448 px canvas, 56x56 queries, teachers at 224/448/896 px.
     UPLiFT (--method uplift): batch 32, Adam 1e-3 constant, 40,037 steps (one ImageNet epoch);
     448 px squash, pyramid 448/224/112/56, depths 1,2,3 (1,2 for DINOv3), summed MSE.
+    FeatSharp (--method featsharp, frozen backbone): batch 32, NAdam 1e-4, 100 warm-up steps,
+    cosine, 9,000 steps; 5 jittered views per image; PHI-S fitted on the training images first.
     Only the flags you give are applied; a flag of another method is refused.
     """
     import os
@@ -348,8 +367,8 @@ def extract_cmd(
             "-c",
             rich_help_panel=_EX_MODEL,
             help="A trained upsampler: vit-up:dinov3_splus, vit-up:dinov3_b, uplift:dinov3_splus, uplift:dinov2_s, "
-            "hf:ORG/REPO/FILE, a local copy of a published file, or a `vitup train` checkpoint (any --method); "
-            "brings its own backbone.",
+            "hf:ORG/REPO/FILE, a local copy of a published file, or a `vitup train` checkpoint (any --method: "
+            "vitup, uplift, featsharp); brings its own backbone.",
         ),
     ] = None,
     upsampler: Annotated[
@@ -358,9 +377,9 @@ def extract_cmd(
             "--upsampler",
             "-u",
             rich_help_panel=_EX_MODEL,
-            help="bilinear, nearest or lowres instead of a trained upsampler. Default: the checkpoint's (vitup or "
-            "uplift, implied); without --checkpoint, the published ViT-Up weights of the backbone (dinov3_s+, "
-            "dinov3_b).",
+            help="bilinear, nearest or lowres instead of a trained upsampler. Default: the checkpoint's (vitup, "
+            "uplift or featsharp, implied); without --checkpoint, the published ViT-Up weights of the backbone "
+            "(dinov3_s+, dinov3_b).",
         ),
     ] = None,
     backbone: BackboneOpt = "dinov3_s+",
@@ -554,9 +573,9 @@ def probe_cmd(
             "--upsampler",
             "-u",
             rich_help_panel=_PR_MODEL,
-            help="Comma-separated: vitup, uplift (each needs its --checkpoint), bilinear, nearest, lowres; the first "
-            "is the reference column (default: the checkpoints' upsamplers, else bilinear; spair and keypoints: "
-            "lowres,bilinear and the checkpoints').",
+            help="Comma-separated: vitup, uplift, featsharp (each needs its --checkpoint), bilinear, nearest, "
+            "lowres; the first is the reference column (default: the checkpoints' upsamplers, else bilinear; "
+            "spair and keypoints: lowres,bilinear and the checkpoints').",
         ),
     ] = None,
     backbone: BackboneOpt = "dinov3_s+",
@@ -859,7 +878,7 @@ def visualize_cmd(
         typer.Option(
             "--compare",
             rich_help_panel=_VIZ_MODEL,
-            help="Methods to draw, from vitup,uplift,bilinear,nearest,lowres (default: the checkpoint's and "
+            help="Methods to draw, from vitup,uplift,featsharp,bilinear,nearest,lowres (default: the checkpoint's and "
             "bilinear; without --checkpoint the backbone's published ViT-Up weights). The low-res tokens are "
             "always drawn.",
         ),
@@ -942,7 +961,7 @@ def visualize_cmd(
             inputs,
             out,
             model=model,
-            compare=None if compare is None else viz.parse_compare(compare, model.checkpoint is not None),
+            compare=None if compare is None else viz.parse_compare(compare, viz.trained_method(model.checkpoint)),
             res=res,
             points=points,
             options=options,

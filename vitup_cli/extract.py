@@ -622,8 +622,8 @@ def model_fingerprint(upsampler: Upsampler) -> str | None:
     backbone = upsampler.backbone
     if backbone.random_init:
         tensors = dict(upsampler.state_dict())
-    elif isinstance(upsampler, ViTUp):
-        tensors = {n: p for n, p in upsampler.upsampler_parameters()}
+    elif hasattr(upsampler, "upsampler_parameters"):  # a trained method: its own weights (and buffers)
+        tensors = {n: t for n, t in upsampler.state_dict().items() if not n.startswith("backbone.")}
         tensors.update({f"backbone.{n}": p for n, p in backbone.lora_parameters()})
     else:
         tensors = upsampler.trained_tensors()
@@ -689,8 +689,9 @@ def _build_upsampler(
     config: ExtractConfig, device: torch.device, notify: Callable[[str], None] | None = None
 ) -> Upsampler:
     from vitup_cli.checkpoints import open_upsampler
+    from vitup_cli.models import TRAINING_FREE
 
-    if config.checkpoint is not None and config.upsampler not in {None, "vitup", "uplift"}:
+    if config.checkpoint is not None and config.upsampler in TRAINING_FREE:
         raise VitupError(
             f"--checkpoint is a trained upsampler; --upsampler {config.upsampler} cannot be combined with it "
             "(drop --checkpoint to store a training-free upsampler)"
@@ -730,6 +731,8 @@ def _resolve_tap(upsampler: Upsampler, tap: int | None) -> int:
         upsampler.level_of(resolved)  # raises with the taps it can decode
     elif not 0 <= resolved <= backbone.depth:
         raise VitupError(f"--tap {tap}: this backbone has hidden states 0..{backbone.depth}")
+    elif hasattr(upsampler, "check_tap"):  # e.g. FeatSharp upsamples one tap only
+        upsampler.check_tap(resolved)
     return resolved
 
 
@@ -776,6 +779,18 @@ def _checkpoint_sha256(upsampler: Upsampler, checkpoint: str | Path | None) -> s
     if info is not None:
         return info["file_sha256"]
     return sha256_file(_checkpoint_file(checkpoint)) if checkpoint else None
+
+
+def _native_attrs(upsampler: Upsampler, grid: tuple[int, int]) -> dict[str, Any]:
+    """For an upsampler with a fixed native grid (FeatSharp): that grid, and how the store's grid was made."""
+    native = getattr(upsampler, "native_grid", None)
+    if native is None:
+        return {}
+    resized = tuple(native) != tuple(grid)
+    return {
+        "native_res": list(native),
+        "resized_from_native": f"bilinear from {native[0]}x{native[1]}" if resized else None,
+    }
 
 
 def _checkpoint_file(checkpoint: str | Path) -> Path:
@@ -1098,6 +1113,7 @@ def _prepare(
         "resize_antialias": settings["antialias"],
         "upsampler": upsampler.name,
         "upsampler_notes": upsampler.output_notes(grid),
+        **_native_attrs(upsampler, grid),
         "tap": tap,
         "input_size": upsampler.input_size,
         "res": list(grid),

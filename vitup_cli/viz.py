@@ -483,10 +483,28 @@ class ModelOptions:
 
 
 #: upsamplers that come from ``--checkpoint`` (drawn from it, never built untrained)
-_TRAINED = ("vitup", "uplift")
+_TRAINED = ("vitup", "uplift", "featsharp")
 
 
-def parse_compare(text: str | None, has_checkpoint: bool) -> list[str]:
+def trained_method(checkpoint: Path | str | None) -> str | None:
+    """The trained method a ``--checkpoint`` holds (``vitup``, ``uplift``, ``featsharp``, ...), or None
+    without one; read from the release table or the checkpoint's JSON, without loading weights."""
+    if checkpoint is None:
+        return None
+    from vitup_cli.checkpoints import checkpoint_paths, read_checkpoint_meta
+    from vitup_cli.weights import is_release_ref, release_for_file, resolve_weights
+
+    text = str(checkpoint)
+    if is_release_ref(text):
+        release = resolve_weights(text).release
+        return release.method if release is not None else "vitup"
+    if not checkpoint_paths(text)[1].is_file():
+        release = release_for_file(text)
+        return release.method if release is not None else "vitup"  # an official ViT-Up file under its own name
+    return str(read_checkpoint_meta(text).get("upsampler", "vitup"))
+
+
+def parse_compare(text: str | None, has_checkpoint: bool | str | None) -> list[str]:
     """``"vitup,bilinear"`` -> method names (see ``methods_to_draw``); ``None`` -> the default."""
     if text is None:
         return methods_to_draw(None, has_checkpoint)
@@ -496,20 +514,23 @@ def parse_compare(text: str | None, has_checkpoint: bool) -> list[str]:
     return methods_to_draw(names, has_checkpoint)
 
 
-def methods_to_draw(names: Sequence[str] | None, has_checkpoint: bool) -> list[str]:
+def methods_to_draw(names: Sequence[str] | None, has_checkpoint: bool | str | None) -> list[str]:
     """Validated upsampler names, in order, without duplicates and without ``lowres`` (the low-res token
-    panel is always drawn once). Default: ``vitup,bilinear`` with a checkpoint, else ``bilinear,nearest``."""
-    from vitup_cli.models import UPSAMPLERS
+    panel is always drawn once). ``has_checkpoint``: the checkpoint's method name (``True`` = ``vitup``).
+    Default: that method and ``bilinear`` with a checkpoint, else ``bilinear,nearest``."""
+    from vitup_cli.models import CHECKPOINT_METHODS, UPSAMPLERS
 
+    trained = "vitup" if has_checkpoint is True else (has_checkpoint or None)
     if names is None:
-        return ["vitup", "bilinear"] if has_checkpoint else ["bilinear", "nearest"]
+        return [trained, "bilinear"] if trained else ["bilinear", "nearest"]
     for name in names:
         if name not in UPSAMPLERS:
             raise VitupError(f"--compare: unknown method '{name}': use some of {', '.join(UPSAMPLERS)}")
-    if "vitup" in names and not has_checkpoint:
-        raise VitupError("--compare vitup needs --checkpoint (a ViT-Up trained with `vitup train`)")
-    if "uplift" in names and not has_checkpoint:
-        raise VitupError("--compare uplift needs --checkpoint (uplift:dinov3_splus or `vitup train --method uplift`)")
+    for name in names:
+        if name in (*CHECKPOINT_METHODS, *_TRAINED) and name != trained:
+            if trained is None:
+                raise VitupError(f"--compare {name} needs --checkpoint (a {name} trained with `vitup train`)")
+            raise VitupError(f"--compare {name}: the checkpoint holds a {trained} upsampler, not {name}")
     seen: list[str] = []
     for name in names:
         if name not in seen and name != LOWRES:
@@ -613,7 +634,7 @@ def visualize_images(
         if p.is_dir():
             raise VitupError(f"{p} is a folder: pass image files (e.g. {p}/*.jpg)")
     out = _check_output(Path(out) if out is not None else default_output(paths[0], "vitup"), overwrite)
-    methods = methods_to_draw(compare, model.checkpoint is not None)
+    methods = methods_to_draw(compare, trained_method(model.checkpoint))
     grid = res
     if grid < 1:
         raise VitupError(f"--res {res}: must be a positive number of feature pixels per side")
@@ -640,12 +661,13 @@ def visualize_images(
         if name in _TRAINED and name != trained:
             raise VitupError(f"--compare {name}: --checkpoint {model.checkpoint} holds a {trained}; draw {trained}")
     upsamplers: dict[str, Any] = {}
+    side = primary.backbone_size  # the backbone's own resolution (FeatSharp's global view)
     for name in methods:
         if name == trained:
             upsamplers[name] = primary
         else:
-            upsamplers[name] = build_upsampler(name, backbone, input_size=primary.input_size).to(device).eval()
-    tokens_from = build_upsampler(LOWRES, backbone, input_size=primary.input_size).to(device).eval()
+            upsamplers[name] = build_upsampler(name, backbone, input_size=side).to(device).eval()
+    tokens_from = build_upsampler(LOWRES, backbone, input_size=side).to(device).eval()
 
     rows: list[VizRow] = []
     for i, (pil, p) in enumerate(zip(decoded, paths, strict=True)):

@@ -8,18 +8,25 @@ from typing import Any
 from vitup_cli.backbones import Backbone
 from vitup_cli.errors import VitupError
 from vitup_cli.models.base import Upsampler, grid_xy, sample_map
+from vitup_cli.models.featsharp import FeatSharp, FeatSharpConfig
 from vitup_cli.models.simple import BilinearUpsampler, LowresUpsampler, NearestUpsampler
 from vitup_cli.models.uplift import UPLiFT, UPLiFTConfig
 from vitup_cli.models.vitup import ViTUp, ViTUpConfig
 
 UPSAMPLERS: dict[str, Callable[..., Upsampler]] = {
     "vitup": lambda backbone, config=None, **_: ViTUp(backbone, config),
+    "featsharp": lambda backbone, config=None, **_: FeatSharp(backbone, config),
     "bilinear": lambda backbone, input_size=None, **_: BilinearUpsampler(backbone, input_size),
     "nearest": lambda backbone, input_size=None, **_: NearestUpsampler(backbone, input_size),
     "lowres": lambda backbone, input_size=None, **_: LowresUpsampler(backbone, input_size),
     "uplift": lambda backbone, input_size=None, config=None, **_: UPLiFT(backbone, input_size, config),
 }
 TRAINING_FREE = ("bilinear", "nearest", "lowres")
+#: trained methods a vitup checkpoint can hold (its JSON records which): name -> (model class, config class)
+CHECKPOINT_METHODS: dict[str, tuple[type[Upsampler], type]] = {
+    "vitup": (ViTUp, ViTUpConfig),
+    "featsharp": (FeatSharp, FeatSharpConfig),
+}
 
 
 def build_upsampler(name: str, backbone: Backbone, **kwargs: Any) -> Upsampler:
@@ -30,9 +37,12 @@ def build_upsampler(name: str, backbone: Backbone, **kwargs: Any) -> Upsampler:
 
 
 __all__ = [
+    "CHECKPOINT_METHODS",
     "TRAINING_FREE",
     "UPSAMPLERS",
     "BilinearUpsampler",
+    "FeatSharp",
+    "FeatSharpConfig",
     "LowresUpsampler",
     "NearestUpsampler",
     "UPLiFT",

@@ -68,6 +68,11 @@ class Upsampler(nn.Module, ABC):
         return {}
 
     @property
+    def backbone_size(self) -> int:
+        """The side in pixels at which the backbone sees the image (FeatSharp: its global view)."""
+        return self.input_size
+
+    @property
     def token_grid(self) -> tuple[int, int]:
         side = self.input_size // self.backbone.patch_size
         return side, side

@@ -254,8 +254,9 @@ def ensure_store(
 @torch.no_grad()
 def cls_tokens(upsampler: Upsampler, files: list[Path], batch_size: int = 8) -> np.ndarray:
     """``(N, C)`` float32: the backbone's final, normalised CLS token for each image (``extract``'s
-    centre crop at the input size), with any LoRA adapters off (the frozen backbone, as JAFAR), or the
-    mean patch token for a backbone without prefix tokens. Unreadable images get zeros."""
+    centre crop at the backbone's own input size, for FeatSharp its global view), with any LoRA adapters
+    off (the frozen backbone, as JAFAR), or the mean patch token for a backbone without prefix tokens.
+    Unreadable images get zeros."""
     from vitup_cli.data.images import ImageLoadError, load_image
     from vitup_cli.extract import fit_image
 
@@ -266,7 +267,7 @@ def cls_tokens(upsampler: Upsampler, files: list[Path], batch_size: int = 8) -> 
         batch, where = [], []
         for i in range(a, min(a + batch_size, len(files))):
             try:
-                batch.append(fit_image(load_image(files[i]), upsampler.input_size, "crop", resample="bilinear")[0])
+                batch.append(fit_image(load_image(files[i]), upsampler.backbone_size, "crop", resample="bilinear")[0])
                 where.append(i)
             except ImageLoadError:
                 continue

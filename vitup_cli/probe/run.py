@@ -34,7 +34,7 @@ import torch
 
 from vitup_cli import __version__
 from vitup_cli.errors import VitupError
-from vitup_cli.models import UPSAMPLERS, Upsampler, build_upsampler
+from vitup_cli.models import CHECKPOINT_METHODS, UPSAMPLERS, Upsampler, build_upsampler
 from vitup_cli.probe import cache as _cache
 from vitup_cli.probe.datasets import DEFAULT_EPOCHS, DEPTH, DEPTH_EPOCHS, SEG, TASKS, ProbeDataset, open_splits
 from vitup_cli.probe.heads import SCHEDULES
@@ -204,7 +204,7 @@ def _default_budget() -> int:
 
 
 #: upsamplers that only come from a checkpoint (``--checkpoint``), never built untrained
-TRAINED = ("vitup", "uplift")
+TRAINED = ("vitup", "uplift", "featsharp")
 
 
 def checkpoint_refs(config: ProbeConfig) -> dict[str, str]:
@@ -240,12 +240,17 @@ def _names(config: ProbeConfig) -> list[str]:
     unknown = [n for n in names if n not in UPSAMPLERS]
     if unknown:
         raise VitupError(f"--upsampler {unknown[0]}: unknown; use one of {', '.join(UPSAMPLERS)}")
-    if "vitup" in names and "vitup" not in refs:
-        raise VitupError("--upsampler vitup needs --checkpoint (train one with `vitup train`)")
-    if "uplift" in names and "uplift" not in refs:
+    needing = [n for n in names if (n in TRAINED or n in CHECKPOINT_METHODS) and n not in refs]
+    if needing == ["uplift"]:
         raise VitupError(
             "--upsampler uplift needs --checkpoint uplift:dinov3_splus (published weights) or a "
             "`vitup train --method uplift` checkpoint (--checkpoint may be given once per method)"
+        )
+    if needing:
+        how = "`vitup train`" if needing[0] == "vitup" else f"`vitup train --method {needing[0]}`"
+        raise VitupError(
+            f"--upsampler {needing[0]} needs --checkpoint (train one with {how}; --checkpoint may be given once "
+            "per method)"
         )
     return names
 
@@ -294,17 +299,17 @@ def build_upsamplers(config: ProbeConfig) -> list[tuple[Upsampler, bool]]:
                     f"--input-size {config.input_size}: this {name} checkpoint was trained at {model.input_size}; "
                     "drop the flag"
                 )
-            if (model.backbone.weights_id, model.input_size) != (first.backbone.weights_id, first.input_size):
+            if (model.backbone.weights_id, model.backbone_size) != (first.backbone.weights_id, first.backbone_size):
                 raise VitupError(
-                    f"--checkpoint {refs[name]}: its backbone/input ({model.backbone.weights_id}, {model.input_size} "
-                    f"px) differs from {first.name}'s ({first.backbone.weights_id}, {first.input_size} px); "
-                    "side-by-side probes need the same backbone and input size"
+                    f"--checkpoint {refs[name]}: its backbone/input ({model.backbone.weights_id}, "
+                    f"{model.backbone_size} px) differs from {first.name}'s ({first.backbone.weights_id}, "
+                    f"{first.backbone_size} px); side-by-side probes need the same backbone and input size"
                 )
         for name in names:
             if name in trained:
                 out.append((trained[name], False))
-            else:
-                inner = build_upsampler(name, first.backbone, input_size=first.input_size)
+            else:  # over the backbone at the resolution the trained methods run it (FeatSharp: its global view)
+                inner = build_upsampler(name, first.backbone, input_size=first.backbone_size)
                 out.append((TeacherView(inner).eval(), first.backbone.lora is not None))
         return out
     backbone = load_backbone(

@@ -285,9 +285,7 @@ def _train(
     model.to(d.device)
     method.set_train_mode()
     params = method.trainable_parameters()
-    optimizer = torch.optim.AdamW(
-        [p for _, p in params], lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay, eps=1e-8
-    )
+    optimizer = method.optimizer(params)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _Schedule(cfg))
     run = RunState(world_size=d.world)
 

@@ -1,10 +1,10 @@
 """What a training method is: the part of ``vitup train`` that differs between upsamplers.
 
 The loop (``vitup_cli.train.loop``) owns everything generic: processes and DDP, the optimiser (AdamW;
-Adam when ``weight_decay`` is 0) and its schedule, precision, gradient accumulation, clipping, the NaN
-stop, metrics and progress, checkpoints of ``last``/``best``/``step-N``, the resumable state and exact
-resume. A method owns its model, what one sample is, how a batch becomes a loss, which parameters
-train, and what goes into its checkpoints.
+Adam when ``weight_decay`` is 0; a method may override ``optimizer``) and its schedule, precision,
+gradient accumulation, clipping, the NaN stop, metrics and progress, checkpoints of
+``last``/``best``/``step-N``, the resumable state and exact resume. A method owns its model, what one
+sample is, how a batch becomes a loss, which parameters train, and what goes into its checkpoints.
 
 Adding a method ``foo``:
 
@@ -76,6 +76,14 @@ class TrainMethod(ABC):
     @abstractmethod
     def trainable_parameters(self) -> list[tuple[str, nn.Parameter]]:
         """The optimised parameters, in a fixed order (the optimiser state is saved in this order)."""
+
+    def optimizer(self, params: list[tuple[str, nn.Parameter]]) -> torch.optim.Optimizer:
+        """The optimiser over ``params`` (default AdamW with the shared settings; Adam when weight_decay is 0).
+        Every parameter group's ``lr`` is scaled by the shared schedule."""
+        cfg = self.cfg
+        return torch.optim.AdamW(
+            [p for _, p in params], lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay, eps=1e-8
+        )
 
     def set_train_mode(self) -> None:
         """Train-time behaviour (dropout, BatchNorm statistics) where the method wants it."""
