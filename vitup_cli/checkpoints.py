@@ -249,9 +249,20 @@ def open_upsampler(
     overrides: dict[str, Any] | None = None,
     input_size: int | None = None,
     device: str | torch.device = "cpu",
+    minmax: str = "image",
 ) -> Upsampler:
     """The one way downstream commands get an upsampler: a checkpoint means ViT-Up (its own backbone);
-    otherwise a training-free upsampler by name over the named backbone."""
+    otherwise a training-free upsampler by name over the named backbone. ``loftup`` takes its weights from
+    ``checkpoint`` (a release, hf: file, local file or LoftUp run) or the release for ``backbone``;
+    ``minmax`` is its guidance-image scaling (``image`` or the reference's ``batch``)."""
+    if upsampler == "loftup":
+        from vitup_cli.models.loftup import load_loftup
+
+        model = load_loftup(
+            checkpoint, backbone=backbone, weights=weights, pretrained=pretrained, overrides=overrides,
+            input_size=input_size, minmax=minmax,
+        )  # fmt: skip
+        return model.to(device).eval()
     if checkpoint is not None:
         return load_checkpoint(checkpoint, weights=weights, pretrained=pretrained, map_location=device).eval()
     if upsampler == "vitup":

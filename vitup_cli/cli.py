@@ -304,7 +304,13 @@ def extract_cmd(
     ] = "224",
     checkpoint: Annotated[
         Path | None,
-        typer.Option("--checkpoint", "-c", rich_help_panel=_EX_MODEL, help="A ViT-Up checkpoint from `vitup train`."),
+        typer.Option(
+            "--checkpoint",
+            "-c",
+            rich_help_panel=_EX_MODEL,
+            help="A ViT-Up checkpoint from `vitup train`; with --upsampler loftup, LoftUp weights: a release "
+            "(loftup:dinov2_s, ...), hf:ORG/REPO/FILE, a pytorch_model.bin or a LoftUp run.",
+        ),
     ] = None,
     upsampler: Annotated[
         str | None,
@@ -312,9 +318,19 @@ def extract_cmd(
             "--upsampler",
             "-u",
             rich_help_panel=_EX_MODEL,
-            help="Without --checkpoint: bilinear (default), nearest or lowres. With one: vitup (implied).",
+            help="Without --checkpoint: bilinear (default), nearest, lowres, or loftup (the published weights "
+            "for --backbone). With one: vitup (implied) or loftup.",
         ),
     ] = None,
+    minmax: Annotated[
+        str,
+        typer.Option(
+            "--minmax",
+            rich_help_panel=_EX_MODEL,
+            help="LoftUp's guidance-image min-max scaling: image (per image, vitup's default) or batch (the "
+            "reference: an image's features depend on its batch-mates). Recorded in the store.",
+        ),
+    ] = "image",
     backbone: BackboneOpt = "dinov3_s+",
     weights: WeightsOpt = None,
     pretrained: PretrainedOpt = "hub",
@@ -419,6 +435,7 @@ def extract_cmd(
         workers=workers,
         device=device,
         chunk_queries=chunk_queries,
+        minmax=minmax,
         overwrite=overwrite,
         resume=resume,
         force=force,
@@ -478,7 +495,13 @@ def probe_cmd(
     ] = 10.0,
     checkpoint: Annotated[
         Path | None,
-        typer.Option("--checkpoint", "-c", rich_help_panel=_PR_MODEL, help="A ViT-Up checkpoint from `vitup train`."),
+        typer.Option(
+            "--checkpoint",
+            "-c",
+            rich_help_panel=_PR_MODEL,
+            help="A ViT-Up checkpoint from `vitup train`; or LoftUp weights (loftup:dinov2_s, hf:..., a "
+            "pytorch_model.bin, a LoftUp run) when --upsampler lists loftup but not vitup.",
+        ),
     ] = None,
     upsampler: Annotated[
         str | None,
@@ -486,8 +509,9 @@ def probe_cmd(
             "--upsampler",
             "-u",
             rich_help_panel=_PR_MODEL,
-            help="Comma-separated: vitup (needs --checkpoint), bilinear, nearest, lowres; the first is the "
-            "reference column (default: vitup with --checkpoint, else bilinear).",
+            help="Comma-separated: vitup (needs --checkpoint), loftup (the published weights for the backbone "
+            "unless --checkpoint is LoftUp's), bilinear, nearest, lowres; the first is the reference column "
+            "(default: vitup with --checkpoint, else bilinear).",
         ),
     ] = None,
     backbone: BackboneOpt = "dinov3_s+",
@@ -693,7 +717,8 @@ def visualize_cmd(
             "--checkpoint",
             "-c",
             rich_help_panel=_VIZ_MODEL,
-            help="ViT-Up checkpoint (NAME or NAME.safetensors beside NAME.json); brings its own backbone.",
+            help="ViT-Up checkpoint (NAME or NAME.safetensors beside NAME.json); brings its own backbone. With "
+            "--compare listing loftup but not vitup: LoftUp weights (loftup:dinov2_s, hf:..., a .bin, a LoftUp run).",
         ),
     ] = None,
     compare: Annotated[
@@ -701,7 +726,7 @@ def visualize_cmd(
         typer.Option(
             "--compare",
             rich_help_panel=_VIZ_MODEL,
-            help="Methods to draw, from vitup,bilinear,nearest,lowres (default: vitup,bilinear with "
+            help="Methods to draw, from vitup,loftup,bilinear,nearest,lowres (default: vitup,bilinear with "
             "--checkpoint, else bilinear,nearest). The low-res tokens are always drawn.",
         ),
     ] = None,

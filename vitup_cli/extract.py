@@ -196,6 +196,14 @@ def dense_features(
                 part = (part - mean) @ comps.T
             out[:, :, r0:r1].copy_(part.transpose(1, 2).reshape(B, channels, r1 - r0, width))  # cast on the way
         return out, tokens
+    if hasattr(upsampler, "bands"):  # LoftUp: band by band, straight into the output (bounded memory)
+        for r0, r1, part in upsampler.bands(images, (height, width), tap=tap):
+            if comps is not None:
+                part = torch.einsum("kc,bchw->bkhw", comps, part.float() - mean[:, None, None])
+            out[:, :, r0:r1].copy_(part)
+        if with_tokens:
+            tokens = upsampler.tokens(images, tap).to("cpu", dtype)
+        return out, tokens
     per_image = upsampler.dim * height * width * 4
     step = max(1, min(B, _BUDGET_BYTES // max(1, per_image)))
     for b0 in range(0, B, step):
@@ -248,6 +256,7 @@ class ExtractConfig:
     workers: int | None = None
     device: str = "auto"
     chunk_queries: int | None = None
+    minmax: str = "image"  # LoftUp's guidance-image scaling: per image, or per batch (the reference)
     overwrite: bool = False
     resume: bool = False
     force: bool = False
@@ -625,6 +634,8 @@ def model_fingerprint(upsampler: Upsampler) -> str | None:
     elif isinstance(upsampler, ViTUp):
         tensors = {n: p for n, p in upsampler.upsampler_parameters()}
         tensors.update({f"backbone.{n}": p for n, p in backbone.lora_parameters()})
+    elif hasattr(upsampler, "own_state_dict"):  # LoftUp: its own weights, whatever their source
+        tensors = upsampler.own_state_dict()
     else:
         return None
     digest = hashlib.sha256()
@@ -686,26 +697,28 @@ def _validate(config: ExtractConfig) -> None:
 def _build_upsampler(config: ExtractConfig, device: torch.device) -> Upsampler:
     from vitup_cli.checkpoints import open_upsampler
 
-    if config.checkpoint is not None and config.upsampler not in {None, "vitup"}:
+    if config.checkpoint is not None and config.upsampler not in {None, "vitup", "loftup"}:
         raise VitupError(
-            f"--checkpoint is a ViT-Up; --upsampler {config.upsampler} cannot be combined with it "
-            "(drop --checkpoint to store a training-free upsampler)"
+            f"--checkpoint is a ViT-Up (or LoftUp weights with --upsampler loftup); --upsampler {config.upsampler} "
+            "cannot be combined with it (drop --checkpoint to store a training-free upsampler)"
         )
+    trained_name = config.upsampler if config.upsampler == "loftup" else "vitup"
     torch.manual_seed(config.seed)  # a random-init backbone (--pretrained none) is the same in every run
     try:
         model = open_upsampler(
-            "vitup" if config.checkpoint is not None else (config.upsampler or "bilinear"),
+            trained_name if config.checkpoint is not None else (config.upsampler or "bilinear"),
             checkpoint=config.checkpoint,
             backbone=config.backbone,
             weights=config.weights,
             pretrained=config.pretrained,
             overrides=config.backbone_args,
-            input_size=config.input_size if config.checkpoint is None else None,
+            input_size=config.input_size if (config.checkpoint is None or trained_name == "loftup") else None,
             device=device,
+            minmax=config.minmax,
         )
     except ValueError as exc:
         raise VitupError(f"--input-size {config.input_size}: {exc}") from None
-    if config.checkpoint is not None and config.input_size not in (None, model.input_size):
+    if trained_name == "vitup" and config.checkpoint is not None and config.input_size not in (None, model.input_size):
         raise VitupError(
             f"--input-size {config.input_size}: this ViT-Up checkpoint was trained at {model.input_size}; drop the flag"
         )
@@ -719,6 +732,8 @@ def _resolve_tap(upsampler: Upsampler, tap: int | None) -> int:
         upsampler.level_of(resolved)  # raises with the taps it can decode
     elif not 0 <= resolved <= backbone.depth:
         raise VitupError(f"--tap {tap}: this backbone has hidden states 0..{backbone.depth}")
+    elif hasattr(upsampler, "check_tap"):
+        upsampler.check_tap(resolved)
     return resolved
 
 
@@ -744,7 +759,8 @@ def _settings(
     return {
         "images": {"count": len(paths), "sha256": hashlib.sha256("\n".join(paths).encode()).hexdigest()},
         "upsampler": upsampler.name,
-        "checkpoint_sha256": sha256_file(_checkpoint_file(checkpoint)) if checkpoint else None,
+        "checkpoint_sha256": getattr(upsampler, "weights_sha256", None)
+        or (sha256_file(_checkpoint_file(checkpoint)) if checkpoint else None),
         "model_sha256": model_fingerprint(upsampler),
         "backbone": {k: bb[k] for k in ("timm_name", "weights_id", "overrides", "taps", "embed_dim", "depth", "lora")},
         "tap": tap,
@@ -756,6 +772,7 @@ def _settings(
         "pca": config.pca,
         "pca_images": config.pca_images if config.pca else None,
         "lowres": bool(config.lowres),
+        **({"upsampler_settings": upsampler.settings()} if hasattr(upsampler, "settings") else {}),
     }
 
 

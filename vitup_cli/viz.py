@@ -518,16 +518,23 @@ def _describe_source(up: Any, checkpoint: Path | None) -> str:
         weights = weights.split("@", 1)[0]
     what = f"backbone {bb.name} [{weights}] · input {up.input_size} px"
     if checkpoint is not None:
-        what = f"ViT-Up checkpoint {Path(checkpoint).name} · " + what
+        kind = "LoftUp weights" if getattr(up, "name", "") == "loftup" else "ViT-Up checkpoint"
+        what = f"{kind} {Path(checkpoint).name} · " + what
     if bb.random_init:
         what += " · RANDOM-INIT BACKBONE: demo only, not meaningful features"
     return what
 
 
-def _open_primary(model: ModelOptions, device: torch.device) -> Any:
-    """The checkpoint's ViT-Up, or (without one) the token upsampler over the named backbone."""
+def _open_primary(model: ModelOptions, device: torch.device, methods: Sequence[str] = ()) -> Any:
+    """The checkpoint's ViT-Up (or LoftUp, when ``methods`` has loftup but not vitup), or (without a
+    checkpoint) the token upsampler over the named backbone."""
     from vitup_cli.checkpoints import open_upsampler
 
+    if model.checkpoint is not None and "loftup" in methods and "vitup" not in methods:
+        return open_upsampler(
+            "loftup", checkpoint=model.checkpoint, backbone=model.backbone, weights=model.weights,
+            pretrained=model.pretrained, overrides=model.overrides, input_size=model.input_size, device=device,
+        )  # fmt: skip
     if model.checkpoint is not None:
         return open_upsampler(
             checkpoint=model.checkpoint, weights=model.weights, pretrained=model.pretrained, device=device
@@ -599,12 +606,16 @@ def visualize_images(
     device = torch.device(model.device)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(model.seed)
-        primary = _open_primary(model, device)
+        primary = _open_primary(model, device, methods)
     backbone = primary.backbone
     upsamplers: dict[str, Any] = {}
     for name in methods:
-        if name == "vitup":
+        if name == "vitup" or (name == "loftup" and primary.name == "loftup"):
             upsamplers[name] = primary
+        elif name == "loftup":  # the published LoftUp weights for this backbone
+            from vitup_cli.models.loftup import load_loftup
+
+            upsamplers[name] = load_loftup(None, backbone=backbone, input_size=primary.input_size).to(device)
         else:
             upsamplers[name] = build_upsampler(name, backbone, input_size=primary.input_size).to(device).eval()
     tokens_from = build_upsampler(LOWRES, backbone, input_size=primary.input_size).to(device).eval()

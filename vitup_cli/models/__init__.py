@@ -8,6 +8,7 @@ from typing import Any
 from vitup_cli.backbones import Backbone
 from vitup_cli.errors import VitupError
 from vitup_cli.models.base import Upsampler, grid_xy, sample_map
+from vitup_cli.models.loftup import LoftUp, LoftUpConfig
 from vitup_cli.models.simple import BilinearUpsampler, LowresUpsampler, NearestUpsampler
 from vitup_cli.models.vitup import ViTUp, ViTUpConfig
 
@@ -16,21 +17,27 @@ UPSAMPLERS: dict[str, Callable[..., Upsampler]] = {
     "bilinear": lambda backbone, input_size=None, **_: BilinearUpsampler(backbone, input_size),
     "nearest": lambda backbone, input_size=None, **_: NearestUpsampler(backbone, input_size),
     "lowres": lambda backbone, input_size=None, **_: LowresUpsampler(backbone, input_size),
+    "loftup": lambda backbone, config=None, input_size=None, **_: LoftUp(backbone, config, input_size),
 }
+#: Upsamplers with learned weights: opened with --checkpoint (``loftup`` also from its published releases).
+TRAINED = ("vitup", "loftup")
 TRAINING_FREE = ("bilinear", "nearest", "lowres")
 
 
 def build_upsampler(name: str, backbone: Backbone, **kwargs: Any) -> Upsampler:
-    """An upsampler by registry name over ``backbone`` (``vitup`` starts untrained: load a checkpoint)."""
+    """An upsampler by registry name over ``backbone`` (``vitup`` and ``loftup`` start untrained: load weights)."""
     if name not in UPSAMPLERS:
         raise VitupError(f"unknown upsampler '{name}': use one of {', '.join(UPSAMPLERS)}")
     return UPSAMPLERS[name](backbone, **kwargs)
 
 
 __all__ = [
+    "TRAINED",
     "TRAINING_FREE",
     "UPSAMPLERS",
     "BilinearUpsampler",
+    "LoftUp",
+    "LoftUpConfig",
     "LowresUpsampler",
     "NearestUpsampler",
     "Upsampler",

@@ -204,7 +204,12 @@ class FeedForward(nn.Module):
     def __init__(self, dim: int, hidden: int) -> None:
         super().__init__()
         self.net = nn.Sequential(
-            nn.LayerNorm(dim), nn.Linear(dim, hidden), nn.GELU(), nn.Dropout(0.0), nn.Linear(hidden, dim), nn.Dropout(0.0)
+            nn.LayerNorm(dim),
+            nn.Linear(dim, hidden),
+            nn.GELU(),
+            nn.Dropout(0.0),
+            nn.Linear(hidden, dim),
+            nn.Dropout(0.0),
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -430,7 +435,7 @@ class LoftUp(Upsampler):
             "weights": self.source,
         }
 
-    def _check_tap(self, tap: int | None) -> None:
+    def check_tap(self, tap: int | None) -> None:
         if tap is not None and tap != self.backbone.depth:
             raise VitupError(f"--tap {tap}: LoftUp upsamples the last layer only (tap {self.backbone.depth})")
 
@@ -444,7 +449,7 @@ class LoftUp(Upsampler):
         self, images: torch.Tensor, size: int | tuple[int, int], tap: int | None = None
     ) -> Iterator[tuple[int, int, torch.Tensor]]:
         """The output ``(B, C, *size)`` band by band: ``(r0, r1, (B, C, r1 - r0, W))``."""
-        self._check_tap(tap)
+        self.check_tap(tap)
         size = _as_size(size)
         tokens = self.backbone.hidden_states(self.prepare(images), [self.backbone.depth])[0]
         yield from self.net.bands(tokens, self.guidance(images, size))
@@ -461,7 +466,7 @@ class LoftUp(Upsampler):
         py = (xy[..., 1] * H - 0.5).clamp(0, H - 1)
         y0 = py.floor().long().clamp(max=max(H - 2, 0))
         out = torch.zeros(B, N, self.dim, device=images.device)
-        self._check_tap(tap)
+        self.check_tap(tap)
         tokens = self.backbone.hidden_states(self.prepare(images), [self.backbone.depth])[0]
         kvs, scaled = self.net.prepare(tokens, self.guidance(images, (H, W)))
         step = max(1, self.config.chunk_pixels // max(1, B * W))
@@ -493,3 +498,73 @@ def _bilinear(fmap: torch.Tensor, px: torch.Tensor, py: torch.Tensor) -> torch.T
 def count_parameters(dim: int, config: LoftUpConfig | None = None) -> int:
     """LoftUp's parameter count for a ``dim``-d backbone (ChannelNorm included)."""
     return sum(p.numel() for p in LoftUpNet(dim, config).parameters())
+
+
+# -- opening: published releases, hub files, local files --------------------------------------------
+def default_release(backbone: str) -> str | None:
+    """The published LoftUp release trained on ``backbone`` (``loftup:dinov2_s``), if there is one."""
+    from vitup_cli.backbones import ALIASES
+    from vitup_cli.weights import RELEASES
+
+    name = f"loftup:{ALIASES.get(backbone, backbone)}"
+    return name if name in RELEASES else None
+
+
+def load_loftup(
+    checkpoint: str | Path | None = None,
+    *,
+    backbone: str | Backbone = "dinov2_s",
+    weights: str | Path | None = None,
+    pretrained: str = "hub",
+    overrides: dict[str, Any] | None = None,
+    input_size: int | None = None,
+    minmax: str = "image",
+    log: Any = None,
+) -> LoftUp:
+    """LoftUp with weights from ``checkpoint``: a release (``loftup:dinov2_s``), ``hf:ORG/REPO/FILE``,
+    or a local published-layout file (``pytorch_model.bin`` via ``weights_only=True``, or ``.safetensors``).
+
+    Without ``checkpoint``, the release trained on ``backbone``. A release implies its backbone and the
+    backbone weights it was trained on (``backbone`` is then ignored unless it is a built ``Backbone``);
+    a local file takes ``backbone``, and its width must match.
+    """
+    import sys
+
+    from vitup_cli.backbones import load_backbone, sha256_file
+    from vitup_cli.weights import RELEASES, licence_notice, releases_for, resolve_weights
+
+    if checkpoint is None:
+        name = backbone.name if isinstance(backbone, Backbone) else backbone
+        checkpoint = default_release(name)
+        if checkpoint is None:
+            names = ", ".join(r.name for r in releases_for("loftup"))
+            raise VitupError(
+                f"--upsampler loftup: no published LoftUp weights for backbone '{name}'; pass --checkpoint "
+                f"({names}, hf:ORG/REPO/FILE, a pytorch_model.bin, or a run of `vitup train --method loftup`)"
+            )
+    known = RELEASES.get(str(checkpoint))
+    if known is not None and known.method != "loftup":
+        raise VitupError(f"--checkpoint {checkpoint}: that is a {known.method} release, not LoftUp weights")
+    resolved = resolve_weights(checkpoint)
+    release = resolved.release
+    state = read_published_weights(resolved.path)
+    dim, config = config_from_state(state, minmax=minmax)
+    if isinstance(backbone, Backbone):
+        bb = backbone
+    elif release is not None:
+        tag = release.backbone_tag if pretrained == "hub" and weights is None else pretrained
+        bb = load_backbone(release.backbone, weights=weights, pretrained=tag, overrides=overrides)
+    else:
+        bb = load_backbone(backbone, weights=weights, pretrained=pretrained, overrides=overrides)
+    if bb.embed_dim != dim:
+        raise VitupError(
+            f"--checkpoint {checkpoint}: LoftUp weights for {dim}-d features, but backbone {bb.name} is "
+            f"{bb.embed_dim}-d; pass the --backbone they were trained on"
+        )
+    model = LoftUp(bb, config, input_size, source=resolved.source, weights_sha256=sha256_file(resolved.path))
+    load_state(model.net, state, str(checkpoint))
+    if release is not None:
+        notice = licence_notice(release)
+        if notice:
+            (log or (lambda m: print(m, file=sys.stderr)))(notice)
+    return model.eval()

@@ -244,10 +244,21 @@ def build_upsamplers(config: ProbeConfig) -> list[tuple[Upsampler, bool]]:
     backbone with its adapters off (``teacher``), or over ``config.backbone`` without a checkpoint."""
     from vitup_cli.backbones import load_backbone
     from vitup_cli.checkpoints import load_checkpoint
+    from vitup_cli.models.loftup import load_loftup
 
     names = _names(config)
     torch.manual_seed(config.seed)  # a random-init backbone (--pretrained none) is the same in every run
     out: list[tuple[Upsampler, bool]] = []
+    if config.checkpoint is not None and "loftup" in names and "vitup" not in names:
+        # the checkpoint is LoftUp's; the baselines run over its backbone
+        loft = load_loftup(
+            config.checkpoint, backbone=config.backbone, weights=config.weights, pretrained=config.pretrained,
+            overrides=config.backbone_args, input_size=config.input_size,
+        )  # fmt: skip
+        for name in names:
+            inner = loft if name == "loftup" else build_upsampler(name, loft.backbone, input_size=loft.input_size)
+            out.append((inner.eval(), False))
+        return out
     if config.checkpoint is not None:
         vit = load_checkpoint(config.checkpoint, weights=config.weights, pretrained=config.pretrained).eval()
         if config.input_size not in (None, vit.input_size):
@@ -258,6 +269,9 @@ def build_upsamplers(config: ProbeConfig) -> list[tuple[Upsampler, bool]]:
         for name in names:
             if name == "vitup":
                 out.append((vit, False))
+            elif name == "loftup":  # the published weights for the checkpoint's backbone
+                loft = load_loftup(None, backbone=vit.backbone, input_size=vit.input_size)
+                out.append((TeacherView(loft).eval() if vit.backbone.lora else loft, vit.backbone.lora is not None))
             else:
                 inner = build_upsampler(name, vit.backbone, input_size=vit.input_size)
                 out.append((TeacherView(inner).eval(), vit.backbone.lora is not None))
@@ -267,6 +281,9 @@ def build_upsamplers(config: ProbeConfig) -> list[tuple[Upsampler, bool]]:
     )
     for name in names:
         try:
+            if name == "loftup":  # the published weights for --backbone
+                out.append((load_loftup(None, backbone=backbone, input_size=config.input_size), False))
+                continue
             out.append((build_upsampler(name, backbone, input_size=config.input_size).eval(), False))
         except ValueError as exc:
             raise VitupError(f"--input-size {config.input_size}: {exc}") from None
