@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import math
@@ -40,6 +41,7 @@ from vitup_cli.train.losses import (
     pool_to,
     relational_kl,
 )
+from vitup_cli.train.methods import vitup as vitup_method
 from vitup_cli.train.state import load_state
 
 REPO = Path(__file__).resolve().parents[1]
@@ -320,20 +322,20 @@ def _fixed_batch(image_dir: Path, cfg: TrainConfig, model):
 
 def test_training_steps_give_gradients_to_lora_and_upsampler_only_and_every_term_decreases(image_dir, tmp_path):
     cfg = tiny_config(image_dir, tmp_path / "x", lora_dropout=0.0)
-    model = train_loop.build_model(cfg)
-    train_loop.set_train_mode(model)
+    model = vitup_method.build_model(cfg)
+    vitup_method.set_train_mode(model)
     sizes, canvas, crop, box = _fixed_batch(image_dir, cfg, model)
-    student = train_loop._Student(model)
-    params = [p for _, p in train_loop.trainable_parameters(model)]
+    student = vitup_method._Student(model)
+    params = [p for _, p in vitup_method.trainable_parameters(model)]
     assert all(p.requires_grad for p in params)
-    names = {n for n, _ in train_loop.trainable_parameters(model)}
+    names = {n for n, _ in vitup_method.trainable_parameters(model)}
     assert any("lora_" in n for n in names) and any(n.startswith("blocks.") for n in names)
     assert not any(n.startswith("backbone.") and "lora_" not in n for n in names)
     opt = torch.optim.AdamW(params, lr=1e-3)
     history = []
     for step in range(8):
-        targets = train_loop.teacher_targets(model.backbone, crop, sizes, train_loop.contextlib.nullcontext())
-        preds = train_loop.student_maps(student, canvas, box, sizes.queries)
+        targets = vitup_method.teacher_targets(model.backbone, crop, sizes, contextlib.nullcontext())
+        preds = vitup_method.student_maps(student, canvas, box, sizes.queries)
         assert [p.shape for p in preds] == [(2, 64, 8, 8)] * 7
         assert [[t.shape[-1] for t in scale] for scale in targets] == [[2] * 7, [4] * 7, [8] * 7]
         opt.zero_grad()
@@ -359,14 +361,14 @@ def test_teacher_is_the_backbone_without_adapters(image_dir, tmp_path):
     """Once LoRA moved, the student backbone differs from the teacher, and the teacher equals the
     unadapted network."""
     cfg = tiny_config(image_dir, tmp_path / "x")
-    model = train_loop.build_model(cfg)
+    model = vitup_method.build_model(cfg)
     sizes, _, crop, _ = _fixed_batch(image_dir, cfg, model)
-    before = train_loop.teacher_targets(model.backbone, crop, sizes, train_loop.contextlib.nullcontext())
+    before = vitup_method.teacher_targets(model.backbone, crop, sizes, contextlib.nullcontext())
     with torch.no_grad():
         for name, p in model.backbone.named_parameters():
             if "lora_B" in name:
                 p.normal_(0, 0.5)
-    after = train_loop.teacher_targets(model.backbone, crop, sizes, train_loop.contextlib.nullcontext())
+    after = vitup_method.teacher_targets(model.backbone, crop, sizes, contextlib.nullcontext())
     assert all(torch.equal(a, b) for sa, sb in zip(before, after, strict=True) for a, b in zip(sa, sb, strict=True))
     with torch.no_grad():
         student_view = model.backbone.hidden_states(model.backbone.normalize(crop))
@@ -478,7 +480,7 @@ def test_resume_refuses_other_base_weights(image_dir, tmp_path):
 
 
 def test_nan_loss_stops_naming_the_step_and_the_last_good_checkpoint(image_dir, tmp_path, monkeypatch):
-    real = train_loop.distillation_loss
+    real = vitup_method.distillation_loss
     calls = {"n": 0}
 
     def poisoned(preds, targets, weights):
@@ -489,7 +491,7 @@ def test_nan_loss_stops_naming_the_step_and_the_last_good_checkpoint(image_dir, 
             terms = {**terms, "kl": total.detach(), "loss": total.detach()}
         return total, terms
 
-    monkeypatch.setattr(train_loop, "distillation_loss", poisoned)
+    monkeypatch.setattr(vitup_method, "distillation_loss", poisoned)
     cfg = tiny_config(image_dir, tmp_path / "nan", save_every=2)
     with pytest.raises(train_loop.TrainingDiverged) as info:
         train_loop.train(cfg, reporter=train_loop.NullReporter())
@@ -635,3 +637,31 @@ def test_torchrun_two_processes_match_one(image_dir, tmp_path):
     la = [json.loads(x)["loss"] for x in (single / "metrics.jsonl").read_text().splitlines()]
     lb = [json.loads(x)["loss"] for x in (ddp / "metrics.jsonl").read_text().splitlines()]
     assert la == pytest.approx(lb, rel=1e-4)
+
+
+# -- methods ----------------------------------------------------------------------------------------------
+def test_methods_registry_and_unknown_method():
+    from vitup_cli.train.methods import METHODS, TrainMethod
+
+    assert METHODS["vitup"].config_class is TrainConfig and issubclass(METHODS["vitup"], TrainMethod)
+    assert build_config(None, {"method": "vitup"}).method == "vitup"
+    with pytest.raises(VitupError, match="--method nope: unknown training method; use one of vitup"):
+        build_config(None, {"method": "nope"})
+    result = CliRunner().invoke(app, ["train", "--method", "nope", "--data", "x", "--out", "y"])
+    assert result.exit_code == 2 and "unknown training method" in result.output
+
+
+def test_constant_schedule_keeps_the_rate_after_warmup():
+    cfg = TrainConfig(steps=10, lr=1e-3, warmup=0.2, schedule="constant")
+    assert [lr_at(s, cfg) for s in range(10)] == pytest.approx([5e-4] + [1e-3] * 9)
+    with pytest.raises(VitupError, match="--schedule linear"):
+        resolve(replace(TrainConfig(data="d", out="o"), schedule="linear"), patch=16)
+
+
+def test_run_config_records_the_method(finished_run):
+    cfg, _ = finished_run
+    record = json.loads((Path(cfg.out) / "config.json").read_text())
+    assert record["method"] == "vitup" == record["config"]["method"]
+    assert resume_config(cfg.out).method == "vitup"
+    with pytest.raises(VitupError, match="trained with --method vitup"):
+        resume_config(cfg.out, {"method": "uplift"})

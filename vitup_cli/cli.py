@@ -146,6 +146,16 @@ def _opt(panel: str, *names: str, help: str, **kw: Any) -> Any:
 @app.command("train", epilog=_TRAIN_EPILOG)
 def train_cmd(
     ctx: typer.Context,
+    method: Annotated[
+        str,
+        _opt(
+            _RUN,
+            "--method",
+            "-m",
+            help="Training method: vitup (ViT-Up distillation). Each has its paper's defaults; the defaults "
+            "shown below are ViT-Up's.",
+        ),
+    ] = "vitup",
     data: Annotated[str, _opt(_RUN, "--data", "-d", help="Training images: a folder, @list.txt, or one image.")] = "",
     out: Annotated[str, _opt(_RUN, "--out", "-o", help="Run directory (config, checkpoints, metrics).")] = "",
     val_data: Annotated[
@@ -213,6 +223,9 @@ def train_cmd(
         int, _opt(_OPT, "--batch-size", "-B", help="Images per step over all processes and accumulation steps.")
     ] = _TRAIN_DEFAULTS.batch_size,
     lr: Annotated[float, _opt(_OPT, "--lr", help="Peak AdamW learning rate.")] = _TRAIN_DEFAULTS.lr,
+    schedule: Annotated[
+        str, _opt(_OPT, "--schedule", help="cosine (warm-up, then cosine to --min-lr) or constant.")
+    ] = _TRAIN_DEFAULTS.schedule,
     warmup: Annotated[
         float, _opt(_OPT, "--warmup", help="Linear warm-up, fraction of steps.")
     ] = _TRAIN_DEFAULTS.warmup,
@@ -242,11 +255,12 @@ def train_cmd(
         bool, _opt(_LOG, "--tensorboard/--no-tensorboard", help="TensorBoard events when installed.")
     ] = True,
 ) -> None:
-    """Distil a ViT-Up upsampler (LoRA-adapted backbone, frozen teacher).
+    """Train an upsampler: --method vitup (default) distils ViT-Up (LoRA-adapted backbone, frozen teacher).
 
-    Defaults are the paper's recipe (DINOv3-S+ on ImageNet-1K):
+    Defaults are each paper's recipe. ViT-Up (DINOv3-S+ on ImageNet-1K):
     batch 24, AdamW 2e-4, 5% warm-up, cosine to 1e-6, 53,381 steps;
     448 px canvas, 56x56 queries, teachers at 224/448/896 px.
+    Only the flags you give are applied; a flag of another method is refused.
     """
     import os
     import sys

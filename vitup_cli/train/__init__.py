@@ -1,7 +1,8 @@
-"""ViT-Up distillation (``vitup train``): configuration, data, losses, the loop, resumable state.
+"""``vitup train``: one loop (``loop.py``) and per-method recipes (``methods/``: ViT-Up, ...);
+configuration, data, losses, resumable state.
 
-The configuration is importable without torch (the CLI builds it before anything heavy loads); the
-loop's names are loaded on first use.
+The configuration module is importable without torch (the CLI imports it before anything heavy
+loads); the loop's names and the methods are loaded on first use.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from typing import Any
 
 from vitup_cli.train.config import (
     RESUME_MUTABLE,
+    CommonConfig,
     Sizes,
     TrainConfig,
     build_config,
@@ -18,7 +20,7 @@ from vitup_cli.train.config import (
     resume_config,
 )
 
-_LOOP = {"TrainingDiverged", "TrainResult", "build_model", "lr_at", "train"}
+_LOOP = {"TrainingDiverged", "TrainResult", "build_model", "lr_at", "make_method", "train"}
 
 
 def __getattr__(name: str) -> Any:
@@ -31,6 +33,7 @@ def __getattr__(name: str) -> Any:
 
 __all__ = [
     "RESUME_MUTABLE",
+    "CommonConfig",
     "Sizes",
     "TrainConfig",
     "TrainResult",
@@ -38,6 +41,7 @@ __all__ = [
     "build_config",
     "build_model",
     "lr_at",
+    "make_method",
     "read_config_file",
     "resolve",
     "resume_config",

@@ -22,13 +22,14 @@ PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 
 
 @dataclass
-class TrainConfig:
-    """Every hyperparameter of ``vitup train``; defaults are the paper's (DINOv3-S+, ImageNet-1K).
+class CommonConfig:
+    """What every training method shares: data, run directory, backbone, optimiser, runtime, logging.
 
-    Sizes are in pixels unless named ``*_tokens`` / ``*_grid``. ``None`` means "derived", resolved by
-    ``resolve`` once the backbone's patch size is known (values for patch 16 in the comments).
+    Each method's configuration subclasses this and redeclares the fields whose paper defaults differ
+    (``steps``, ``lr``, ...). ``method`` names the ``TrainMethod`` (``vitup_cli.train.methods.METHODS``).
     """
 
+    method: str = "vitup"
     # data and run
     data: str = ""  # image folder, @list.txt, or one image
     out: str = ""  # run directory
@@ -39,33 +40,11 @@ class TrainConfig:
     weights: str | None = None
     pretrained: str = "hub"
     backbone_args: dict[str, Any] = field(default_factory=dict)
-    taps: list[int] | None = None  # None: evenly spaced, num_blocks + 1 of them
-    # model
-    num_blocks: int = 6
-    input_tokens: int = 28  # student backbone input, tokens per side (448 px)
-    embed_grid: int = 224  # query-embedding grid, tokens per side (3584 px)
-    window: int | None = None  # cross-attention window in tokens; None = global
-    # sizes of the distillation task
-    canvas: int | None = None  # student canvas side; None: input_tokens * patch (448)
-    queries: int | None = None  # query grid side; None: the finest teacher grid (56)
-    teacher_sizes: list[int] = field(default_factory=lambda: [224, 448, 896])  # 14, 28, 56 tokens
-    scale_min: float = 0.1  # the crop is pasted at s ~ U(scale_min, scale_max) of the canvas
-    scale_max: float = 1.0
-    crop_min: float = 1.0  # square crop side ~ U(crop_min, 1) x the short side (1: largest square)
-    # losses
-    w_l2: float = 1.0
-    w_cos: float = 1.0
-    w_kl: float = 1.0
-    tau: float = 0.5
-    kl_window: int = 28  # relational KL within windows of this many positions per side (7x7 blocks of 4x4)
-    # LoRA on the student backbone (r = 0: no adapters)
-    lora_r: int = 16
-    lora_alpha: float = 32.0
-    lora_dropout: float = 0.05
-    # optimisation
+    # optimisation (AdamW; with weight_decay 0 its update is exactly Adam's)
     steps: int = 53381
     batch_size: int = 24  # images per optimiser step over all processes and accumulation steps
     lr: float = 2e-4
+    schedule: str = "cosine"  # cosine: linear warm-up then cosine to min_lr; constant: lr throughout
     warmup: float = 0.05  # linear warm-up, fraction of steps
     min_lr: float = 1e-6  # cosine floor
     weight_decay: float = 0.0
@@ -89,8 +68,47 @@ class TrainConfig:
         return asdict(self)
 
 
-_FIELDS = {f.name: f for f in fields(TrainConfig)}
-_INT_LISTS = {"taps", "teacher_sizes"}
+@dataclass
+class TrainConfig(CommonConfig):
+    """Every hyperparameter of ``vitup train --method vitup``; defaults are the paper's (DINOv3-S+,
+    ImageNet-1K).
+
+    Sizes are in pixels unless named ``*_tokens`` / ``*_grid``. ``None`` means "derived", resolved by
+    ``resolve`` once the backbone's patch size is known (values for patch 16 in the comments).
+    """
+
+    taps: list[int] | None = None  # None: evenly spaced, num_blocks + 1 of them
+    # model
+    num_blocks: int = 6
+    input_tokens: int = 28  # student backbone input, tokens per side (448 px)
+    embed_grid: int = 224  # query-embedding grid, tokens per side (3584 px)
+    window: int | None = None  # cross-attention window in tokens; None = global
+    # sizes of the distillation task
+    canvas: int | None = None  # student canvas side; None: input_tokens * patch (448)
+    queries: int | None = None  # query grid side; None: the finest teacher grid (56)
+    teacher_sizes: list[int] = field(default_factory=lambda: [224, 448, 896])  # 14, 28, 56 tokens
+    scale_min: float = 0.1  # the crop is pasted at s ~ U(scale_min, scale_max) of the canvas
+    scale_max: float = 1.0
+    crop_min: float = 1.0  # square crop side ~ U(crop_min, 1) x the short side (1: largest square)
+    # losses
+    w_l2: float = 1.0
+    w_cos: float = 1.0
+    w_kl: float = 1.0
+    tau: float = 0.5
+    kl_window: int = 28  # relational KL within windows of this many positions per side (7x7 blocks of 4x4)
+    # LoRA on the student backbone (r = 0: no adapters)
+    lora_r: int = 16
+    lora_alpha: float = 32.0
+    lora_dropout: float = 0.05
+
+
+def config_class(method: str) -> type[CommonConfig]:
+    """The configuration dataclass of a training method (``--method``)."""
+    from vitup_cli.train.methods import METHODS
+
+    if method not in METHODS:
+        raise VitupError(f"--method {method}: unknown training method; use one of {', '.join(METHODS)}")
+    return METHODS[method].config_class
 
 
 def _int_list(name: str, value: Any) -> list[int] | None:
@@ -106,47 +124,68 @@ def _int_list(name: str, value: Any) -> list[int] | None:
     return out
 
 
-def coerce(values: dict[str, Any], source: str) -> dict[str, Any]:
-    """Validate names and types of settings from a file or flags -> ``TrainConfig`` keyword arguments."""
+def _kind(f: Any) -> str:
+    """``int``, ``float``, ``str``, ``bool``, ``int-list`` or ``dict`` from a field's annotation."""
+    annotation = str(f.type)
+    if "list[int]" in annotation:
+        return "int-list"
+    for kind in ("dict", "bool", "float", "int", "str"):
+        if annotation.startswith(kind):
+            return kind
+    return "any"
+
+
+def coerce(values: dict[str, Any], source: str, cls: type[CommonConfig] | None = None) -> dict[str, Any]:
+    """Validate names and types of settings from a file or flags -> keyword arguments of ``cls``
+    (default ``TrainConfig``)."""
     from vitup_cli.backbones import parse_overrides
 
+    cls = cls or TrainConfig
+    known_fields = {f.name: f for f in fields(cls)}
+    method = known_fields["method"].default
     out: dict[str, Any] = {}
     for raw_key, value in values.items():
         key = raw_key.replace("-", "_")
-        if key not in _FIELDS:
-            known = ", ".join(sorted(_FIELDS))
-            raise VitupError(f"{source}: unknown setting '{raw_key}' (known: {known})")
-        if key in _INT_LISTS:
+        if key not in known_fields:
+            known = ", ".join(sorted(known_fields))
+            raise VitupError(f"{source}: unknown setting '{raw_key}' for --method {method} (known: {known})")
+        kind = _kind(known_fields[key])
+        if key == "method":
+            if value != method:
+                raise VitupError(f"{source}: method {value!r} contradicts --method {method}")
+        elif kind == "int-list":
             value = _int_list(key, value)
-        elif key == "backbone_args":
+        elif kind == "dict":
             value = parse_overrides(value) if isinstance(value, str) else dict(value or {})
         elif value is not None:
-            default = _FIELDS[key].default
-            kind = type(default) if default is not None and not callable(default) else None
-            if key in {"canvas", "queries", "window", "val_every"}:
-                kind = int
-            if key in {"val_data", "weights"}:
-                kind = str
             try:
-                if kind is bool and isinstance(value, str):
+                if kind == "bool" and isinstance(value, str):
                     value = value.lower() in {"1", "true", "yes", "on"}
-                elif kind is float and not isinstance(value, bool):
+                elif kind == "float" and not isinstance(value, bool):
                     value = float(value)
-                elif kind is int and not isinstance(value, bool):
+                elif kind == "int" and not isinstance(value, bool):
                     if float(value) != int(float(value)):
                         raise ValueError
                     value = int(float(value))
-                elif kind is str:
+                elif kind == "str":
                     value = str(value)
             except (TypeError, ValueError):
-                raise VitupError(f"{source}: {raw_key} = {value!r} is not a valid {kind.__name__}") from None
+                raise VitupError(f"{source}: {raw_key} = {value!r} is not a valid {kind}") from None
         out[key] = value
     return out
 
 
-def read_config_file(path: str | Path) -> dict[str, Any]:
+def read_config_file(path: str | Path, cls: type[CommonConfig] | None = None) -> dict[str, Any]:
     """A YAML (``.yaml``/``.yml``) or TOML (``.toml``) file of settings; a top-level ``train`` table is
-    also accepted. Keys are ``TrainConfig`` names (dashes or underscores)."""
+    also accepted. Keys are the method's config names (dashes or underscores); a ``method`` key picks
+    the method when ``cls`` is not given."""
+    data = _read_mapping(path)
+    if cls is None:
+        cls = config_class(str(data.get("method", "vitup")))
+    return coerce(data, f"--config {Path(path)}", cls)
+
+
+def _read_mapping(path: str | Path) -> dict[str, Any]:
     p = Path(path)
     if not p.is_file():
         raise VitupError(f"--config {p}: no such file")
@@ -178,19 +217,25 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
         data = data["train"]
     if "config" in data and isinstance(data["config"], dict) and "steps" in data["config"]:
         data = data["config"]  # a run's config.json
-    return coerce(data, f"--config {p}")
+    return data
 
 
-def build_config(file: str | Path | None = None, overrides: dict[str, Any] | None = None) -> TrainConfig:
-    """Defaults < ``file`` < ``overrides`` (the flags given explicitly)."""
+def build_config(file: str | Path | None = None, overrides: dict[str, Any] | None = None) -> CommonConfig:
+    """Defaults of the method < ``file`` < ``overrides`` (the flags given explicitly). The method is
+    ``overrides["method"]``, else the file's ``method``, else ``vitup``."""
+    overrides = dict(overrides or {})
+    data = _read_mapping(file) if file is not None else {}
+    method = str(overrides.get("method") or data.get("method") or "vitup")
+    cls = config_class(method)
     values: dict[str, Any] = {}
     if file is not None:
-        values.update(read_config_file(file))
-    values.update(coerce(overrides or {}, "option"))
-    return TrainConfig(**values)
+        values.update(coerce({k: v for k, v in data.items() if k != "method"}, f"--config {Path(file)}", cls))
+    values.update(coerce(overrides, "option", cls))
+    values["method"] = method
+    return cls(**values)
 
 
-def resume_config(run_dir: str | Path, overrides: dict[str, Any] | None = None) -> TrainConfig:
+def resume_config(run_dir: str | Path, overrides: dict[str, Any] | None = None) -> CommonConfig:
     """The configuration of an existing run, with operational ``overrides`` only."""
     run = Path(run_dir)
     path = run / "config.json"
@@ -200,9 +245,17 @@ def resume_config(run_dir: str | Path, overrides: dict[str, Any] | None = None) 
         saved = json.loads(path.read_text())["config"]
     except (json.JSONDecodeError, KeyError, TypeError) as exc:
         raise VitupError(f"--resume {run}: {path.name} is damaged ({exc})") from None
-    cfg = TrainConfig(**coerce(saved, str(path)))
+    cls = config_class(str(saved.get("method", "vitup")))
+    cfg = cls(**coerce(saved, str(path), cls))
     changed = {}
-    for key, value in coerce(overrides or {}, "option").items():
+    overrides = dict(overrides or {})
+    if overrides.get("method", cfg.method) != cfg.method:
+        raise VitupError(
+            f"--resume {run}: the run was trained with --method {cfg.method}, not {overrides['method']}; "
+            "start a new --out to train another method"
+        )
+    overrides.pop("method", None)
+    for key, value in coerce(overrides, "option", cls).items():
         if key == "out":
             continue
         if getattr(cfg, key) == value:
@@ -233,8 +286,11 @@ class Sizes:
         return max(self.teacher_sizes)
 
 
-def check(cfg: TrainConfig, world_size: int = 1) -> None:
-    """Every check that needs no backbone; raises ``VitupError`` naming the flag."""
+SCHEDULES = ("cosine", "constant")
+
+
+def check_common(cfg: CommonConfig, world_size: int = 1) -> None:
+    """The checks of the shared settings; raises ``VitupError`` naming the flag."""
     if not cfg.data:
         raise VitupError("--data is required: an image folder, @list.txt, or one image")
     if not cfg.out:
@@ -242,26 +298,16 @@ def check(cfg: TrainConfig, world_size: int = 1) -> None:
     checks = [
         (cfg.steps > 0, "--steps must be positive"),
         (cfg.batch_size > 0 and cfg.accum > 0, "--batch-size and --accum must be positive"),
-        (
-            0 < cfg.scale_min <= cfg.scale_max <= 1,
-            f"--scale-min {cfg.scale_min} / --scale-max {cfg.scale_max}: need 0 < min <= max <= 1",
-        ),
-        (0 < cfg.crop_min <= 1, f"--crop-min {cfg.crop_min}: need 0 < crop-min <= 1"),
         (0 <= cfg.warmup < 1, f"--warmup {cfg.warmup}: a fraction of --steps in [0, 1)"),
         (
             cfg.lr > 0 and 0 <= cfg.min_lr <= cfg.lr,
             f"--lr {cfg.lr} / --min-lr {cfg.min_lr}: need lr > 0 and 0 <= min-lr <= lr",
         ),
-        (cfg.tau > 0, "--tau must be positive"),
-        (cfg.kl_window > 0, "--kl-window must be positive"),
-        (cfg.lora_r >= 0, "--lora-r must be >= 0 (0: no LoRA)"),
-        (0 <= cfg.lora_dropout < 1, "--lora-dropout must be in [0, 1)"),
-        (min(cfg.w_l2, cfg.w_cos, cfg.w_kl) >= 0, "loss weights must be >= 0"),
+        (cfg.schedule in SCHEDULES, f"--schedule {cfg.schedule}: use one of {', '.join(SCHEDULES)}"),
+        (cfg.grad_clip >= 0, "--grad-clip must be >= 0 (0: off)"),
         (cfg.precision in PRECISIONS, f"--precision {cfg.precision}: use one of {', '.join(PRECISIONS)}"),
         (cfg.workers >= 0, "--workers must be >= 0"),
         (cfg.log_every > 0 and cfg.save_every > 0, "--log-every and --save-every must be positive"),
-        (cfg.canvas is None or cfg.canvas >= 8, f"--canvas {cfg.canvas}: too small"),
-        (cfg.input_tokens > 0 and cfg.embed_grid > 0, "--input-tokens and --embed-grid must be positive"),
         (cfg.val_images > 0, "--val-images must be positive"),
     ]
     for ok, message in checks:
@@ -272,6 +318,28 @@ def check(cfg: TrainConfig, world_size: int = 1) -> None:
         raise VitupError(
             f"--batch-size {cfg.batch_size} must be a multiple of processes x --accum = {world_size} x {cfg.accum}"
         )
+
+
+def check(cfg: TrainConfig, world_size: int = 1) -> None:
+    """Every check of a ViT-Up run that needs no backbone; raises ``VitupError`` naming the flag."""
+    check_common(cfg, world_size)
+    checks = [
+        (
+            0 < cfg.scale_min <= cfg.scale_max <= 1,
+            f"--scale-min {cfg.scale_min} / --scale-max {cfg.scale_max}: need 0 < min <= max <= 1",
+        ),
+        (0 < cfg.crop_min <= 1, f"--crop-min {cfg.crop_min}: need 0 < crop-min <= 1"),
+        (cfg.tau > 0, "--tau must be positive"),
+        (cfg.kl_window > 0, "--kl-window must be positive"),
+        (cfg.lora_r >= 0, "--lora-r must be >= 0 (0: no LoRA)"),
+        (0 <= cfg.lora_dropout < 1, "--lora-dropout must be in [0, 1)"),
+        (min(cfg.w_l2, cfg.w_cos, cfg.w_kl) >= 0, "loss weights must be >= 0"),
+        (cfg.canvas is None or cfg.canvas >= 8, f"--canvas {cfg.canvas}: too small"),
+        (cfg.input_tokens > 0 and cfg.embed_grid > 0, "--input-tokens and --embed-grid must be positive"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise VitupError(message)
 
 
 def resolve(cfg: TrainConfig, patch: int, world_size: int = 1) -> tuple[TrainConfig, Sizes]:

@@ -1,4 +1,5 @@
-"""The distillation data: per image a random square crop (for the teacher) and the student canvas.
+"""Training data by global position (``PositionDataset``, shared by every method) and ViT-Up's
+samples: per image a random square crop (for the teacher) and the student canvas.
 
 Every random choice of a sample is drawn from its own generator seeded by ``(seed, stream, position)``,
 where ``position`` counts samples over the whole run (epoch after epoch, each in its own shuffled
@@ -89,16 +90,23 @@ def box_queries(box: torch.Tensor, side: int) -> torch.Tensor:
     return xy.float()
 
 
-class CanvasDataset(Dataset):
-    """Samples by global position (see module docstring); ``len`` is the number of images."""
+class PositionDataset(Dataset):
+    """Samples by global position (see module docstring); ``len`` is the number of images.
 
-    def __init__(self, files: Sequence[Path], spec: CanvasSpec, stream: int = TRAIN_STREAM) -> None:
+    A training method's dataset subclasses this and implements ``make(img, rng)``: one sample (a dict
+    of tensors) from an RGB image and that position's own generator.
+    """
+
+    def __init__(self, files: Sequence[Path], seed: int = 0, stream: int = TRAIN_STREAM) -> None:
         if not files:
             raise VitupError("no images to train on")
         self.files = [Path(f) for f in files]
-        self.spec = spec
+        self.seed = seed
         self.stream = stream
         self._orders: dict[int, np.ndarray] = {}  # per process: each loader worker keeps its own
+
+    def make(self, img: Image.Image, rng: np.random.Generator) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
 
     def __len__(self) -> int:
         return len(self.files)
@@ -107,7 +115,7 @@ class CanvasDataset(Dataset):
         if epoch not in self._orders:
             if len(self._orders) > 4:
                 self._orders.pop(min(self._orders))
-            self._orders[epoch] = epoch_order(len(self.files), self.spec.seed, epoch)
+            self._orders[epoch] = epoch_order(len(self.files), self.seed, epoch)
         return self._orders[epoch]
 
     def image_index(self, position: int) -> int:
@@ -128,21 +136,34 @@ class CanvasDataset(Dataset):
             except ImageLoadError as exc:
                 failed.append((exc.path, exc.reason))
                 continue
-            sample = make_sample(img, self.spec, sample_rng(self.spec.seed, self.stream, position))
+            sample: dict[str, Any] = self.make(img, sample_rng(self.seed, self.stream, position))
             sample["failed"] = failed
             sample["position"] = position
             return sample
         raise VitupError(f"none of the {n} images could be read (first: {failed[0][0]}: {failed[0][1]})")
 
 
+class CanvasDataset(PositionDataset):
+    """ViT-Up's crop + canvas samples (``make_sample``)."""
+
+    def __init__(self, files: Sequence[Path], spec: CanvasSpec, stream: int = TRAIN_STREAM) -> None:
+        super().__init__(files, spec.seed, stream)
+        self.spec = spec
+
+    def make(self, img: Image.Image, rng: np.random.Generator) -> dict[str, torch.Tensor]:
+        return make_sample(img, self.spec, rng)
+
+
 def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
-    return {
-        "crop": torch.stack([s["crop"] for s in samples]),
-        "canvas": torch.stack([s["canvas"] for s in samples]),
-        "box": torch.stack([s["box"] for s in samples]),
-        "position": torch.tensor([s["position"] for s in samples]),
-        "failed": [f for s in samples for f in s["failed"]],
+    """Stack every tensor field; ``position`` becomes a tensor, ``failed`` one flat list."""
+    out: dict[str, Any] = {
+        key: torch.stack([s[key] for s in samples])
+        for key, value in samples[0].items()
+        if isinstance(value, torch.Tensor)
     }
+    out["position"] = torch.tensor([s["position"] for s in samples])
+    out["failed"] = [f for s in samples for f in s["failed"]]
+    return out
 
 
 class StepBatches:
@@ -170,14 +191,16 @@ class StepBatches:
         return (self.steps - self.start_step) * self.accum
 
 
-def make_loader(dataset: Dataset, batches: Any, workers: int, pin_memory: bool = False) -> DataLoader:
+def make_loader(
+    dataset: Dataset, batches: Any, workers: int, pin_memory: bool = False, collate_fn: Any = collate
+) -> DataLoader:
     """A loader over ``batches`` (lists of positions). It owns its generator, so creating it never
     draws from the global torch RNG (a resumed run would otherwise diverge)."""
     return DataLoader(
         dataset,
         batch_sampler=batches,
         num_workers=workers,
-        collate_fn=collate,
+        collate_fn=collate_fn,
         pin_memory=pin_memory,
         generator=torch.Generator().manual_seed(0),
         persistent_workers=False,

@@ -1,9 +1,9 @@
-"""The distillation loop: teacher targets, student predictions, losses, AdamW + warm-up + cosine,
-checkpoints, exact resume, DDP.
+"""The one training loop of every method: AdamW + schedule, precision, accumulation, clipping, DDP,
+checkpoints, exact resume, metrics, progress, the NaN stop.
 
-One optimiser step = ``batch_size`` images over all processes (``batch_size / (world * accum)`` per
-micro-batch). The teacher is the same backbone with its LoRA adapters disabled, run without grad on the
-crop at every teacher size; the student sees the canvas. Under ``torchrun`` each process takes its own
+What is trained on what, and against what, belongs to the method (``vitup_cli.train.methods``,
+picked by ``cfg.method``). One optimiser step = ``batch_size`` images over all processes
+(``batch_size / (world * accum)`` per micro-batch). Under ``torchrun`` each process takes its own
 slice of every global batch and only rank 0 writes.
 """
 
@@ -21,26 +21,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from vitup_cli import __version__
-from vitup_cli.backbones import Backbone, default_taps, load_backbone
-from vitup_cli.checkpoints import atomic_write_bytes, checkpoint_paths, save_checkpoint
+from vitup_cli.checkpoints import atomic_write_bytes, checkpoint_paths
 from vitup_cli.data.images import list_images
 from vitup_cli.errors import VitupError
-from vitup_cli.models import ViTUp, ViTUpConfig
-from vitup_cli.train.config import Sizes, TrainConfig, check, resolve
-from vitup_cli.train.data import (
-    TRAIN_STREAM,
-    VAL_STREAM,
-    CanvasDataset,
-    CanvasSpec,
-    StepBatches,
-    box_queries,
-    make_loader,
-)
-from vitup_cli.train.losses import LossWeights, distillation_loss, term_keys
+from vitup_cli.train.config import CommonConfig, check_common
+from vitup_cli.train.data import TRAIN_STREAM, VAL_STREAM, StepBatches, make_loader
+from vitup_cli.train.methods import METHODS, TrainMethod
+from vitup_cli.train.methods.vitup import build_model  # noqa: F401 - `vitup_cli.train.build_model`
 from vitup_cli.train.report import MetricsLog, NullReporter, Reporter, default_reporter, plot_loss_curve
 from vitup_cli.train.state import (
     STATE_NAME,
@@ -73,22 +63,26 @@ class TrainResult:
 
 
 # -- schedule ---------------------------------------------------------------------------------------
-def lr_at(step: int, cfg: TrainConfig) -> float:
+def lr_at(step: int, cfg: CommonConfig) -> float:
     """Learning rate of optimiser step ``step`` (0-based): linear warm-up over ``warmup * steps``, then
-    cosine from ``lr`` down to ``min_lr`` at the last step."""
+    cosine from ``lr`` down to ``min_lr`` at the last step (``schedule = "constant"``: after the
+    warm-up, ``lr`` throughout)."""
     return _Schedule(cfg).lr(step)
 
 
 class _Schedule:
     """``LambdaLR`` factor. Plain numbers only: ``LambdaLR.state_dict`` stores this object's fields."""
 
-    def __init__(self, cfg: TrainConfig) -> None:
+    def __init__(self, cfg: CommonConfig) -> None:
         self.base, self.floor, self.steps = cfg.lr, cfg.min_lr, cfg.steps
         self.warm = round(cfg.warmup * cfg.steps)
+        self.constant = cfg.schedule == "constant"
 
     def lr(self, step: int) -> float:
         if step < self.warm:
             return self.base * (step + 1) / self.warm
+        if self.constant:
+            return self.base
         span = max(self.steps - self.warm - 1, 1)
         progress = min((step - self.warm) / span, 1.0)
         return self.floor + (self.base - self.floor) * 0.5 * (1 + math.cos(math.pi * progress))
@@ -159,87 +153,17 @@ def _gather(obj: Any, d: _Dist) -> list[Any]:
     return out
 
 
-# -- model ------------------------------------------------------------------------------------------
-def build_model(cfg: TrainConfig) -> ViTUp:
-    """Backbone (+ LoRA) and an untrained ViT-Up, initialised from ``cfg.seed``."""
-    torch.manual_seed(cfg.seed)
-    backbone = load_backbone(
-        cfg.backbone, weights=cfg.weights, pretrained=cfg.pretrained, overrides=cfg.backbone_args, taps=cfg.taps
-    )
-    if cfg.taps is None:
-        backbone.taps = default_taps(backbone.depth, cfg.num_blocks)
-    if cfg.lora_r > 0:
-        backbone.add_lora(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout)
-        _freeze_unused_lora(backbone)
-    config = ViTUpConfig(
-        num_blocks=cfg.num_blocks, input_tokens=cfg.input_tokens, query_grid=cfg.embed_grid, window=cfg.window
-    )
-    return ViTUp(backbone, config)
-
-
-def _freeze_unused_lora(backbone: Backbone) -> None:
-    """Adapters in blocks after the last tap never reach an output: keep them out of the optimiser (and
-    out of DDP's gradient buckets)."""
-    last = max(backbone.taps)
-    for name, param in backbone.lora_parameters():
-        parts = name.split(".")
-        if "blocks" in parts:
-            block = int(parts[parts.index("blocks") + 1])
-            if block >= last:
-                param.requires_grad_(False)
-
-
-def trainable_parameters(model: ViTUp) -> list[tuple[str, nn.Parameter]]:
-    return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-
-
-def set_train_mode(model: ViTUp) -> None:
-    """Upsampler in train mode; the backbone stays in eval mode (no train-time behaviour of timm, e.g.
-    RoPE jitter, may reach the teacher) except the LoRA dropout."""
-    model.train()
-    model.backbone.model.eval()
-    for name, module in model.backbone.model.named_modules():
-        if name.endswith("lora_dropout"):
-            module.train()
-
-
-class _Student(nn.Module):
-    """The trainable forward (what DDP wraps): canvas ``(B, 3, S, S)``, xy ``(B, N, 2)`` -> per level
-    ``(B, N, C)``."""
-
-    def __init__(self, model: ViTUp) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, canvas: torch.Tensor, xy: torch.Tensor) -> list[torch.Tensor]:
-        cache = self.model.encode(canvas)
-        return self.model.decode(cache, xy, levels=range(len(self.model.decoders)))
-
-
-def teacher_targets(backbone: Backbone, crop: torch.Tensor, sizes: Sizes, autocast: Any) -> list[list[torch.Tensor]]:
-    """The frozen teacher (adapters disabled, no grad) on the crop at every teacher size and tap.
-
-    Args:
-        crop: ``(B, 3, T, T)`` in ``[0, 1]`` at the largest teacher size.
-    Returns:
-        per teacher size, per tap: ``(B, C, g, g)`` float32.
-    """
-    out = []
-    with torch.no_grad(), backbone.adapters_disabled(), autocast:
-        for size in sizes.teacher_sizes:
-            x = crop
-            if size != crop.shape[-1]:
-                x = F.interpolate(crop, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
-            out.append([t.float() for t in backbone.hidden_states(backbone.normalize(x))])
-    return out
-
-
-def student_maps(student: nn.Module, canvas: torch.Tensor, box: torch.Tensor, queries: int) -> list[torch.Tensor]:
-    """Predictions on the ``queries x queries`` grid over each pasted crop: per level ``(B, C, Q, Q)``."""
-    xy = box_queries(box, queries)
-    preds = student(canvas, xy)
-    B = canvas.shape[0]
-    return [p.float().transpose(1, 2).reshape(B, -1, queries, queries) for p in preds]
+# -- the method ------------------------------------------------------------------------------------
+def make_method(cfg: CommonConfig, world_size: int = 1) -> TrainMethod:
+    """The ``TrainMethod`` of ``cfg.method``, built (its model initialised from ``cfg.seed``)."""
+    if cfg.method not in METHODS:
+        raise VitupError(f"--method {cfg.method}: unknown training method; use one of {', '.join(METHODS)}")
+    cls = METHODS[cfg.method]
+    if not isinstance(cfg, cls.config_class):
+        raise VitupError(f"--method {cfg.method}: the settings are not {cls.config_class.__name__}")
+    method = cls(cfg, world_size)
+    method.build()
+    return method
 
 
 def _autocast(precision: str, device: torch.device) -> Any:
@@ -250,62 +174,48 @@ def _autocast(precision: str, device: torch.device) -> Any:
     return contextlib.nullcontext()
 
 
-def _to_batch(batch: dict[str, Any], device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    canvas = batch["canvas"].to(device, non_blocking=True).float().div_(255)
-    crop = batch["crop"].to(device, non_blocking=True).float().div_(255)
-    return canvas, crop, batch["box"].to(device)
-
-
 # -- the run ----------------------------------------------------------------------------------------
-def _write_config(run_dir: Path, cfg: TrainConfig, model: ViTUp, n_images: int, d: _Dist) -> None:
+def _write_config(run_dir: Path, cfg: CommonConfig, method: TrainMethod, n_images: int, d: _Dist) -> None:
     import timm
 
     record = {
         "config": cfg.to_json(),
+        "method": method.name,
         "vitup_version": __version__,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "backbone": model.backbone.describe(),
-        "random_init_backbone": model.backbone.random_init,
+        **method.describe(),
         "train_images": n_images,
         "world_size": d.world,
-        "trainable_parameters": sum(p.numel() for _, p in trainable_parameters(model)),
+        "trainable_parameters": sum(p.numel() for _, p in method.trainable_parameters()),
         "versions": {"torch": torch.__version__, "timm": timm.__version__},
     }
     atomic_write_bytes(run_dir / "config.json", (json.dumps(record, indent=2) + "\n").encode())
 
 
-def _evaluate(
-    model: ViTUp,
-    files: list[Path],
-    cfg: TrainConfig,
-    sizes: Sizes,
-    spec: CanvasSpec,
-    weights: LossWeights,
-    d: _Dist,
-) -> dict[str, float]:
-    """Mean loss terms over the held-out images (fixed crops, scales and noise), all processes."""
+def _evaluate(method: TrainMethod, files: list[Path], cfg: CommonConfig, d: _Dist) -> dict[str, float]:
+    """Mean loss terms over the held-out images (fixed samples), all processes."""
     n = min(len(files), cfg.val_images)
     mine = list(range(d.rank, n, d.world))
     micro = max(1, cfg.batch_size // (d.world * cfg.accum))
     batches = [mine[i : i + micro] for i in range(0, len(mine), micro)]
-    dataset = CanvasDataset(files, spec, stream=VAL_STREAM)
-    student = _Student(model)
+    dataset = method.dataset(files, VAL_STREAM)
+    student = method.student()
     autocast = _autocast(cfg.precision, d.device)
     sums: dict[str, float] = {}
-    model.eval()
+    method.model.eval()
     try:
         with torch.no_grad():
-            for batch in make_loader(dataset, batches, cfg.workers, pin_memory=d.device.type == "cuda"):
-                canvas, crop, box = _to_batch(batch, d.device)
-                targets = teacher_targets(model.backbone, crop, sizes, autocast)
-                with autocast:
-                    preds = student_maps(student, canvas, box, sizes.queries)
-                _, terms = distillation_loss(preds, targets, weights)
+            loader = make_loader(
+                dataset, batches, cfg.workers, pin_memory=d.device.type == "cuda", collate_fn=method.collate
+            )
+            for batch in loader:
+                _, terms = method.loss(student, batch, d.device, autocast)
+                size = len(batch["position"])
                 for key, value in terms.items():
-                    sums[key] = sums.get(key, 0.0) + float(value) * canvas.shape[0]
+                    sums[key] = sums.get(key, 0.0) + float(value) * size
     finally:
-        set_train_mode(model)
-    keys = term_keys(len(model.decoders), sizes.teacher_grids)
+        method.set_train_mode()
+    keys = method.term_keys()
     count = float(sum(len(b) for b in batches))
     vector = torch.tensor([sums.get(k, 0.0) for k in keys] + [count], dtype=torch.float64)
     if d.world > 1:
@@ -319,13 +229,13 @@ def _evaluate(
 
 
 def train(
-    cfg: TrainConfig,
+    cfg: CommonConfig,
     *,
     resume: bool = False,
     reporter: Reporter | None = None,
     stop_after: int | None = None,
 ) -> TrainResult:
-    """Distil a ViT-Up into ``cfg.out``; see the module docstring.
+    """Train ``cfg.method`` into ``cfg.out``; see the module docstring.
 
     Args:
         resume: continue the run in ``cfg.out`` exactly where its last save left it (``cfg`` should
@@ -348,7 +258,7 @@ def train(
 
 
 def _train(
-    cfg: TrainConfig, d: _Dist, resume: bool, reporter: Reporter | None, stop_after: int | None, started: float
+    cfg: CommonConfig, d: _Dist, resume: bool, reporter: Reporter | None, stop_after: int | None, started: float
 ) -> TrainResult:
     run_dir = Path(cfg.out) if cfg.out else None
     if run_dir is not None and not resume and (run_dir / "config.json").exists():
@@ -358,42 +268,33 @@ def _train(
     if resume and run_dir is not None and not (run_dir / STATE_NAME).is_file():
         raise VitupError(f"--resume {run_dir}: no {STATE_NAME} there; the run never reached its first save")
     _barrier(d)  # every process has checked the folder before rank 0 writes into it
-    check(cfg, d.world)
+    check_common(cfg, d.world)
     train_list = list_images(cfg.data)
     val_files = list_images(cfg.val_data).files if cfg.val_data else []
-    model = build_model(cfg)
-    cfg, sizes = resolve(cfg, model.backbone.patch_size, d.world)
+    method = make_method(cfg, d.world)
+    cfg = method.cfg
+    model = method.model
     run_dir = Path(cfg.out)
     reporter = (reporter or default_reporter()) if d.main else NullReporter()
 
     model.to(d.device)
-    set_train_mode(model)
-    params = trainable_parameters(model)
+    method.set_train_mode()
+    params = method.trainable_parameters()
     optimizer = torch.optim.AdamW(
         [p for _, p in params], lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay, eps=1e-8
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _Schedule(cfg))
-    include_base = model.backbone.random_init
     run = RunState(world_size=d.world)
 
     if resume:
         recorded = json.loads((run_dir / "config.json").read_text()).get("backbone", {}).get("weights_id")
-        if recorded is not None and recorded != model.backbone.weights_id:
+        if recorded is not None and recorded != method.weights_id():
             raise VitupError(
                 f"--resume {run_dir}: the run was trained on backbone weights {recorded}, not "
-                f"{model.backbone.weights_id}; pass the same --weights / --pretrained as the run"
+                f"{method.weights_id()}; pass the same --weights / --pretrained as the run"
             )
         state = load_state(run_dir / STATE_NAME)
-        missing, unexpected = model.load_state_dict(state.model, strict=False)
-        expected_missing = {
-            n for n in model.state_dict() if n.startswith("backbone.") and "lora_" not in n and not include_base
-        }
-        absent = sorted(set(missing) - expected_missing)
-        if unexpected or absent:
-            raise VitupError(
-                f"--resume {run_dir}: {STATE_NAME} does not match this model "
-                f"(missing {absent[:3]}, unexpected {unexpected[:3]})"
-            )
+        method.load_state_tensors(state.model, run_dir / STATE_NAME)
         optimizer.load_state_dict(state.optimizer)
         scheduler.load_state_dict(state.scheduler)
         run = replace(state.run, world_size=d.world)
@@ -410,17 +311,15 @@ def _train(
     else:
         if d.main:
             run_dir.mkdir(parents=True, exist_ok=True)
-            _write_config(run_dir, cfg, model, len(train_list.files), d)
+            _write_config(run_dir, cfg, method, len(train_list.files), d)
         torch.manual_seed(cfg.seed * 1000 + 17 + d.rank)  # per-process dropout noise
 
-    if model.backbone.random_init:
-        reporter.message("backbone is randomly initialised (--pretrained none): for tests and demos only")
-    weights = LossWeights(cfg.w_l2, cfg.w_cos, cfg.w_kl, cfg.tau, cfg.kl_window)
-    spec = CanvasSpec(sizes.canvas, sizes.crop, cfg.scale_min, cfg.scale_max, cfg.crop_min, cfg.seed)
-    dataset = CanvasDataset(train_list.files, spec, stream=TRAIN_STREAM)
+    for note in method.notes():
+        reporter.message(note)
+    dataset = method.dataset(train_list.files, TRAIN_STREAM)
     batches = StepBatches(cfg.batch_size, cfg.steps, run.step, d.rank, d.world, cfg.accum)
 
-    student: nn.Module = _Student(model)
+    student: nn.Module = method.student()
     if d.world > 1:
         from torch.nn.parallel import DistributedDataParallel
 
@@ -450,13 +349,12 @@ def _train(
         run.last_checkpoint_step = step
         if not d.main:
             return
-        save_checkpoint(run_dir / "last", model, checkpoint_extra(step, loss=loss))
+        method.save_checkpoint(run_dir / "last", checkpoint_extra(step, loss=loss))
         if cfg.keep_every and step % cfg.keep_every == 0:
-            save_checkpoint(run_dir / f"step-{step:07d}", model, checkpoint_extra(step, loss=loss))
+            method.save_checkpoint(run_dir / f"step-{step:07d}", checkpoint_extra(step, loss=loss))
         save_state(
             run_dir / STATE_NAME,
-            model=model,
-            include_base=include_base,
+            model=method.state_tensors(),
             optimizer=optimizer,
             scheduler=scheduler,
             run=run,
@@ -471,7 +369,7 @@ def _train(
     def validate(step: int) -> None:
         if not val_files:
             return
-        scores = _evaluate(model, val_files, cfg, sizes, spec, weights, d)
+        scores = _evaluate(method, val_files, cfg, d)
         improved = run.best_val is None or scores["val_loss"] < run.best_val
         if improved:
             run.best_val, run.best_step = scores["val_loss"], step
@@ -481,9 +379,9 @@ def _train(
                 f"step {step}: held-out loss {scores['val_loss']:.4f}" + ("  (best so far)" if improved else "")
             )
             if improved:
-                save_checkpoint(run_dir / "best", model, checkpoint_extra(step, val_loss=scores["val_loss"]))
+                method.save_checkpoint(run_dir / "best", checkpoint_extra(step, val_loss=scores["val_loss"]))
 
-    loader = make_loader(dataset, batches, cfg.workers, pin_memory=d.device.type == "cuda")
+    loader = make_loader(dataset, batches, cfg.workers, pin_memory=d.device.type == "cuda", collate_fn=method.collate)
     batch_iter = iter(loader)
     reporter.start(cfg.steps, run.step)
     window: dict[str, float] = {}
@@ -502,22 +400,18 @@ def _train(
                     if path not in run.bad_files:
                         run.bad_files[path] = reason
                         reporter.message(f"skipped unreadable image {path}: {reason}")
-                canvas, crop, box = _to_batch(batch, d.device)
-                targets = teacher_targets(model.backbone, crop, sizes, autocast)
                 sync = contextlib.nullcontext()
                 if d.world > 1 and micro < cfg.accum - 1:
                     sync = student.no_sync()
                 with sync:
-                    with autocast:
-                        preds = student_maps(student, canvas, box, sizes.queries)
-                    loss, terms = distillation_loss(preds, targets, weights)
+                    loss, terms = method.loss(student, batch, d.device, autocast)
                     (loss / cfg.accum).backward()
                 for key, value in terms.items():
                     sums[key] = sums.get(key, 0) + value / cfg.accum
             keys = keys or sorted(sums)
             vector = _all_reduce_mean(torch.stack([sums[k].float() for k in keys]).to(d.device), d).cpu()
             step_terms = dict(zip(keys, vector.tolist(), strict=True))
-            bad = [k for k in ("l2", "cos", "kl", "loss") if not math.isfinite(step_terms[k])]
+            bad = [k for k in (method.checked_terms or keys) if not math.isfinite(step_terms[k])]
             if bad:
                 _diverged(run, cfg, run_dir, metrics, f"loss term {', '.join(bad)} is {step_terms[bad[0]]}")
             clip = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
@@ -574,7 +468,7 @@ def _train(
     )
 
 
-def _diverged(run: RunState, cfg: TrainConfig, run_dir: Path, metrics: MetricsLog | None, what: str) -> None:
+def _diverged(run: RunState, cfg: CommonConfig, run_dir: Path, metrics: MetricsLog | None, what: str) -> None:
     step = run.step + 1
     if metrics is not None:
         metrics.write({"step": step, "event": "diverged", "reason": what})

@@ -97,18 +97,18 @@ def _jsonable(value: Any) -> Any:
 def save_state(
     path: Path,
     *,
-    model: nn.Module,
-    include_base: bool,
+    model: dict[str, torch.Tensor],
     optimizer: torch.optim.Optimizer,
     scheduler: Any,
     run: RunState,
     rng_states: list[torch.Tensor],
     config: dict[str, Any],
 ) -> None:
-    """Write the state atomically (``rng_states``: one per process, rank order)."""
+    """Write the state atomically (``model``: the method's tensors by name; ``rng_states``: one per
+    process, rank order)."""
     from safetensors.torch import save
 
-    tensors = {f"model/{k}": v for k, v in model_tensors(model, include_base).items()}
+    tensors = {f"model/{k}": v for k, v in model.items()}
     opt = optimizer.state_dict()
     for index, slot in opt["state"].items():
         for key, value in slot.items():

@@ -1,0 +1,143 @@
+"""What a training method is: the part of ``vitup train`` that differs between upsamplers.
+
+The loop (``vitup_cli.train.loop``) owns everything generic: processes and DDP, the optimiser (AdamW;
+Adam when ``weight_decay`` is 0) and its schedule, precision, gradient accumulation, clipping, the NaN
+stop, metrics and progress, checkpoints of ``last``/``best``/``step-N``, the resumable state and exact
+resume. A method owns its model, what one sample is, how a batch becomes a loss, which parameters
+train, and what goes into its checkpoints.
+
+Adding a method ``foo``:
+
+1. Write ``vitup_cli/train/methods/foo.py`` with
+   - a configuration dataclass subclassing ``CommonConfig`` (``vitup_cli.train.config``): set
+     ``method: str = "foo"``, add the method's own settings with the paper's values as defaults, and
+     redeclare the shared fields whose paper defaults differ (``steps``, ``batch_size``, ``lr``,
+     ``schedule``, ``warmup``, ``grad_clip``, ...). Annotations drive parsing (``int``, ``float``,
+     ``str``, ``bool``, ``list[int]``), so YAML/TOML files and ``--resume`` work with no extra code.
+   - a ``TrainMethod`` subclass with ``name = "foo"`` and ``config_class`` set, implementing the
+     abstract methods below: ``build`` (validate the config, build ``self.model`` from ``cfg.seed``),
+     ``trainable_parameters``, ``dataset``, ``loss`` (teacher targets included; the loop calls it once
+     per micro-batch and passes the ``autocast`` context to put around the forward), ``term_keys``
+     and ``save_checkpoint``. Override ``set_train_mode``, ``student``, ``keep_in_state``, ``describe`` or
+     ``notes`` when the defaults do not fit.
+2. Register it in ``METHODS`` (``vitup_cli/train/methods/__init__.py``).
+3. Add its flags to ``vitup train`` in ``cli.py`` (only flags the user gives are passed, so each
+   method's own defaults apply; a flag another method does not know is refused in one line).
+4. Test: a few steps lower the loss, kill/resume equals an uninterrupted run, 2 gloo processes equal
+   one (``tests/test_train.py`` has helpers).
+
+Rules the loop relies on: every random choice of a sample comes from the ``rng`` of its position
+(``PositionDataset``), so data never depends on workers, processes or where a run resumed; loss terms
+are means over the micro-batch, so equal micro-batches average to the full batch; ``loss`` returns
+detached terms including ``"loss"``.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from vitup_cli.errors import VitupError
+from vitup_cli.train.config import CommonConfig
+from vitup_cli.train.data import PositionDataset, collate
+
+
+class TrainMethod(ABC):
+    """One training recipe behind the shared loop (see the module docstring)."""
+
+    #: the ``--method`` name
+    name: ClassVar[str]
+    #: the configuration dataclass (a ``CommonConfig`` subclass with this method's defaults)
+    config_class: ClassVar[type[CommonConfig]]
+    #: loss terms checked for NaN/inf every step (default: all of them)
+    checked_terms: ClassVar[tuple[str, ...] | None] = None
+
+    model: nn.Module
+
+    def __init__(self, cfg: CommonConfig, world_size: int = 1) -> None:
+        self.cfg = cfg
+        self.world_size = world_size
+
+    # -- building ---------------------------------------------------------------------------------
+    @abstractmethod
+    def build(self) -> None:
+        """Check ``self.cfg`` (``VitupError`` naming the flag), fill its derived values, and build
+        ``self.model`` (seeded by ``cfg.seed``; everything the run saves and resumes lives in it)."""
+
+    @abstractmethod
+    def trainable_parameters(self) -> list[tuple[str, nn.Parameter]]:
+        """The optimised parameters, in a fixed order (the optimiser state is saved in this order)."""
+
+    def set_train_mode(self) -> None:
+        """Train-time behaviour (dropout, BatchNorm statistics) where the method wants it."""
+        self.model.train()
+
+    def student(self) -> nn.Module:
+        """The module whose forward carries every trainable parameter (what DDP wraps)."""
+        return self.model
+
+    # -- data and loss ------------------------------------------------------------------------------
+    @abstractmethod
+    def dataset(self, files: Sequence[Path], stream: int) -> PositionDataset:
+        """Samples by global position (``TRAIN_STREAM`` or ``VAL_STREAM``)."""
+
+    def collate(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
+        return collate(samples)
+
+    @abstractmethod
+    def loss(
+        self, student: nn.Module, batch: dict[str, Any], device: torch.device, autocast: Any
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """One micro-batch: targets, the student's predictions through ``student`` (maybe DDP-wrapped),
+        the differentiable total and the detached terms (``"loss"`` among them)."""
+
+    @abstractmethod
+    def term_keys(self) -> list[str]:
+        """Names of the terms ``loss`` returns, ``"loss"`` first (held-out evaluation reports these)."""
+
+    # -- saving -----------------------------------------------------------------------------------
+    def keep_in_state(self, name: str) -> bool:
+        """Is ``self.model`` tensor ``name`` part of the resumable state? (Frozen weights that can be
+        rebuilt from their source, e.g. a pretrained backbone, need not be.)"""
+        return True
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        return {n: t for n, t in self.model.state_dict().items() if self.keep_in_state(n)}
+
+    def load_state_tensors(self, tensors: dict[str, torch.Tensor], where: Path) -> None:
+        missing, unexpected = self.model.load_state_dict(tensors, strict=False)
+        absent = sorted(n for n in missing if self.keep_in_state(n))
+        if unexpected or absent:
+            raise VitupError(
+                f"--resume {where}: the state does not match this model "
+                f"(missing {absent[:3]}, unexpected {sorted(unexpected)[:3]})"
+            )
+
+    @abstractmethod
+    def save_checkpoint(self, path: Path, extra: dict[str, Any]) -> None:
+        """Write ``path.safetensors`` + ``path.json`` (``extra`` goes into the JSON), loadable by
+        ``vitup_cli.checkpoints.open_upsampler``."""
+
+    def describe(self) -> dict[str, Any]:
+        """Extra fields of the run's ``config.json`` (``backbone`` with its ``weights_id`` is checked
+        on ``--resume``)."""
+        backbone = getattr(self, "backbone", None)
+        if backbone is None:
+            return {}
+        return {"backbone": backbone.describe(), "random_init_backbone": backbone.random_init}
+
+    def weights_id(self) -> str | None:
+        backbone = getattr(self, "backbone", None)
+        return None if backbone is None else backbone.weights_id
+
+    def notes(self) -> list[str]:
+        """Lines to tell the user once at the start."""
+        backbone = getattr(self, "backbone", None)
+        if backbone is not None and backbone.random_init:
+            return ["backbone is randomly initialised (--pretrained none): for tests and demos only"]
+        return []
