@@ -115,6 +115,7 @@ def backbones_cmd() -> None:
 
 
 _TRAIN_DEFAULTS = TrainConfig()
+_LOFTUP = "LoftUp (--method loftup)"
 _RUN, _SIZES, _MODEL, _LOSS, _LORA, _OPT, _RUNTIME, _LOG = (
     "Data and run",
     "Distillation sizes",
@@ -152,8 +153,8 @@ def train_cmd(
             _RUN,
             "--method",
             "-m",
-            help="Training method: vitup (ViT-Up distillation). Each has its paper's defaults; the defaults "
-            "shown below are ViT-Up's.",
+            help="Training method: vitup (ViT-Up distillation) or loftup (--stage 1|2, images with masks). Each "
+            "has its paper's defaults; the defaults shown below are ViT-Up's except in the LoftUp panel.",
         ),
     ] = "vitup",
     data: Annotated[str, _opt(_RUN, "--data", "-d", help="Training images: a folder, @list.txt, or one image.")] = "",
@@ -218,6 +219,39 @@ def train_cmd(
     lora_r: Annotated[int, _opt(_LORA, "--lora-r", help="LoRA rank (0: no adapters).")] = _TRAIN_DEFAULTS.lora_r,
     lora_alpha: Annotated[float, _opt(_LORA, "--lora-alpha", help="LoRA alpha.")] = _TRAIN_DEFAULTS.lora_alpha,
     lora_dropout: Annotated[float, _opt(_LORA, "--lora-dropout", help="LoRA dropout.")] = _TRAIN_DEFAULTS.lora_dropout,
+    stage: Annotated[
+        int,
+        _opt(
+            _LOFTUP,
+            "--stage",
+            help="1: mask pseudo ground truth (NAdam lr 1e-4); 2: EMA self-distillation (AdamW lr 1e-3, needs "
+            "--init). Released code's lrs; the paper says 1e-3 / 1e-4. Backbone default dinov2_s, batch 8.",
+        ),
+    ] = 1,
+    init: Annotated[str | None, _opt(_LOFTUP, "--init", help="Stage 2: the stage-1 checkpoint (runs/s1/last).")] = None,
+    layout: Annotated[
+        str, _opt(_LOFTUP, "--layout", help="Masks: sa1b (sa_N.jpg + sa_N.json), folder (images/ + masks/), auto.")
+    ] = "auto",
+    max_masks: Annotated[int, _opt(_LOFTUP, "--max-masks", help="Masks per image, in file order.")] = 150,
+    mask_alpha: Annotated[float, _opt(_LOFTUP, "--mask-alpha", help="Stage-1 mask blending.")] = 0.8,
+    hr_alpha: Annotated[float, _opt(_LOFTUP, "--hr-alpha", help="Stage-2 teacher mask blending.")] = 0.5,
+    image_size: Annotated[int, _opt(_LOFTUP, "--image-size", help="Stage-1 image and output side.")] = 224,
+    hr_size: Annotated[int, _opt(_LOFTUP, "--hr-size", help="Stage-2 source image side.")] = 896,
+    input_sizes: Annotated[
+        str, _opt(_LOFTUP, "--input-sizes", help="Stage-2 student inputs, one per step (paper: 224 or 336).")
+    ] = "224,336,448,518",
+    jitters: Annotated[
+        int | None, _opt(_LOFTUP, "--jitters", help="Multi-view jitters (default 4 in stage 1, 2 in stage 2).")
+    ] = None,
+    tv_weight: Annotated[
+        float | None, _opt(_LOFTUP, "--tv-weight", help="TV weight (default 0.01 stage 1, 0.05 stage 2).")
+    ] = None,
+    hr_weight: Annotated[float, _opt(_LOFTUP, "--hr-weight", help="Stage-2 affinity loss weight.")] = 20.0,
+    affinity_pixels: Annotated[
+        int, _opt(_LOFTUP, "--affinity-pixels", help="Stage 2: pixels per Gram matrix (bounds its memory).")
+    ] = 4096,
+    ema_beta: Annotated[float, _opt(_LOFTUP, "--ema-beta", help="Stage-2 EMA teacher decay.")] = 0.99,
+    ema_every: Annotated[int, _opt(_LOFTUP, "--ema-every", help="Stage 2: steps between EMA updates.")] = 10,
     steps: Annotated[int, _opt(_OPT, "--steps", help="Optimiser steps.")] = _TRAIN_DEFAULTS.steps,
     batch_size: Annotated[
         int, _opt(_OPT, "--batch-size", "-B", help="Images per step over all processes and accumulation steps.")

@@ -542,6 +542,23 @@ def load_loftup(
                 f"--upsampler loftup: no published LoftUp weights for backbone '{name}'; pass --checkpoint "
                 f"({names}, hf:ORG/REPO/FILE, a pytorch_model.bin, or a run of `vitup train --method loftup`)"
             )
+    from vitup_cli.train.methods.loftup import is_run_checkpoint, open_run_checkpoint
+
+    if is_run_checkpoint(checkpoint):  # a run of `vitup train --method loftup`
+        from vitup_cli.checkpoints import checkpoint_paths
+
+        if isinstance(backbone, Backbone):
+            from vitup_cli.train.methods.loftup import read_run_checkpoint
+
+            bb, state = backbone, read_run_checkpoint(checkpoint, backbone)
+        else:
+            bb, state, _ = open_run_checkpoint(checkpoint, weights=weights, pretrained=pretrained)
+        dim, config = config_from_state(state, minmax=minmax)
+        model = LoftUp(
+            bb, config, input_size, source=str(checkpoint), weights_sha256=sha256_file(checkpoint_paths(checkpoint)[0])
+        )
+        load_state(model.net, state, str(checkpoint))
+        return model.eval()
     known = RELEASES.get(str(checkpoint))
     if known is not None and known.method != "loftup":
         raise VitupError(f"--checkpoint {checkpoint}: that is a {known.method} release, not LoftUp weights")

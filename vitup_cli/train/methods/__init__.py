@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from vitup_cli.train.methods.base import TrainMethod
+from vitup_cli.train.methods.loftup import LoftUpMethod
 from vitup_cli.train.methods.vitup import ViTUpMethod
 
 METHODS: dict[str, type[TrainMethod]] = {
     "vitup": ViTUpMethod,
+    "loftup": LoftUpMethod,
 }
 
-__all__ = ["METHODS", "TrainMethod", "ViTUpMethod"]
+__all__ = ["METHODS", "LoftUpMethod", "TrainMethod", "ViTUpMethod"]
