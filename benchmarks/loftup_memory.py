@@ -124,6 +124,7 @@ def main() -> None:
         env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
         done = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env)
         rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
+        print(json.dumps(rows[-1]), flush=True)  # each size as soon as it is measured
     mb = 1e6
     print(
         f"{'R':>5} {'bands':>6} {'seconds':>8} {'peak RSS MB':>12} {'working MB':>11} {'output MB':>10} "

@@ -136,7 +136,8 @@ def test_resume_equals_an_uninterrupted_run(sa1b, stage1_run, tmp_path, stage):
 def test_cli_trains_loftup_and_refuses_a_folder_without_masks(sa1b, tmp_path):
     base = ["train", "--method", "loftup", "--backbone", "dinov2_s", "--pretrained", "none",
             "--backbone-args", "depth=1,embed_dim=32,num_heads=1", "--steps", "1", "--batch-size", "2",
-            "--workers", "0", "--device", "cpu", "--image-size", "28", "--jitters", "0", "--no-tensorboard"]  # fmt: skip
+            "--workers", "0", "--device", "cpu", "--image-size", "28", "--jitters", "0",
+            "--no-tensorboard"]  # fmt: skip
     result = CliRunner().invoke(app, [*base, "--stage", "1", "--data", str(sa1b), "--out", str(tmp_path / "r")])
     assert result.exit_code == 0, result.output
     assert (tmp_path / "r" / "last.safetensors").is_file()
