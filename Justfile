@@ -41,6 +41,10 @@ bench-extract *args:
 bench-faithfulness *args:
     python benchmarks/faithfulness.py {{args}}
 
+# LoftUp's peak memory at 224/448/896 outputs from a 448 input (banded, exact)
+bench-loftup *args:
+    python benchmarks/loftup_memory.py {{args}}
+
 # Probe training streamed from a store vs held in memory
 bench-probe *args:
     python benchmarks/probe_streaming.py {{args}}

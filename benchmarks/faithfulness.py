@@ -69,8 +69,12 @@ HIGHER_IS_BETTER = {"cosine": True, "nl2": False, "fidelity": True}
 
 
 # -- images -----------------------------------------------------------------------------------------
-def scene(rng: np.random.Generator, size: tuple[int, int]) -> Image.Image:
-    """A synthetic picture with edges, flat regions, gradients and textures at several scales."""
+def scene(rng: np.random.Generator, size: tuple[int, int], masks: list | None = None) -> Image.Image:
+    """A synthetic picture with edges, flat regions, gradients and textures at several scales.
+
+    With ``masks`` (a list), each shape's visible region (later shapes occlude earlier ones) is appended
+    to it as an ``(h, w)`` bool array: class-agnostic masks for LoftUp. The images are the same either way.
+    """
     w, h = size
     yy, xx = np.mgrid[0:h, 0:w] / max(w, h)
     c0, c1 = rng.uniform(0, 1, 3), rng.uniform(0, 1, 3)
@@ -81,25 +85,42 @@ def scene(rng: np.random.Generator, size: tuple[int, int]) -> Image.Image:
     base += 0.08 * np.sin(2 * math.pi * freq * (xx * rng.normal() + yy * rng.normal()))[..., None]
     img = Image.fromarray((base.clip(0, 1) * 255).astype(np.uint8))
     draw = ImageDraw.Draw(img)
+    drawn: list[Image.Image] = []
     for _ in range(int(rng.integers(4, 10))):
+        shape = Image.new("L", (w, h), 0)
+        drawn.append(shape)
+        pen = ImageDraw.Draw(shape)
         colour = tuple(int(v) for v in rng.integers(0, 256, 3))
         cx, cy = rng.uniform(0, w), rng.uniform(0, h)
         r = rng.uniform(0.04, 0.3) * min(w, h)
         kind = rng.integers(0, 4)
         if kind == 0:
-            draw.ellipse([cx - r, cy - r * rng.uniform(0.5, 1.5), cx + r, cy + r], fill=colour)
+            box = [cx - r, cy - r * rng.uniform(0.5, 1.5), cx + r, cy + r]
+            draw.ellipse(box, fill=colour)
+            pen.ellipse(box, fill=255)
         elif kind == 1:
             box = [cx - r, cy - r * rng.uniform(0.3, 1.0), cx + r * rng.uniform(0.3, 1.5), cy + r]
             draw.rectangle(box, fill=colour)
+            pen.rectangle(box, fill=255)
         elif kind == 2:
             pts = [(cx + r * math.cos(a), cy + r * math.sin(a)) for a in rng.uniform(0, 2 * math.pi, 3)]
             draw.polygon(pts, fill=colour)
+            pen.polygon(pts, fill=255)
         else:  # a striped patch
             period = rng.uniform(3, 14)
             for k in range(int(2 * r / period)):
                 x = cx - r + k * period
                 end = x + r * rng.uniform(-0.3, 0.3)
                 draw.line([x, cy - r, end, cy + r], fill=colour, width=max(1, int(period / 3)))
+                pen.line([x, cy - r, end, cy + r], fill=255, width=max(1, int(period / 3)))
+    if masks is not None:
+        covered = np.zeros((h, w), bool)
+        for shape in reversed(drawn):
+            m = np.asarray(shape) > 0
+            visible = m & ~covered
+            covered |= m
+            if visible.any():
+                masks.insert(0, visible)
     if rng.uniform() < 0.5:
         img = img.filter(ImageFilter.GaussianBlur(rng.uniform(0.3, 1.5)))
     arr = np.asarray(img, dtype=np.float32) + rng.normal(0, rng.uniform(1, 8), (h, w, 3))
@@ -116,6 +137,21 @@ def write_images(folder: Path, n: int, seed: int, sizes: tuple[int, int]) -> lis
         scene(rng, side).save(path)
         paths.append(path)
     return paths
+
+
+def write_masked_images(folder: Path, n: int, seed: int, sizes: tuple[int, int]) -> None:
+    """The same images as ``write_images`` with the same seed, in vitup's mask folder layout
+    (``images/NNNN.png`` + ``masks/NNNN.json``, COCO RLE): LoftUp's training data."""
+    from vitup_cli.data.masks import encode_rle
+
+    (folder / "images").mkdir(parents=True, exist_ok=True)
+    (folder / "masks").mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        side = (int(rng.integers(sizes[0], sizes[1] + 1)), int(rng.integers(sizes[0], sizes[1] + 1)))
+        masks: list = []
+        scene(rng, side, masks).save(folder / "images" / f"{i:04d}.png")
+        (folder / "masks" / f"{i:04d}.json").write_text(json.dumps([encode_rle(m) for m in masks]))
 
 
 # -- the teachers -------------------------------------------------------------------------------------
@@ -213,6 +249,65 @@ def evaluate(
     return out
 
 
+def evaluate_loftup(checkpoint: Path, teacher: Path, images: list[Path], input_tokens: int, factors) -> dict:
+    """LoftUp and bilinear vs the teacher's real last-layer maps at ``factor x`` the student's grid, all
+    three ChannelNorm'ed (a LayerNorm over channels without affine: LoftUp's output and training targets
+    live in that space, so raw-space metrics would compare it unfairly)."""
+    from vitup_cli.models.loftup import load_loftup
+
+    loft = load_loftup(checkpoint, weights=teacher).eval()
+    backbone = loft.backbone
+    side = input_tokens * backbone.patch_size
+    bilinear = build_upsampler("bilinear", backbone, input_size=side).eval()
+    norm = lambda x: F.layer_norm(x.permute(0, 2, 3, 1), x.shape[1:2]).permute(0, 3, 1, 2)
+    sums: dict = {}
+    with torch.no_grad():
+        for path in images:
+            img = torch.from_numpy(np.asarray(Image.open(path).convert("RGB"), dtype=np.float32) / 255)
+            img = img.permute(2, 0, 1)[None]
+            student_in = F.interpolate(img, size=(side, side), mode="bilinear", antialias=True, align_corners=False)
+            for factor in factors:
+                grid = input_tokens * factor
+                hi = F.interpolate(
+                    img, size=(grid * backbone.patch_size,) * 2, mode="bilinear", antialias=True, align_corners=False
+                )
+                target = norm(backbone.hidden_states(backbone.normalize(hi), [backbone.depth])[0])[0]
+                preds = {
+                    "loftup": loft.features(student_in, grid)[0],
+                    "bilinear": norm(bilinear.features(student_in, grid))[0],
+                }
+                for name, pred in preds.items():
+                    for metric, value in metrics(pred, target).items():
+                        key = (f"{factor}x", name, metric)
+                        sums[key] = sums.get(key, 0.0) + value
+    out: dict = {}
+    for (scale, name, metric), total in sums.items():
+        out.setdefault(scale, {}).setdefault(name, {})[metric] = total / len(images)
+    return out
+
+
+def run_loftup(args: argparse.Namespace, teacher: str, seed: int, work: Path, weights: Path) -> dict:
+    """LoftUp stage 1 (the `vitup train --method loftup` core) on the masked copy of the training images."""
+    from vitup_cli.train.methods.loftup import LoftUpTrainConfig
+
+    out = work / f"loftup-{teacher}-seed{seed}"
+    shutil.rmtree(out, ignore_errors=True)
+    cfg = LoftUpTrainConfig(
+        data=str(work / "train_masked"), out=str(out), backbone="dinov3_s", weights=str(weights),
+        backbone_args=backbone_overrides(args, teacher), stage=1, image_size=16 * args.tokens,
+        steps=args.loftup_steps, batch_size=args.batch, lr=args.loftup_lr, workers=0, seed=seed, log_every=10,
+        save_every=args.loftup_steps, tensorboard=False,
+    )  # fmt: skip
+    t0 = time.monotonic()
+    result = train(cfg, reporter=LogReporter(interval=120))
+    train_s = time.monotonic() - t0
+    test_images = sorted((work / "heldout").glob("*.png"))
+    scores = evaluate_loftup(result.last_checkpoint, weights, test_images, args.tokens, (2, 4))
+    losses = [json.loads(x)["loss"] for x in (out / "metrics.jsonl").read_text().splitlines() if "loss" in x]
+    return {"steps": cfg.steps, "lr": cfg.lr, "train_seconds": round(train_s, 1), "loss_first_10_steps": losses[0],
+            "loss_last_10_steps": losses[-1], "scores": scores}  # fmt: skip
+
+
 # -- the benchmark ----------------------------------------------------------------------------------
 def train_config(args: argparse.Namespace, teacher: str, seed: int, work: Path) -> TrainConfig:
     steps = args.steps if teacher == "deep" else args.patch_steps
@@ -302,9 +397,11 @@ def run_one(args: argparse.Namespace, teacher: str, seed: int, work: Path) -> di
         dest = Path(args.keep_runs) / f"{teacher}-seed{seed}"
         shutil.rmtree(dest, ignore_errors=True)
         shutil.copytree(cfg.out, dest, ignore=shutil.ignore_patterns("*.safetensors"))
+    loftup = run_loftup(args, teacher, seed, work, Path(cfg.weights)) if args.loftup_steps else None
     return {
         "teacher": teacher,
         "seed": seed,
+        **({"loftup": loftup} if loftup else {}),
         "steps": cfg.steps,
         "train_seconds": round(train_s, 1),
         "eval_seconds": round(time.monotonic() - t0, 1),
@@ -336,6 +433,8 @@ def run(args: argparse.Namespace) -> dict:
     started = time.monotonic()
     write_images(work / "train", args.train_images, seed=1234, sizes=(160, 320))
     write_images(work / "heldout", args.test_images, seed=987654, sizes=(512, 512))
+    if args.loftup_steps:
+        write_masked_images(work / "train_masked", args.train_images, seed=1234, sizes=(160, 320))
     jobs = [(t, seed) for t in args.teachers for seed in args.seeds]
     pending, running, per_run = list(jobs), [], []
     while pending or running:
@@ -359,8 +458,13 @@ def run(args: argparse.Namespace) -> dict:
                 f"{record['loss_last_10_steps']:.2f}"
             )
             print(table(record["scores"]), flush=True)
+            if "loftup" in record:
+                print(loftup_table(record["loftup"]["scores"]), flush=True)
     per_run.sort(key=lambda r: (TEACHERS.index(r["teacher"]), r["seed"]))
     summary = {t: summarise([r for r in per_run if r["teacher"] == t]) for t in args.teachers}
+    if args.loftup_steps:
+        for t in args.teachers:
+            summary[t]["loftup_channelnorm_space"] = summarise_loftup([r for r in per_run if r["teacher"] == t])
     result = {
         "benchmark": "faithfulness",
         "question": "after `vitup train`, are ViT-Up (and UPLiFT) features closer to the teacher's real 2x/4x "
@@ -414,6 +518,21 @@ def run(args: argparse.Namespace) -> dict:
             },
             "seeds": args.seeds,
             "other_settings": args.set,
+            "loftup": (
+                {
+                    "what": "LoftUp stage 1 (vitup train --method loftup) on the same training images with their "
+                    "generated shapes as class-agnostic masks (visible part of each drawn shape), then scored on the "
+                    "same held-out images",
+                    "space": "LoftUp's output is in LayerNorm space: it and bilinear are compared with the "
+                    "ChannelNorm'ed (LayerNorm over channels, no affine) teacher maps, last layer only; these rows "
+                    "are not comparable with the raw-space ViT-Up rows",
+                    "steps": args.loftup_steps,
+                    "lr": args.loftup_lr,
+                    "image_px": 16 * args.tokens,
+                }
+                if args.loftup_steps
+                else "not run (--loftup-steps 0)"
+            ),
         },
         "runs": per_run,
         "summary": summary,
@@ -492,6 +611,24 @@ def summarise(per_seed: list[dict]) -> dict:
     return summary
 
 
+def summarise_loftup(per_seed: list[dict]) -> dict:
+    out: dict = {}
+    for scale in per_seed[0]["loftup"]["scores"]:
+        for name in ("loftup", "bilinear"):
+            for metric in METRICS:
+                values = [s["loftup"]["scores"][scale][name][metric] for s in per_seed]
+                out.setdefault(scale, {}).setdefault(name, {})[metric] = [float(np.mean(values)), float(np.std(values))]
+    return out
+
+
+def loftup_table(scores: dict) -> str:
+    lines = [f"{'scale':6} {'ChannelNorm space':18} {'cosine ↑':>9} {'norm. L2 ↓':>11} {'fidelity ↑':>11}"]
+    for scale, per in scores.items():
+        for name, m in per.items():
+            lines.append(f"{scale:6} {name:18} {m['cosine']:9.4f} {m['nl2']:11.4f} {m['fidelity']:11.3f}")
+    return "\n".join(lines)
+
+
 def table(scores: dict) -> str:
     lines = [f"{'scale':6} {'upsampler':10} {'cosine ↑':>9} {'norm. L2 ↓':>11} {'fidelity ↑':>11}"]
     for scale, per in scores.items():
@@ -531,6 +668,10 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=3, help="runs at a time")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per run")
     parser.add_argument("--set", action="append", default=[], help="other TrainConfig settings, KEY=VALUE")
+    parser.add_argument(
+        "--loftup-steps", type=int, default=0, help="also train LoftUp stage 1 this many steps per run (0: off)"
+    )
+    parser.add_argument("--loftup-lr", type=float, default=1e-4, help="LoftUp stage-1 lr (released code: 1e-4)")
     parser.add_argument("--workdir", default=None, help="keep generated images and runs here")
     parser.add_argument("--keep-runs", default=None, help="copy each run's metrics/plots (no weights) here")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "faithfulness.json"))
@@ -551,6 +692,11 @@ def main() -> None:
                 ahead = summary[f"{method}_ahead_of_bilinear_everywhere"]
                 print(f"{method} ahead of bilinear on every metric, scale and seed: {ahead}")
         print()
+        if "loftup_channelnorm_space" in summary:
+            print("LoftUp vs bilinear, both ChannelNorm'ed against the ChannelNorm'ed teacher (mean over seeds):")
+            rows = {sc: {n: {m: v[0] for m, v in per.items()} for n, per in d.items()}
+                    for sc, d in summary["loftup_channelnorm_space"].items()}  # fmt: skip
+            print(loftup_table(rows) + "\n")
     print(f"total {result['total_seconds']:.0f} s")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -361,7 +361,23 @@ def _register_loaders() -> None:
     CHECKPOINT_LOADERS.setdefault("vitup", load_checkpoint)
     CHECKPOINT_LOADERS.setdefault("uplift", uplift.load_uplift_checkpoint)
     CHECKPOINT_LOADERS.setdefault("featsharp", load_checkpoint)  # rebuilt through models.CHECKPOINT_METHODS
+    CHECKPOINT_LOADERS.setdefault("loftup", _load_loftup_checkpoint)
     PUBLISHED_LOADERS.setdefault("uplift", uplift.load_uplift_release)
+    PUBLISHED_LOADERS.setdefault("loftup", _load_loftup_release)
+
+
+def _load_loftup_checkpoint(
+    path: str | Path, *, weights: Any = None, pretrained: str = "hub", map_location: Any = "cpu"
+) -> Upsampler:
+    from vitup_cli.models.loftup import load_loftup
+
+    return load_loftup(path, weights=weights, pretrained=pretrained).to(map_location)
+
+
+def _load_loftup_release(resolved: Any, *, weights: Any = None, pretrained: str = "hub", map_location: Any = "cpu"):
+    from vitup_cli.models.loftup import load_loftup
+
+    return load_loftup(resolved.source, weights=weights, pretrained=pretrained).to(map_location)
 
 
 def load_trained(
@@ -415,6 +431,24 @@ def load_trained(
     return CHECKPOINT_LOADERS[name](text, weights=weights, pretrained=pretrained, map_location=map_location).eval()
 
 
+def checkpoint_method(ref: str | Path) -> str:
+    """The method a ``--checkpoint`` holds (``vitup``, ``uplift``, ``loftup``, ``featsharp``), read from
+    the release table or the checkpoint's JSON without loading weights (a local ``pytorch_model.bin``:
+    LoftUp's published layout; another file without JSON: an official ViT-Up file)."""
+    from vitup_cli.weights import is_release_ref, release_for_file, resolve_weights
+
+    text = str(ref)
+    if is_release_ref(text):
+        release = resolve_weights(text).release
+        return release.method if release is not None else ("loftup" if text.endswith(".bin") else "vitup")
+    if not checkpoint_paths(text)[1].is_file():
+        release = release_for_file(text)
+        if release is not None:
+            return release.method
+        return "loftup" if Path(text).suffix == ".bin" else "vitup"
+    return str(read_checkpoint_meta(text).get("upsampler", "vitup"))
+
+
 def open_upsampler(
     upsampler: str = "bilinear",
     *,
@@ -426,10 +460,21 @@ def open_upsampler(
     input_size: int | None = None,
     device: str | torch.device = "cpu",
     notify: Callable[[str], None] | None = None,
+    minmax: str = "image",
 ) -> Upsampler:
     """The one way downstream commands get an upsampler: a checkpoint means the trained upsampler it
     holds (``load_trained``: any method, any form; its own backbone); otherwise a training-free upsampler
-    by name over the named backbone."""
+    by name over the named backbone. ``loftup`` takes its weights from ``checkpoint`` (a release, hf: file,
+    local file or LoftUp run) or the release for ``backbone``; ``minmax`` is its guidance-image scaling
+    (``image`` or the reference's ``batch``)."""
+    if upsampler == "loftup" or (checkpoint is not None and checkpoint_method(checkpoint) == "loftup"):
+        from vitup_cli.models.loftup import load_loftup
+
+        model = load_loftup(
+            checkpoint, backbone=backbone, weights=weights, pretrained=pretrained, overrides=overrides,
+            input_size=input_size, minmax=minmax,
+        )  # fmt: skip
+        return model.to(device).eval()
     if checkpoint is not None:
         return load_trained(checkpoint, weights=weights, pretrained=pretrained, map_location=device, notify=notify)
     if upsampler == "vitup":

@@ -117,6 +117,7 @@ def backbones_cmd() -> None:
 
 _TRAIN_DEFAULTS = TrainConfig()
 _UPLIFT = "UPLiFT (--method uplift)"
+_LOFTUP = "LoftUp (--method loftup)"
 _RUN, _SIZES, _MODEL, _LOSS, _LORA, _OPT, _RUNTIME, _LOG = (
     "Data and run",
     "Distillation sizes",
@@ -156,8 +157,9 @@ def train_cmd(
             _RUN,
             "--method",
             "-m",
-            help="Training method: vitup (ViT-Up distillation), uplift (UPLiFT) or featsharp (FeatSharp, multi-view "
-            "consistency). Each has its paper's defaults; the defaults shown below are ViT-Up's.",
+            help="Training method: vitup (ViT-Up distillation), uplift (UPLiFT), loftup (LoftUp, --stage 1|2, "
+            "images with masks) or featsharp (FeatSharp, multi-view consistency). Each has its paper's defaults; "
+            "the defaults shown below are ViT-Up's except in the method panels.",
         ),
     ] = "vitup",
     data: Annotated[str, _opt(_RUN, "--data", "-d", help="Training images: a folder, @list.txt, or one image.")] = "",
@@ -212,7 +214,15 @@ def train_cmd(
     factor: Annotated[
         int, _opt(_FEATSHARP, "--factor", help="Upsample factor u, 2 or 4: 1 + u^2 backbone passes per image.")
     ] = 2,
-    jitters: Annotated[int, _opt(_FEATSHARP, "--jitters", help="Jittered views per image (known homographies).")] = 5,
+    jitters: Annotated[
+        int | None,
+        _opt(
+            _FEATSHARP,
+            "--jitters",
+            help="Jittered views per image, with known homographies (FeatSharp: 5; LoftUp: 4 in stage 1, 2 in "
+            "stage 2).",
+        ),
+    ] = None,
     phis_images: Annotated[
         int, _opt(_FEATSHARP, "--phis-images", help="Images whose features fit the PHI-S statistics (at most all).")
     ] = 100_000,
@@ -246,6 +256,35 @@ def train_cmd(
     lora_r: Annotated[int, _opt(_LORA, "--lora-r", help="LoRA rank (0: no adapters).")] = _TRAIN_DEFAULTS.lora_r,
     lora_alpha: Annotated[float, _opt(_LORA, "--lora-alpha", help="LoRA alpha.")] = _TRAIN_DEFAULTS.lora_alpha,
     lora_dropout: Annotated[float, _opt(_LORA, "--lora-dropout", help="LoRA dropout.")] = _TRAIN_DEFAULTS.lora_dropout,
+    stage: Annotated[
+        int,
+        _opt(
+            _LOFTUP,
+            "--stage",
+            help="1: mask pseudo ground truth (NAdam lr 1e-4); 2: EMA self-distillation (AdamW lr 1e-3, needs "
+            "--init). Released code's lrs; the paper says 1e-3 / 1e-4. Backbone default dinov2_s, batch 8.",
+        ),
+    ] = 1,
+    init: Annotated[str | None, _opt(_LOFTUP, "--init", help="Stage 2: the stage-1 checkpoint (runs/s1/last).")] = None,
+    layout: Annotated[
+        str, _opt(_LOFTUP, "--layout", help="Masks: sa1b (sa_N.jpg + sa_N.json), folder (images/ + masks/), auto.")
+    ] = "auto",
+    max_masks: Annotated[int, _opt(_LOFTUP, "--max-masks", help="Masks per image, in file order.")] = 150,
+    mask_alpha: Annotated[float, _opt(_LOFTUP, "--mask-alpha", help="Stage-1 mask blending.")] = 0.8,
+    hr_alpha: Annotated[float, _opt(_LOFTUP, "--hr-alpha", help="Stage-2 teacher mask blending.")] = 0.5,
+    hr_size: Annotated[int, _opt(_LOFTUP, "--hr-size", help="Stage-2 source image side.")] = 896,
+    input_sizes: Annotated[
+        str, _opt(_LOFTUP, "--input-sizes", help="Stage-2 student inputs, one per step (paper: 224 or 336).")
+    ] = "224,336,448,518",
+    tv_weight: Annotated[
+        float | None, _opt(_LOFTUP, "--tv-weight", help="TV weight (default 0.01 stage 1, 0.05 stage 2).")
+    ] = None,
+    hr_weight: Annotated[float, _opt(_LOFTUP, "--hr-weight", help="Stage-2 affinity loss weight.")] = 20.0,
+    affinity_pixels: Annotated[
+        int, _opt(_LOFTUP, "--affinity-pixels", help="Stage 2: pixels per Gram matrix (bounds its memory).")
+    ] = 4096,
+    ema_beta: Annotated[float, _opt(_LOFTUP, "--ema-beta", help="Stage-2 EMA teacher decay.")] = 0.99,
+    ema_every: Annotated[int, _opt(_LOFTUP, "--ema-every", help="Stage 2: steps between EMA updates.")] = 10,
     steps: Annotated[int, _opt(_OPT, "--steps", help="Optimiser steps.")] = _TRAIN_DEFAULTS.steps,
     batch_size: Annotated[
         int, _opt(_OPT, "--batch-size", "-B", help="Images per step over all processes and accumulation steps.")
@@ -283,8 +322,14 @@ def train_cmd(
         bool, _opt(_LOG, "--tensorboard/--no-tensorboard", help="TensorBoard events when installed.")
     ] = True,
     image_size: Annotated[
-        int, _opt(_UPLIFT, "--image-size", help="Top of the image pyramid, px (448: 448/224/112/56).")
-    ] = 448,
+        int | None,
+        _opt(
+            _UPLIFT,
+            "--image-size",
+            help="UPLiFT: top of the image pyramid, px (448: 448/224/112/56). LoftUp: stage-1 image and output "
+            "side (224).",
+        ),
+    ] = None,
     fit: Annotated[
         str, _opt(_UPLIFT, "--fit", help="squash (resize to a square, the ImageNet recipe) or crop (centre).")
     ] = "squash",
@@ -367,8 +412,8 @@ def extract_cmd(
             "-c",
             rich_help_panel=_EX_MODEL,
             help="A trained upsampler: vit-up:dinov3_splus, vit-up:dinov3_b, uplift:dinov3_splus, uplift:dinov2_s, "
-            "hf:ORG/REPO/FILE, a local copy of a published file, or a `vitup train` checkpoint (any --method: "
-            "vitup, uplift, featsharp); brings its own backbone.",
+            "loftup:dinov2_s (and _reg, dinov2_b...), hf:ORG/REPO/FILE, a local copy of a published file (a LoftUp "
+            "pytorch_model.bin too), or a `vitup train` checkpoint of any --method; brings its own backbone.",
         ),
     ] = None,
     upsampler: Annotated[
@@ -377,11 +422,20 @@ def extract_cmd(
             "--upsampler",
             "-u",
             rich_help_panel=_EX_MODEL,
-            help="bilinear, nearest or lowres instead of a trained upsampler. Default: the checkpoint's (vitup, "
-            "uplift or featsharp, implied); without --checkpoint, the published ViT-Up weights of the backbone "
-            "(dinov3_s+, dinov3_b).",
+            help="bilinear, nearest or lowres instead of a trained upsampler, or loftup (the published weights "
+            "for --backbone). Default: the checkpoint's (implied); without --checkpoint, the published ViT-Up "
+            "weights of the backbone (dinov3_s+, dinov3_b).",
         ),
     ] = None,
+    minmax: Annotated[
+        str,
+        typer.Option(
+            "--minmax",
+            rich_help_panel=_EX_MODEL,
+            help="LoftUp's guidance-image min-max scaling: image (per image, vitup's default) or batch (the "
+            "reference: an image's features depend on its batch-mates). Recorded in the store.",
+        ),
+    ] = "image",
     backbone: BackboneOpt = "dinov3_s+",
     weights: WeightsOpt = None,
     pretrained: PretrainedOpt = "hub",
@@ -486,6 +540,7 @@ def extract_cmd(
         workers=workers,
         device=device,
         chunk_queries=chunk_queries,
+        minmax=minmax,
         overwrite=overwrite,
         resume=resume,
         force=force,
@@ -562,9 +617,9 @@ def probe_cmd(
             "--checkpoint",
             "-c",
             rich_help_panel=_PR_MODEL,
-            help="A trained upsampler: vit-up:dinov3_splus, vit-up:dinov3_b, uplift:dinov3_splus, hf:ORG/REPO/FILE, "
-            "an official file, or a `vitup train` checkpoint of any --method; repeat it once per method to compare "
-            "them side by side.",
+            help="A trained upsampler: vit-up:dinov3_splus, vit-up:dinov3_b, uplift:dinov3_splus, loftup:dinov2_s, "
+            "hf:ORG/REPO/FILE, an official file, or a `vitup train` checkpoint of any --method; repeat it once per "
+            "method to compare them side by side.",
         ),
     ] = None,
     upsampler: Annotated[
@@ -573,9 +628,10 @@ def probe_cmd(
             "--upsampler",
             "-u",
             rich_help_panel=_PR_MODEL,
-            help="Comma-separated: vitup, uplift, featsharp (each needs its --checkpoint), bilinear, nearest, "
-            "lowres; the first is the reference column (default: the checkpoints' upsamplers, else bilinear; "
-            "spair and keypoints: lowres,bilinear and the checkpoints').",
+            help="Comma-separated: vitup, uplift, featsharp (each needs its --checkpoint), loftup (its --checkpoint, "
+            "else the published weights for the backbone), bilinear, nearest, lowres; the first is the reference "
+            "column (default: the checkpoints' upsamplers, else bilinear; spair and keypoints: lowres,bilinear and "
+            "the checkpoints').",
         ),
     ] = None,
     backbone: BackboneOpt = "dinov3_s+",
@@ -869,8 +925,8 @@ def visualize_cmd(
             "-c",
             rich_help_panel=_VIZ_MODEL,
             help="A trained upsampler: vit-up:dinov3_splus, vit-up:dinov3_b, uplift:dinov3_splus, uplift:dinov2_s, "
-            "hf:ORG/REPO/FILE, a local copy of a published file, or a `vitup train` checkpoint (any --method); "
-            "brings its own backbone.",
+            "loftup:dinov2_s (and _reg, dinov2_b...), hf:ORG/REPO/FILE, a local copy of a published file (a LoftUp "
+            "pytorch_model.bin too), or a `vitup train` checkpoint of any --method; brings its own backbone.",
         ),
     ] = None,
     compare: Annotated[
@@ -878,9 +934,9 @@ def visualize_cmd(
         typer.Option(
             "--compare",
             rich_help_panel=_VIZ_MODEL,
-            help="Methods to draw, from vitup,uplift,featsharp,bilinear,nearest,lowres (default: the checkpoint's and "
-            "bilinear; without --checkpoint the backbone's published ViT-Up weights). The low-res tokens are "
-            "always drawn.",
+            help="Methods to draw, from vitup,uplift,loftup,featsharp,bilinear,nearest,lowres (default: the "
+            "checkpoint's and bilinear; without --checkpoint the backbone's published ViT-Up weights). The low-res "
+            "tokens are always drawn.",
         ),
     ] = None,
     res: Annotated[

@@ -196,6 +196,14 @@ def dense_features(
                 part = (part - mean) @ comps.T
             out[:, :, r0:r1].copy_(part.transpose(1, 2).reshape(B, channels, r1 - r0, width))  # cast on the way
         return out, tokens
+    if hasattr(upsampler, "bands"):  # LoftUp: band by band, straight into the output (bounded memory)
+        for r0, r1, part in upsampler.bands(images, (height, width), tap=tap):
+            if comps is not None:
+                part = torch.einsum("kc,bchw->bkhw", comps, part.float() - mean[:, None, None])
+            out[:, :, r0:r1].copy_(part)
+        if with_tokens:
+            tokens = upsampler.tokens(images, tap).to("cpu", dtype)
+        return out, tokens
     per_image = upsampler.dim * height * width * 4
     step = max(1, min(B, _BUDGET_BYTES // max(1, per_image)))
     for b0 in range(0, B, step):
@@ -248,6 +256,7 @@ class ExtractConfig:
     workers: int | None = None
     device: str = "auto"
     chunk_queries: int | None = None
+    minmax: str = "image"  # LoftUp's guidance-image scaling: per image, or per batch (the reference)
     overwrite: bool = False
     resume: bool = False
     force: bool = False
@@ -625,6 +634,8 @@ def model_fingerprint(upsampler: Upsampler) -> str | None:
     elif hasattr(upsampler, "upsampler_parameters"):  # a trained method: its own weights (and buffers)
         tensors = {n: t for n, t in upsampler.state_dict().items() if not n.startswith("backbone.")}
         tensors.update({f"backbone.{n}": p for n, p in backbone.lora_parameters()})
+    elif hasattr(upsampler, "own_state_dict"):  # LoftUp: its own weights, whatever their source
+        tensors = upsampler.own_state_dict()
     else:
         tensors = upsampler.trained_tensors()
         if not tensors:
@@ -696,24 +707,26 @@ def _build_upsampler(
             f"--checkpoint is a trained upsampler; --upsampler {config.upsampler} cannot be combined with it "
             "(drop --checkpoint to store a training-free upsampler)"
         )
+    trained_name = config.upsampler if config.upsampler == "loftup" else "vitup"
     torch.manual_seed(config.seed)  # a random-init backbone (--pretrained none) is the same in every run
     try:
         model = open_upsampler(
-            "vitup" if config.checkpoint is not None else (config.upsampler or "bilinear"),
+            trained_name if config.checkpoint is not None else (config.upsampler or "bilinear"),
             checkpoint=config.checkpoint,
             backbone=config.backbone,
             weights=config.weights,
             pretrained=config.pretrained,
             overrides=config.backbone_args,
-            input_size=config.input_size if config.checkpoint is None else None,
+            input_size=config.input_size if (config.checkpoint is None or trained_name == "loftup") else None,
             device=device,
             notify=notify,
+            minmax=config.minmax,
         )
     except ValueError as exc:
         raise VitupError(f"--input-size {config.input_size}: {exc}") from None
     if config.checkpoint is not None and config.upsampler not in (None, model.name):
         raise VitupError(
-            f"--upsampler {config.upsampler}: --checkpoint {config.checkpoint} holds a {model.name}; "
+            f"--upsampler {config.upsampler}: --checkpoint {config.checkpoint} holds a {model.name} upsampler; "
             f"use --upsampler {model.name} or drop the flag"
         )
     if config.checkpoint is not None and config.input_size not in (None, model.input_size):
@@ -771,6 +784,7 @@ def _settings(
         "pca": config.pca,
         "pca_images": config.pca_images if config.pca else None,
         "lowres": bool(config.lowres),
+        **({"upsampler_settings": upsampler.settings()} if hasattr(upsampler, "settings") else {}),
     }
 
 
@@ -778,6 +792,8 @@ def _checkpoint_sha256(upsampler: Upsampler, checkpoint: str | Path | None) -> s
     info = getattr(upsampler, "weights_info", None)
     if info is not None:
         return info["file_sha256"]
+    if getattr(upsampler, "weights_sha256", None):  # LoftUp: the file its weights came from
+        return upsampler.weights_sha256
     return sha256_file(_checkpoint_file(checkpoint)) if checkpoint else None
 
 

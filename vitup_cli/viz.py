@@ -487,21 +487,12 @@ _TRAINED = ("vitup", "uplift", "featsharp")
 
 
 def trained_method(checkpoint: Path | str | None) -> str | None:
-    """The trained method a ``--checkpoint`` holds (``vitup``, ``uplift``, ``featsharp``, ...), or None
-    without one; read from the release table or the checkpoint's JSON, without loading weights."""
+    """The trained method a ``--checkpoint`` holds (``vitup``, ``uplift``, ``featsharp``, ...), or None."""
     if checkpoint is None:
         return None
-    from vitup_cli.checkpoints import checkpoint_paths, read_checkpoint_meta
-    from vitup_cli.weights import is_release_ref, release_for_file, resolve_weights
+    from vitup_cli.checkpoints import checkpoint_method
 
-    text = str(checkpoint)
-    if is_release_ref(text):
-        release = resolve_weights(text).release
-        return release.method if release is not None else "vitup"
-    if not checkpoint_paths(text)[1].is_file():
-        release = release_for_file(text)
-        return release.method if release is not None else "vitup"  # an official ViT-Up file under its own name
-    return str(read_checkpoint_meta(text).get("upsampler", "vitup"))
+    return checkpoint_method(checkpoint)
 
 
 def parse_compare(text: str | None, has_checkpoint: bool | str | None) -> list[str]:
@@ -578,13 +569,14 @@ def _describe_source(up: Any, checkpoint: Path | None) -> str:
 
 
 def _open_primary(model: ModelOptions, device: torch.device, log: Log | None = None) -> Any:
-    """The checkpoint's ViT-Up, or (without one) the token upsampler over the named backbone."""
+    """The checkpoint's trained upsampler, or (without one) the token upsampler over the named backbone."""
     from vitup_cli.checkpoints import open_upsampler
 
-    if model.checkpoint is not None:
+    if model.checkpoint is not None:  # any trained method (a local LoftUp file takes --backbone)
         return open_upsampler(
-            checkpoint=model.checkpoint, weights=model.weights, pretrained=model.pretrained, device=device, notify=log
-        )
+            checkpoint=model.checkpoint, backbone=model.backbone, weights=model.weights, pretrained=model.pretrained,
+            overrides=model.overrides, input_size=model.input_size, device=device, notify=log,
+        )  # fmt: skip
     return open_upsampler(
         LOWRES,
         backbone=model.backbone,
@@ -665,6 +657,10 @@ def visualize_images(
     for name in methods:
         if name == trained:
             upsamplers[name] = primary
+        elif name == "loftup":  # the published LoftUp weights for this backbone
+            from vitup_cli.models.loftup import load_loftup
+
+            upsamplers[name] = load_loftup(None, backbone=backbone, input_size=primary.input_size).to(device)
         else:
             upsamplers[name] = build_upsampler(name, backbone, input_size=side).to(device).eval()
     tokens_from = build_upsampler(LOWRES, backbone, input_size=side).to(device).eval()

@@ -282,6 +282,7 @@ def build_upsamplers(config: ProbeConfig) -> list[tuple[Upsampler, bool]]:
     ``config.backbone`` without a checkpoint. Checkpoints side by side must share backbone and input size."""
     from vitup_cli.backbones import load_backbone
     from vitup_cli.checkpoints import load_trained
+    from vitup_cli.models.loftup import load_loftup
 
     names = _names(config)
     torch.manual_seed(config.seed)  # a random-init backbone (--pretrained none) is the same in every run
@@ -308,6 +309,10 @@ def build_upsamplers(config: ProbeConfig) -> list[tuple[Upsampler, bool]]:
         for name in names:
             if name in trained:
                 out.append((trained[name], False))
+            elif name == "loftup":  # the published weights for the checkpoints' backbone
+                loft = load_loftup(None, backbone=first.backbone, input_size=first.backbone_size)
+                lora = first.backbone.lora is not None
+                out.append((TeacherView(loft).eval() if lora else loft.eval(), lora))
             else:  # over the backbone at the resolution the trained methods run it (FeatSharp: its global view)
                 inner = build_upsampler(name, first.backbone, input_size=first.backbone_size)
                 out.append((TeacherView(inner).eval(), first.backbone.lora is not None))
@@ -317,6 +322,9 @@ def build_upsamplers(config: ProbeConfig) -> list[tuple[Upsampler, bool]]:
     )
     for name in names:
         try:
+            if name == "loftup":  # the published weights for --backbone
+                out.append((load_loftup(None, backbone=backbone, input_size=config.input_size), False))
+                continue
             out.append((build_upsampler(name, backbone, input_size=config.input_size).eval(), False))
         except ValueError as exc:
             raise VitupError(f"--input-size {config.input_size}: {exc}") from None

@@ -417,13 +417,15 @@ def _train(
             bad = [k for k in (method.checked_terms or keys) if not math.isfinite(step_terms[k])]
             if bad:
                 _diverged(run, cfg, run_dir, metrics, f"loss term {', '.join(bad)} is {step_terms[bad[0]]}")
-            clip = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
+            clip = method.grad_clip_at(run.step)
+            clip = clip if clip > 0 else math.inf
             grad_norm = float(torch.nn.utils.clip_grad_norm_([p for _, p in params], clip))
             if not math.isfinite(grad_norm):
                 _diverged(run, cfg, run_dir, metrics, f"gradient norm is {grad_norm}")
             lr = scheduler.get_last_lr()[0]
             optimizer.step()
             scheduler.step()
+            method.after_step(run.step)
             run.step += 1
             run.images_seen += cfg.batch_size
             session_steps += 1

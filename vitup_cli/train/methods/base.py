@@ -93,6 +93,15 @@ class TrainMethod(ABC):
         """The module whose forward carries every trainable parameter (what DDP wraps)."""
         return self.model
 
+    def grad_clip_at(self, step: int) -> float:
+        """Max gradient norm at optimiser step ``step`` (0-based; 0: no clipping). Default ``cfg.grad_clip``."""
+        return self.cfg.grad_clip
+
+    def after_step(self, step: int) -> None:
+        """Called after optimiser step ``step`` (0-based) was applied (e.g. an EMA teacher's update).
+        Whatever it changes must live in ``self.model`` so that resume restores it."""
+        return None
+
     # -- data and loss ------------------------------------------------------------------------------
     @abstractmethod
     def dataset(self, files: Sequence[Path], stream: int) -> PositionDataset:
