@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from vitup_cli import stores
+from vitup_cli import locks, stores
 from vitup_cli.backbones import sha256_file
 from vitup_cli.distributed import Dist
 from vitup_cli.errors import VitupError
@@ -64,7 +64,45 @@ from vitup_cli.progress import (  # noqa: F401 - re-exported for existing caller
 )
 
 DTYPES = ("float16", "float32")
+DEFAULT_COMPRESSION = "zstd"
+DEFAULT_LOCK_TIMEOUT = 1800.0
+_CREATE_MARKER = "create.json"
+_CREATE_WAIT = 600.0  # seconds a part waits for the part that creates the store
 _SHARD_BYTES = 256 << 20  # stored features per batch (= per shard) when --batch-size is not given
+
+
+def parse_storage_options(items: Sequence[str] | None) -> dict[str, Any]:
+    """``["endpoint_url=http://h:9000", "anon=true", 'client_kwargs={"region_name": "x"}']`` -> a dict for fsspec.
+
+    Values are JSON when they parse as JSON (numbers, true/false, objects), text otherwise.
+    """
+    import json
+
+    out: dict[str, Any] = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise VitupError(f"--storage-option {item!r}: expected KEY=VALUE, e.g. --storage-option anon=true")
+        try:
+            parsed: Any = json.loads(value)
+        except ValueError:
+            parsed = value
+        out[key.strip()] = parsed
+    return out
+
+
+def parse_part(text: str | None) -> tuple[int, int] | None:
+    """``"2/8"`` -> ``(2, 8)`` (part 2 of 8, 1-based); None stays None."""
+    if text is None:
+        return None
+    a, sep, b = str(text).partition("/")
+    try:
+        i, n = int(a), int(b)
+    except ValueError:
+        i = n = 0
+    if not sep or not (n >= 1 and 1 <= i <= n):
+        raise VitupError(f"--part {text}: give I/N with 1 <= I <= N, e.g. --part 2/8 (SLURM: $SLURM_ARRAY_TASK_ID)")
+    return i, n
 
 
 def parse_res(text: str | int | Sequence[int]) -> tuple[int, int]:
@@ -99,6 +137,14 @@ class ExtractConfig:
     not grow with the output grid, and the store's own for ``resume``. ``workers``: DataLoader processes (None:
     half the CPUs, at most 8). ``pca``: store ``K`` principal components fitted on ``pca_images`` images.
     ``lowres``: also store the backbone tokens. ``seed`` seeds the random init of ``pretrained='none'``.
+
+    Where the data lives: ``out`` may be an fsspec URL (``s3://bucket/feats.zarr``) and ``images`` an
+    ``@list.txt`` of URLs or tar shards (``shards/{000..099}.tar``); ``storage_options`` go to fsspec for
+    both. ``part``: ``(I, N)``, this job is part ``I`` of ``N`` of a job array (no rendezvous: parts own
+    disjoint shard groups, the first to arrive creates the store); ``create_only``: create the store at its
+    final size and stop. ``retry_failed``: rerun only the shards holding failed rows of an existing store.
+    ``compression``: the Zarr features' Blosc codec. ``lock_timeout``: seconds without a heartbeat after
+    which another host's (or a remote store's) lock counts as stale.
     """
 
     images: str | Path
@@ -128,6 +174,12 @@ class ExtractConfig:
     strict: bool = False
     seed: int = 0
     command: str | None = None
+    storage_options: dict[str, Any] = field(default_factory=dict)
+    part: tuple[int, int] | None = None
+    create_only: bool = False
+    retry_failed: bool = False
+    compression: str = DEFAULT_COMPRESSION
+    lock_timeout: float = DEFAULT_LOCK_TIMEOUT
 
 
 @dataclass
@@ -135,7 +187,7 @@ class ExtractSummary:
     """What a run did. ``done``/``failed``/``pending`` count the store's rows at the end; ``skipped`` the
     rows already finished before this run (``resume``); ``processed`` the rows this run handled."""
 
-    store: Path
+    store: str | Path
     format: str
     total: int
     done: int
@@ -144,12 +196,14 @@ class ExtractSummary:
     skipped: int
     processed: int
     failures: list[tuple[str, str]]
-    bytes_on_disk: int
+    bytes_on_disk: int | None  # None for a store at a URL (counting would list every object)
     estimate_bytes: int
     seconds: float
     images_per_s: float
     model_seconds: float = 0.0
     write_seconds: float = 0.0
+    part: tuple[int, int] | None = None
+    complete: bool = True  # False: a --part finished its own rows while other parts still run
 
 
 # =================================================================================================
@@ -159,9 +213,16 @@ class _ImageRows(torch.utils.data.Dataset):
     """Row ``i`` of the store: decoded, fitted image (uint8) or the reason it could not be read."""
 
     def __init__(
-        self, files: Sequence[Path], size: int, fit: str, fill: tuple[int, int, int], resample: str = "bicubic"
+        self,
+        files: Sequence[Any],
+        size: int,
+        fit: str,
+        fill: tuple[int, int, int],
+        resample: str = "bicubic",
+        storage_options: dict[str, Any] | None = None,
     ) -> None:
         self.files, self.size, self.fit, self.fill, self.resample = list(files), size, fit, fill, resample
+        self.storage_options = storage_options or {}
 
     def __len__(self) -> int:
         return len(self.files)
@@ -171,7 +232,7 @@ class _ImageRows(torch.utils.data.Dataset):
 
         path = self.files[index]
         try:
-            img = load_image(path)
+            img = load_image(path, self.storage_options)
             arr, box = _fit_array(img, self.size, self.fit, self.fill, self.resample)
             h, w = img.height, img.width
         except ImageLoadError as exc:
@@ -211,8 +272,9 @@ def _loader(dataset: _ImageRows, batches: list[list[int]], workers: int, pin: bo
 class _BackgroundWriter:
     """Writes shards in a thread so the model never waits for the disk (at most ``depth`` queued)."""
 
-    def __init__(self, writer: stores.StoreWriter, reporter: Reporter, depth: int = 2) -> None:
+    def __init__(self, writer: stores.StoreWriter, reporter: Reporter, depth: int = 2, on_write: Any = None) -> None:
         self.writer, self.reporter = writer, reporter
+        self.on_write = on_write
         self.seconds = 0.0
         self.rows = self.failed = 0
         self._queue: queue.Queue = queue.Queue(maxsize=depth)
@@ -236,6 +298,8 @@ class _BackgroundWriter:
                 self.rows += n
                 self.failed += int((rows["status"] == stores.FAILED).sum())
                 self.reporter.advance(n)
+                if self.on_write is not None:
+                    self.on_write()
             except BaseException as exc:  # re-raised in the main thread
                 self._error = exc
 
@@ -254,7 +318,7 @@ class _BackgroundWriter:
 
 
 def _free_bytes(path: Path) -> tuple[int, Path]:
-    probe = path.resolve().parent
+    probe = Path(path).resolve().parent
     while not probe.exists():
         probe = probe.parent
     return shutil.disk_usage(probe).free, probe
@@ -289,6 +353,25 @@ def _validate(config: ExtractConfig) -> None:
         raise VitupError(f"--pca-images {config.pca_images}: must be at least 1")
     if config.chunk_queries is not None and config.chunk_queries < 1:
         raise VitupError(f"--chunk-queries {config.chunk_queries}: must be at least 1")
+    if config.compression not in stores.CODECS:
+        raise VitupError(f"--compression {config.compression}: use one of {', '.join(stores.CODECS)}")
+    if config.part is not None:
+        i, n = config.part
+        if not (n >= 1 and 1 <= i <= n):
+            raise VitupError(f"--part {i}/{n}: give I/N with 1 <= I <= N, e.g. --part 2/8")
+        if stores.store_format(config.out) != "zarr":
+            raise VitupError(
+                f"--part: {config.out} is HDF5, which has one writer per file; use NAME.zarr for job arrays"
+            )
+        if config.overwrite:
+            raise VitupError(
+                "--part with --overwrite would let each part delete the others' work: delete the store first, or "
+                "create it once with --create-only --overwrite"
+            )
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise VitupError("--part splits a job without a rendezvous; under torchrun the ranks already split it")
+    if config.retry_failed and config.overwrite:
+        raise VitupError("--retry-failed continues an existing store; --overwrite would delete it: pick one")
     parse_res(config.res)
 
 
@@ -388,7 +471,7 @@ def _differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
 
 def fit_pca(
     upsampler: Upsampler,
-    files: Sequence[Path],
+    files: Sequence[Any],
     k: int,
     *,
     grid: tuple[int, int],
@@ -398,6 +481,7 @@ def fit_pca(
     sample: int = 64,
     batch_size: int = 8,
     resample: str = "bicubic",
+    storage_options: dict[str, Any] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Principal components of the features of ``sample`` evenly spaced images (every pixel inside the
     real image, float64 moments, so the result does not depend on batching).
@@ -436,7 +520,7 @@ def fit_pca(
 
     for i in picks:
         try:
-            loaded.append(_fit_array(load_image(files[i]), upsampler.input_size, fit, fill, resample))
+            loaded.append(_fit_array(load_image(files[i], storage_options), upsampler.input_size, fit, fill, resample))
         except ImageLoadError:
             continue
         if len(loaded) == batch:
@@ -460,11 +544,11 @@ def run_extract(
 
     Args:
         upsampler: use this model instead of building one from ``config`` (its settings are recorded).
-        reporter: progress and messages; default tqdm on a terminal, plain lines otherwise.
+        reporter: progress and messages; default ``vitup_cli.progress.default_reporter()``.
     Raises:
         VitupError: bad input or settings, an existing store without ``overwrite``/``resume``, settings
-            that differ from the store's on ``resume``, too little disk space (unless ``force``), or the
-            first unreadable image with ``strict``.
+            that differ from the store's on ``resume``, too little disk space (unless ``force``), another
+            job holding the store's lock, or the first unreadable image with ``strict``.
     """
     _validate(config)
     dist_ctx = Dist.setup()
@@ -472,6 +556,46 @@ def run_extract(
         return _run(config, upsampler, reporter, dist_ctx)
     finally:
         dist_ctx.teardown()
+
+
+def _store_attrs(out: str | Path, storage_options: dict[str, Any]) -> dict[str, Any] | None:
+    """The root attributes of an existing Zarr store, read from its ``zarr.json`` by name (no listing)."""
+    import json
+
+    if stores.store_format(out) != "zarr":
+        return None
+    data = stores.Location(out, storage_options).read("zarr.json")
+    if data is None:
+        return None
+    try:
+        return dict(json.loads(data).get("attributes") or {})
+    except (ValueError, AttributeError):
+        return None
+
+
+def _take_lock(config: ExtractConfig, reporter: Reporter) -> locks.StoreLock:
+    """Rank 0 / each part: the store's lock. A whole job also respects the locks of the parts a store was
+    made for; a part respects a whole job's lock."""
+    so = config.storage_options
+    if config.part is None:
+        attrs = _store_attrs(config.out, so) or {}
+        n = attrs.get("parts")
+        others = [locks.lock_name((i, n)) for i in range(1, n + 1)] if isinstance(n, int) else []
+    else:
+        others = [locks.lock_name(None)]
+    return locks.acquire(
+        config.out,
+        part=config.part,
+        also_check=others,
+        storage_options=so,
+        timeout=config.lock_timeout,
+        command=_command(config),
+        warn=reporter.warning,
+    )
+
+
+def _command(config: ExtractConfig) -> str:
+    return config.command or shlex.join(["vitup", "extract", *sys.argv[1:]])
 
 
 def _run(
@@ -482,50 +606,82 @@ def _run(
     started = time.perf_counter()
     rank0 = dist_ctx.rank == 0
     reporter = (reporter or default_reporter()) if rank0 else SilentReporter()
-    out = Path(config.out)
+    out = stores.store_path(config.out)
+    so = config.storage_options
+    lock: locks.StoreLock | None = dist_ctx.on_rank0(lambda: _take_lock(config, reporter))
+    try:
 
-    def listing() -> tuple[list[str], list[str], str]:
-        found = list_images(config.images)
-        return [found.relative(p) for p in found.files], [str(p) for p in found.files], str(found.root)
+        def listing() -> tuple[list[str], list[Any], str]:
+            found = list_images(config.images, so)
+            return [found.relative(p) for p in found.files], list(found.files), str(found.root)
 
-    paths, files, root = dist_ctx.on_rank0(listing)
-    device = _device(config.device, dist_ctx)
-    upsampler = _build_upsampler(config, device) if upsampler is None else upsampler.to(device)
-    upsampler.eval()
-    if upsampler.backbone.random_init:
-        reporter.info(
-            "backbone: random init (--pretrained none), recorded in the store: a pipeline check, not features"
-        )
-    tap = _resolve_tap(upsampler, config.tap)
-    grid = upsampler.token_grid if upsampler.native_resolution_only else parse_res(config.res)
-    settings = _settings(config, upsampler, tap, grid, paths)
+        paths, files, root = dist_ctx.on_rank0(listing)
+        device = _device(config.device, dist_ctx)
+        upsampler = _build_upsampler(config, device) if upsampler is None else upsampler.to(device)
+        upsampler.eval()
+        if upsampler.backbone.random_init:
+            reporter.info(
+                "backbone: random init (--pretrained none), recorded in the store: a pipeline check, not features"
+            )
+        tap = _resolve_tap(upsampler, config.tap)
+        grid = upsampler.token_grid if upsampler.native_resolution_only else parse_res(config.res)
+        settings = _settings(config, upsampler, tap, grid, paths)
 
-    def prepare() -> _Plan:
-        return _prepare(config, upsampler, reporter, settings, paths, files, root, tap, grid)
+        def prepare() -> _Plan:
+            return _prepare(config, upsampler, reporter, settings, paths, files, root, tap, grid)
 
-    plan: _Plan = dist_ctx.on_rank0(prepare)
+        plan: _Plan = dist_ctx.on_rank0(prepare)
+        if config.create_only:
+            return _created_summary(config, plan, started, reporter)
+        return _extract(config, upsampler, reporter, dist_ctx, plan, tap, grid, device, started, lock)
+    finally:
+        if lock is not None:
+            lock.release()
+            locks.remove_folder_if_empty(out)
+
+
+def _extract(
+    config: ExtractConfig,
+    upsampler: Upsampler,
+    reporter: Reporter,
+    dist_ctx: Dist,
+    plan: _Plan,
+    tap: int,
+    grid: tuple[int, int],
+    device: torch.device,
+    started: float,
+    lock: locks.StoreLock | None,
+) -> ExtractSummary:
+    out = stores.store_path(config.out)
     layout = stores.StoreLayout.from_json(plan.layout)
-    writer = stores.open_writer(out)
+    writer = stores.open_writer(out, storage_options=config.storage_options)
     pca = writer.pca()
     projection = None if pca is None else (torch.from_numpy(pca[0]), torch.from_numpy(pca[1]))
 
-    done = writer.done_shards()
-    mine = [k for k in range(layout.num_shards) if layout.owner(k, dist_ctx.world) == dist_ctx.rank and k not in done]
+    done = writer.done_shards(retry_failed=config.retry_failed)
+    if config.part is not None:
+        writers, me = config.part[1], config.part[0] - 1
+    else:
+        writers, me = dist_ctx.world, dist_ctx.rank
+    mine = [k for k in range(layout.num_shards) if layout.owner(k, writers) == me and k not in done]
     batches = [list(range(*layout.shard_rows(k))) for k in mine]
     todo = sum(len(b) for b in batches)
     workers = config.workers
     if workers is None:
         workers = max(1, min(8, (os.cpu_count() or 2) // max(1, dist_ctx.local_world) // 2))
     workers = min(workers, max(0, len(batches)))
-    label = "extract" if dist_ctx.world == 1 else f"extract (rank 0 of {dist_ctx.world})"
+    if config.part is not None:
+        label = f"extract (part {config.part[0]}/{config.part[1]})"
+    else:
+        label = "extract" if dist_ctx.world == 1 else f"extract (rank 0 of {dist_ctx.world})"
     dataset = _ImageRows(
-        [Path(f) for f in plan.files], upsampler.input_size, config.fit, fill_colour(upsampler), config.resample
+        plan.files, upsampler.input_size, config.fit, fill_colour(upsampler), config.resample, config.storage_options
     )
     out_dtype = torch.float16 if layout.dtype == "float16" else torch.float32
     model_seconds = 0.0
     loop_start = time.perf_counter()
     reporter.start(todo, label)
-    background = _BackgroundWriter(writer, reporter)
+    background = _BackgroundWriter(writer, reporter, on_write=None if lock is None else lock.heartbeat)
     try:
         for batch in _loader(dataset, batches, workers, pin=device.type == "cuda"):
             shard = batch["indices"][0] // layout.shard_size
@@ -590,49 +746,125 @@ def _scatter_rows(
     return full
 
 
+def _join_existing(
+    config: ExtractConfig, reporter: Reporter, settings: dict[str, Any], paths: list[str], files: list[Any], root: str
+) -> _Plan:
+    """Continue an existing store (``--resume``, ``--retry-failed``, or a ``--part`` joining its job array)."""
+    out = stores.store_path(config.out)
+    fmt = stores.store_format(out)
+    # a part never deletes temporary files: they may be another part's writes in flight
+    writer = stores.open_writer(out, recover=config.part is None, storage_options=config.storage_options)
+    made_for = writer.attrs.get("parts")
+    if config.part is not None and made_for not in (None, config.part[1]):
+        raise VitupError(
+            f"--part {config.part[0]}/{config.part[1]}: {out} was made for {made_for} parts; every part of one store "
+            "must use the same N"
+        )
+    old = writer.attrs.get("settings", {})
+    diffs = _differences(old, settings)
+    if not diffs and writer.paths() != paths:
+        diffs = ["inputs: the image names differ"]
+    if config.batch_size is not None and config.batch_size != writer.layout.shard_size:
+        diffs.append(f"batch_size: store has {writer.layout.shard_size}, now {config.batch_size}")
+    if diffs:
+        flag = "--part" if config.part else "--resume"
+        raise VitupError(
+            f"{flag} {out}: settings differ from the store's ({'; '.join(diffs)}). Use the same inputs and "
+            "flags, or --overwrite to start over"
+        )
+    status = writer.status()
+    left = int((status == stores.PENDING).sum())
+    failed = int((status == stores.FAILED).sum())
+    redo = left + (failed if config.retry_failed else 0)
+    needed = redo * writer.layout.image_bytes + (writer.layout.n * writer.layout.image_bytes if fmt == "hdf5" else 0)
+    _check_space(out, needed, config.force, reporter, writer.layout, redo)
+    if config.retry_failed:
+        reporter.info(f"--retry-failed {out}: {failed} failed rows (and the other rows of their shards) run again")
+    who = f"part {config.part[0]}/{config.part[1]}: joining" if config.part else "resuming"
+    reporter.info(f"{who} {out}: {writer.layout.n - left} of {writer.layout.n} images already done")
+    skipped = writer.layout.n - left - (failed if config.retry_failed else 0)
+    return _Plan(writer.layout.to_json(), paths, files, root, skipped, 0, fresh=False)
+
+
+def _wait_for_store(config: ExtractConfig, holder: dict[str, Any] | None, reporter: Reporter) -> None:
+    """A part that lost the creation race waits until the winner has created the store."""
+    out = stores.store_path(config.out)
+    if not (_store_attrs(out, config.storage_options) or {}).get("layout"):
+        reporter.info(f"part {config.part[0]}/{config.part[1]}: waiting for another part to create {out}")
+    deadline = time.time() + _CREATE_WAIT
+    while time.time() < deadline:
+        attrs = _store_attrs(out, config.storage_options)
+        if attrs and attrs.get("format") == stores.STORE_FORMAT and "layout" in attrs:
+            return
+        time.sleep(0.5)
+    who = f"pid {holder.get('pid')} on {holder.get('host')}" if holder else "another part"
+    raise VitupError(
+        f"--part: {out} is being created by {who} but is not there after {_CREATE_WAIT:.0f} s. If that job died, "
+        f"delete {locks.lock_location(out, config.storage_options).key(_CREATE_MARKER)} and start again (or create "
+        "the store first with --create-only)"
+    )
+
+
 def _prepare(
     config: ExtractConfig,
     upsampler: Upsampler,
     reporter: Reporter,
     settings: dict[str, Any],
     paths: list[str],
-    files: list[str],
+    files: list[Any],
     root: str,
     tap: int,
     grid: tuple[int, int],
 ) -> _Plan:
     """Rank 0: apply the overwrite/resume policy, check disk space, fit PCA, create the store."""
-    out = Path(config.out)
-    fmt = stores.store_format(out)
-    exists = stores.store_exists(out)
-    if exists and not (config.overwrite or config.resume):
+    out = stores.store_path(config.out)
+    so = config.storage_options
+    exists = stores.store_exists(out, so)
+    joining = config.resume or config.retry_failed or config.part is not None
+    if exists and not (config.overwrite or joining):
         raise VitupError(
             f"--out {out} already exists; nothing was changed. "
             "Pass --resume to continue it or --overwrite to replace it"
         )
-    if exists and config.resume:
-        writer = stores.open_writer(out, recover=True)  # no other rank writes yet
-        old = writer.attrs.get("settings", {})
-        diffs = _differences(old, settings)
-        if not diffs and writer.paths() != paths:
-            diffs = ["inputs: the image names differ"]
-        if config.batch_size is not None and config.batch_size != writer.layout.shard_size:
-            diffs.append(f"batch_size: store has {writer.layout.shard_size}, now {config.batch_size}")
-        if diffs:
-            raise VitupError(
-                f"--resume {out}: settings differ from the store's ({'; '.join(diffs)}). Use the same inputs and "
-                "flags, or --overwrite to start over"
-            )
-        status = writer.status()
-        left = int((status == stores.PENDING).sum())
-        needed = left * writer.layout.image_bytes + (
-            writer.layout.n * writer.layout.image_bytes if fmt == "hdf5" else 0
-        )
-        _check_space(out, needed, config.force, reporter, writer.layout, left)
-        reporter.info(f"resuming {out}: {writer.layout.n - left} of {writer.layout.n} images already done")
-        return _Plan(writer.layout.to_json(), paths, files, root, writer.layout.n - left, 0, fresh=False)
-    if not exists and config.resume:
-        reporter.info(f"--resume: {out} does not exist yet, starting it")
+    if exists and joining:
+        if config.part is not None:  # it may still be being created by another part
+            _wait_for_store(config, None, reporter)
+        return _join_existing(config, reporter, settings, paths, files, root)
+    if config.retry_failed:
+        raise VitupError(f"--retry-failed: {out} does not exist; there are no failed rows to run again")
+    claimed = False
+    if config.part is not None:  # the first part to arrive creates the store; the others wait and join
+        claimed, holder = locks.claim(out, _CREATE_MARKER, so)
+        if not claimed:
+            _wait_for_store(config, holder, reporter)
+            return _join_existing(config, reporter, settings, paths, files, root)
+        if stores.store_exists(out, so):  # created (and its marker removed) between our two looks
+            locks.unclaim(out, _CREATE_MARKER, so)
+            return _join_existing(config, reporter, settings, paths, files, root)
+    try:
+        if not exists and config.resume:
+            reporter.info(f"--resume: {out} does not exist yet, starting it")
+        return _create(config, upsampler, reporter, settings, paths, files, root, tap, grid, exists)
+    finally:
+        if claimed:
+            locks.unclaim(out, _CREATE_MARKER, so)
+
+
+def _create(
+    config: ExtractConfig,
+    upsampler: Upsampler,
+    reporter: Reporter,
+    settings: dict[str, Any],
+    paths: list[str],
+    files: list[Any],
+    root: str,
+    tap: int,
+    grid: tuple[int, int],
+    exists: bool,
+) -> _Plan:
+    out = stores.store_path(config.out)
+    so = config.storage_options
+    fmt = stores.store_format(out)
     channels = config.pca or upsampler.dim
     lowres = (upsampler.dim, *upsampler.token_grid) if config.lowres else None
     layout = stores.StoreLayout.for_images(
@@ -646,18 +878,18 @@ def _prepare(
             backbone_channels=upsampler.dim,
         )  # fmt: skip
     needed = layout.n * layout.image_bytes * (2 if fmt == "hdf5" else 1)
-    freed = stores.disk_usage(out) if exists else 0  # --overwrite: the old store goes first
+    freed = (stores.disk_usage(out) or 0) if exists else 0  # --overwrite: the old store goes first
     _check_space(out, needed - freed, config.force, reporter, layout, layout.n)
     pca = None
     if config.pca:
         reporter.info(f"fitting a {config.pca}-component PCA on {min(config.pca_images, len(files))} images")
         pca = fit_pca(
-            upsampler, [Path(f) for f in files], config.pca, grid=grid, fit=config.fit, tap=tap,
+            upsampler, files, config.pca, grid=grid, fit=config.fit, tap=tap,
             chunk_queries=config.chunk_queries, sample=config.pca_images, batch_size=layout.shard_size,
-            resample=config.resample,
+            resample=config.resample, storage_options=so,
         )  # fmt: skip
-    if exists:  # --overwrite, only now that every check that can fail has passed
-        stores.remove_store(out)
+    if exists:  # --overwrite, only now that every check that can fail has passed (and we hold the lock)
+        stores.remove_store(out, so)
         reporter.info(f"--overwrite: removed the old {out}")
     backbone = upsampler.backbone
     attrs = {
@@ -675,31 +907,54 @@ def _prepare(
         "dtype": config.dtype,
         "fit": config.fit,
         "resample": config.resample,
+        "compression": config.compression if fmt == "zarr" else "gzip",
         "normalization": {
             "mean": [round(v, 6) for v in backbone.mean.flatten().tolist()],
             "std": [round(v, 6) for v in backbone.std.flatten().tolist()],
         },
         "pca": {"components": config.pca, "images": config.pca_images} if config.pca else None,
-        "command": config.command or shlex.join(["vitup", "extract", *sys.argv[1:]]),
+        "parts": config.part[1] if config.part else None,
+        "command": _command(config),
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "settings": settings,
         "failed": [],
         "complete": False,
     }
-    writer = stores.create_writer(out, layout, paths, attrs, pca)
+    writer = stores.create_writer(
+        out, layout, paths, attrs, pca, storage_options=so, compression=config.compression
+    )  # fmt: skip
     writer.close()
     return _Plan(layout.to_json(), paths, files, root, 0, layout.n * layout.image_bytes, fresh=True)
 
 
+def _created_summary(config: ExtractConfig, plan: _Plan, started: float, reporter: Reporter) -> ExtractSummary:
+    """``--create-only``: the store exists at its final size, nothing computed."""
+    layout = stores.StoreLayout.from_json(plan.layout)
+    out = stores.store_path(config.out)
+    status = stores.store_status(out, config.storage_options)
+    reporter.info(f"--create-only: {out} is ready for {layout.n} images ({layout.num_shards} shards)")
+    return ExtractSummary(
+        store=out, format=stores.store_format(out), total=layout.n, done=int((status == stores.DONE).sum()),
+        failed=int((status == stores.FAILED).sum()), pending=int((status == stores.PENDING).sum()),
+        skipped=plan.skipped, processed=0, failures=[], bytes_on_disk=stores.disk_usage(out),
+        estimate_bytes=layout.n * layout.image_bytes, seconds=time.perf_counter() - started, images_per_s=0.0,
+        part=config.part, complete=False,
+    )  # fmt: skip
+
+
 def _check_space(
-    out: Path, needed: int, force: bool, reporter: Reporter, layout: stores.StoreLayout, rows: int
+    out: str | Path, needed: int, force: bool, reporter: Reporter, layout: stores.StoreLayout, rows: int
 ) -> None:
-    free, where = _free_bytes(out)
-    reporter.info(
+    line = (
         f"store: {layout.n} images x {layout.channels} x {layout.height} x {layout.width} {layout.dtype}; "
         f"{human_bytes(layout.image_bytes)} per image, about {human_bytes(rows * layout.image_bytes)} to write "
-        f"(uncompressed; features compress about 1.1-1.5x); {human_bytes(free)} free on {where}"
+        f"(uncompressed; features compress about 1.1-1.5x)"
     )
+    if stores.is_remote(out):
+        reporter.info(line + "; remote store: no free-space check")
+        return
+    free, where = _free_bytes(Path(out))
+    reporter.info(f"{line}; {human_bytes(free)} free on {where}")
     if needed > free:
         twice = " (an HDF5 store briefly exists twice while its shards are joined)"
         message = (
@@ -725,6 +980,24 @@ def _finalize(
     failures = [(plan.paths[i], errors[i]) for i in np.flatnonzero(status == stores.FAILED)]
     done, failed = int((status == stores.DONE).sum()), int((status == stores.FAILED).sum())
     pending = int((status == stores.PENDING).sum())
+    processed = int(sum(s["rows"] for s in stats))
+    loop = max(s["loop"] for s in stats)
+    common = {
+        "format": writer.format, "total": len(status), "done": done, "failed": failed, "pending": pending,
+        "skipped": plan.skipped, "processed": processed,
+        "estimate_bytes": plan.estimate or writer.layout.n * writer.layout.image_bytes,
+        "images_per_s": processed / loop if loop > 0 else 0.0, "model_seconds": max(s["model"] for s in stats),
+        "write_seconds": max(s["write"] for s in stats), "part": config.part,
+    }  # fmt: skip
+    if pending and config.part is not None:  # other parts still run; the last part to finish finalises
+        reporter.info(
+            f"part {config.part[0]}/{config.part[1]} finished its rows; {pending} rows of other parts are pending "
+            "(the store is finalised by the last part to finish)"
+        )
+        return ExtractSummary(
+            store=writer.path, failures=failures, bytes_on_disk=stores.disk_usage(writer.path),
+            seconds=time.perf_counter() - started, complete=False, **common,
+        )  # fmt: skip
     attrs: dict[str, Any] = {
         "failed": [{"path": p, "reason": r} for p, r in failures],
         "counts": {"done": done, "failed": failed, "pending": pending},
@@ -733,30 +1006,14 @@ def _finalize(
     }
     if not plan.fresh:
         history = list(writer.attrs.get("resumed") or [])
-        command = config.command or shlex.join(["vitup", "extract", *sys.argv[1:]])
-        history.append({"command": command, "time": attrs["completed"]})
+        history.append({"command": _command(config), "time": attrs["completed"]})
         attrs["resumed"] = history
     if pending == 0 and writer.format == "hdf5" and not Path(writer.path).exists():
         reporter.info(f"joining {writer.layout.num_shards} shards into {writer.path}")
     path = writer.finalize(attrs) if pending == 0 else writer.path
     if pending:  # unreachable unless a writer lost rows; say so instead of finishing silently
         raise VitupError(f"{path}: {pending} rows are still pending after the run; rerun with --resume")
-    processed = int(sum(s["rows"] for s in stats))
-    loop = max(s["loop"] for s in stats)
     return ExtractSummary(
-        store=path,
-        format=writer.format,
-        total=len(status),
-        done=done,
-        failed=failed,
-        pending=pending,
-        skipped=plan.skipped,
-        processed=processed,
-        failures=failures,
-        bytes_on_disk=stores.disk_usage(path),
-        estimate_bytes=plan.estimate or writer.layout.n * writer.layout.image_bytes,
-        seconds=time.perf_counter() - started,
-        images_per_s=processed / loop if loop > 0 else 0.0,
-        model_seconds=max(s["model"] for s in stats),
-        write_seconds=max(s["write"] for s in stats),
-    )
+        store=path, failures=failures, bytes_on_disk=stores.disk_usage(path),
+        seconds=time.perf_counter() - started, **common,
+    )  # fmt: skip
