@@ -6,7 +6,7 @@ in order. Inside a shard, members are grouped by key (the name up to the first d
 whose extension is an image extension (the first one, in tar order, if a sample has several). The sample is
 recorded as ``shard/key``. Order is stable: shards in pattern order, samples in tar order.
 
-Listing reads the tar headers once (for a remote shard that is one sequential read of it); each image is
+Listing reads the tar headers (seeking past the members' data); each image is
 then read by offset and size, so DataLoader workers fetch only their own bytes. A shard whose headers are
 corrupt from some point on keeps the samples before that point and reports the rest as one failed entry;
 a member that does not decode is a failed row like any unreadable image.
@@ -95,7 +95,7 @@ def list_shard(
     samples: dict[str, TarMember] = {}
     out: list[TarMember | BrokenShard] = []
     try:
-        with open_binary(shard, storage_options) as fh, tarfile.open(fileobj=fh, mode="r|") as tar:
+        with open_binary(shard, storage_options) as fh, tarfile.open(fileobj=fh, mode="r:") as tar:
             for info in tar:
                 if not info.isfile():
                     continue
@@ -103,6 +103,10 @@ def list_shard(
                 if ext in image_extensions and key not in samples:
                     samples[key] = TarMember(shard, f"{label}/{key}", info.name, info.offset_data, info.size)
                     out.append(samples[key])
+            # tarfile ends quietly at a corrupt header after the first: whatever follows must be zero blocks
+            fh.seek(tar.offset)
+            if fh.read(1 << 20).strip(b"\0"):
+                raise tarfile.ReadError(f"a corrupt header at byte {tar.offset}")
     except FileNotFoundError:
         raise VitupError(f"{shard}: no such tar shard") from None
     except (tarfile.TarError, OSError, EOFError) as exc:
