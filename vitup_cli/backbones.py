@@ -308,6 +308,7 @@ def load_backbone(
 
     timm_name, tag = resolve_name(name)
     overrides = dict(overrides or {})
+    _check_overrides(overrides)
     kwargs: dict[str, Any] = {"num_classes": 0, "dynamic_img_size": True, **overrides}
     if weights is not None:
         path = Path(weights)
@@ -323,7 +324,7 @@ def load_backbone(
             ) from None
     elif pretrained == "none":
         weights_id = "none (random init)"
-        model = timm.create_model(timm_name, pretrained=False, **kwargs)
+        model = _create(timm_name, overrides, pretrained=False, **kwargs)
     else:
         tag = tag if pretrained == "hub" else pretrained
         if not tag:
@@ -333,15 +334,53 @@ def load_backbone(
         hub_id = f"timm/{timm_name}.{tag}"
         cached = _cached_hub_file(hub_id)
         if cached is not None:
-            model = timm.create_model(
-                f"{timm_name}.{tag}", pretrained=True, pretrained_cfg_overlay={"file": str(cached)}, **kwargs
+            model = _create(
+                f"{timm_name}.{tag}", overrides, pretrained=True, pretrained_cfg_overlay={"file": str(cached)}, **kwargs
             )
         elif _hub_offline():
             raise VitupError(_no_weights_message(name, hub_id))
         else:
-            model = timm.create_model(f"{timm_name}.{tag}", pretrained=True, **kwargs)
+            model = _create(f"{timm_name}.{tag}", overrides, pretrained=True, **kwargs)
         weights_id = hub_id
     return Backbone(model, name=name, timm_name=timm_name, weights_id=weights_id, overrides=overrides, taps=taps)
+
+
+_POSITIVE_INTS = ("depth", "embed_dim", "num_heads", "patch_size", "img_size", "reg_tokens", "num_reg_tokens")
+
+
+def _overrides_text(overrides: dict[str, Any]) -> str:
+    return ",".join(f"{k}={v}" for k, v in overrides.items())
+
+
+def _check_overrides(overrides: dict[str, Any]) -> None:
+    """Catch the common bad values before timm turns them into a traceback deep inside a constructor."""
+    for key in _POSITIVE_INTS:
+        if key in overrides:
+            value = overrides[key]
+            zero_ok = key in {"reg_tokens", "num_reg_tokens"}
+            if isinstance(value, bool) or not isinstance(value, int) or value < (0 if zero_ok else 1):
+                raise VitupError(
+                    f"--backbone-args {key}={value}: {key} must be a {'non-negative' if zero_ok else 'positive'} "
+                    f"integer, e.g. --backbone-args depth=2,embed_dim=64,num_heads=1"
+                )
+    if {"embed_dim", "num_heads"} <= overrides.keys() and overrides["embed_dim"] % overrides["num_heads"]:
+        raise VitupError(f"--backbone-args {_overrides_text(overrides)}: embed_dim must be a multiple of num_heads")
+
+
+def _create(model_name: str, overrides: dict[str, Any], **kwargs: Any) -> Any:
+    """``timm.create_model`` where a bad override is one line, not a constructor's traceback."""
+    import timm
+
+    if not overrides:
+        return timm.create_model(model_name, **kwargs)
+    try:
+        return timm.create_model(model_name, **kwargs)
+    except (TypeError, ValueError, RuntimeError, ZeroDivisionError, AssertionError) as exc:
+        first = (str(exc).splitlines() or [""])[0][:200]
+        raise VitupError(
+            f"--backbone-args {_overrides_text(overrides)}: timm cannot build {model_name.split('.')[0]} with these "
+            f"overrides ({type(exc).__name__}: {first}); use constructor arguments such as depth, embed_dim, num_heads"
+        ) from None
 
 
 def parse_overrides(text: str | None) -> dict[str, Any]:
