@@ -782,7 +782,8 @@ def _join_existing(
         reporter.info(f"--retry-failed {out}: {failed} failed rows (and the other rows of their shards) run again")
     who = f"part {config.part[0]}/{config.part[1]}: joining" if config.part else "resuming"
     reporter.info(f"{who} {out}: {writer.layout.n - left} of {writer.layout.n} images already done")
-    skipped = writer.layout.n - left - (failed if config.retry_failed else 0)
+    kept = writer.done_shards(retry_failed=config.retry_failed)
+    skipped = sum(b - a for a, b in (writer.layout.shard_rows(k) for k in kept))
     return _Plan(writer.layout.to_json(), paths, files, root, skipped, 0, fresh=False)
 
 
