@@ -157,6 +157,8 @@ class Backbone(nn.Module):
         self.register_buffer("mean", torch.tensor(data_cfg["mean"]).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(data_cfg["std"]).view(1, 3, 1, 1), persistent=False)
         self._is_eva = type(model).__name__ == "Eva"
+        self.has_class_token = getattr(model, "cls_token", None) is not None and self.num_prefix_tokens > 0
+        self.last_pooled: dict[int, dict[str, torch.Tensor | None]] = {}  # see hidden_states
         self.lora: dict[str, float] | None = None
         model.eval()
         for p in model.parameters():
@@ -211,6 +213,10 @@ class Backbone(nn.Module):
         if self.depth in wanted:
             found[self.depth] = m.norm(tokens)
         p = self.num_prefix_tokens
+        # one vector per image from this same pass, for `extract --global`: the class token and the patch mean
+        self.last_pooled = {
+            t: {"cls": found[t][:, 0] if self.has_class_token else None, "mean": found[t][:, p:].mean(1)} for t in taps
+        }
         return [found[t][:, p:].transpose(1, 2).reshape(B, -1, h, w) for t in taps]
 
     def patch_embed_grid(self, x: torch.Tensor) -> torch.Tensor:

@@ -434,6 +434,14 @@ def extract_cmd(
         str,
         typer.Option("--compression", rich_help_panel=_EX_FEAT, help="Zarr codec (Blosc): zstd, lz4 or none."),
     ] = "zstd",
+    global_pool: Annotated[
+        str | None,
+        typer.Option(
+            "--global",
+            rich_help_panel=_EX_FEAT,
+            help="Also store one vector per image, global (image, channel), from the same pass: cls or mean.",
+        ),
+    ] = None,
     lock_timeout: Annotated[
         float,
         typer.Option(
@@ -485,6 +493,7 @@ def extract_cmd(
         retry_failed=retry_failed,
         compression=compression,
         lock_timeout=lock_timeout,
+        global_pool=global_pool,
     )
     reporter = RichReporter() if sys.stderr.isatty() else Reporter()
     summary = run_extract(config, reporter=reporter)

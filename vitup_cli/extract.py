@@ -48,6 +48,7 @@ from vitup_cli.features import (  # noqa: F401 - re-exported for existing caller
     RESAMPLING,
     _fit_array,
     box_to_grid,
+    check_global,
     dense_features,
     fill_colour,
     fit_image,
@@ -143,7 +144,9 @@ class ExtractConfig:
     both. ``part``: ``(I, N)``, this job is part ``I`` of ``N`` of a job array (no rendezvous: parts own
     disjoint shard groups, the first to arrive creates the store); ``create_only``: create the store at its
     final size and stop. ``retry_failed``: rerun only the shards holding failed rows of an existing store.
-    ``compression``: the Zarr features' Blosc codec. ``lock_timeout``: seconds without a heartbeat after
+    ``compression``: the Zarr features' Blosc codec. ``global_pool``: also store ``global (image, channel)``,
+    the class token (``cls``) or the mean patch token (``mean``) at the tap, from the same forward pass.
+    ``lock_timeout``: seconds without a heartbeat after
     which another host's (or a remote store's) lock counts as stale.
     """
 
@@ -180,6 +183,7 @@ class ExtractConfig:
     retry_failed: bool = False
     compression: str = DEFAULT_COMPRESSION
     lock_timeout: float = DEFAULT_LOCK_TIMEOUT
+    global_pool: str | None = None  # "cls" or "mean": also store one vector per image, from the same pass
 
 
 @dataclass
@@ -448,6 +452,7 @@ def _settings(
         "pca": config.pca,
         "pca_images": config.pca_images if config.pca else None,
         "lowres": bool(config.lowres),
+        **({"global": config.global_pool} if config.global_pool else {}),  # absent: stores made before --global
     }
 
 
@@ -624,6 +629,7 @@ def _run(
                 "backbone: random init (--pretrained none), recorded in the store: a pipeline check, not features"
             )
         tap = _resolve_tap(upsampler, config.tap)
+        check_global(upsampler, config.global_pool)
         grid = upsampler.token_grid if upsampler.native_resolution_only else parse_res(config.res)
         settings = _settings(config, upsampler, tap, grid, paths)
 
@@ -695,16 +701,21 @@ def _extract(
             t0 = time.perf_counter()
             n = len(ok)
             feats = tokens = None
+            pooled: list[torch.Tensor] = []
             if batch["images"] is not None:
                 x = batch["images"].to(device, non_blocking=True).float().div_(255)
                 feats, tokens = dense_features(
                     upsampler, x, grid, tap=tap, chunk_queries=config.chunk_queries, projection=projection,
-                    dtype=out_dtype, with_tokens=layout.lowres is not None,
+                    dtype=out_dtype, with_tokens=layout.lowres is not None, pooled=pooled,
+                    global_kind=layout.global_kind,
                 )  # fmt: skip
+            vectors = pooled[0] if pooled else None
             if not ok.all():  # failed rows are NaN
                 feats = _scatter_rows(feats, ok, (layout.channels, layout.height, layout.width), out_dtype)
                 if layout.lowres:
                     tokens = _scatter_rows(tokens, ok, layout.lowres, out_dtype)
+                if layout.global_dim:
+                    vectors = _scatter_rows(vectors, ok, (layout.global_dim,), torch.float32)
             model_seconds += time.perf_counter() - t0
             valid = np.zeros((n, 4), dtype=np.int64)
             for i in np.flatnonzero(ok):
@@ -716,6 +727,7 @@ def _extract(
                 "valid": valid,
                 "errors": batch["errors"],
                 "lowres": None if tokens is None else tokens.numpy(),
+                "global_": None if vectors is None else vectors.numpy(),
             }
             background.submit(shard, rows)
     finally:
@@ -868,15 +880,16 @@ def _create(
     fmt = stores.store_format(out)
     channels = config.pca or upsampler.dim
     lowres = (upsampler.dim, *upsampler.token_grid) if config.lowres else None
+    extra = {"global_dim": upsampler.dim, "global_kind": config.global_pool} if config.global_pool else {}
     layout = stores.StoreLayout.for_images(
         len(paths), channels, grid[0], grid[1], config.batch_size or 8, dtype=config.dtype, lowres=lowres,
-        pca=config.pca, backbone_channels=upsampler.dim,
+        pca=config.pca, backbone_channels=upsampler.dim, **extra,
     )  # fmt: skip
     if config.batch_size is None:  # memory must not grow with the output grid: bound the bytes per shard
         auto = max(1, min(8, _SHARD_BYTES // layout.image_bytes))
         layout = stores.StoreLayout.for_images(
             len(paths), channels, grid[0], grid[1], auto, dtype=config.dtype, lowres=lowres, pca=config.pca,
-            backbone_channels=upsampler.dim,
+            backbone_channels=upsampler.dim, **extra,
         )  # fmt: skip
     needed = layout.n * layout.image_bytes * (2 if fmt == "hdf5" else 1)
     freed = (stores.disk_usage(out) or 0) if exists else 0  # --overwrite: the old store goes first

@@ -106,7 +106,31 @@ def fill_colour(upsampler: Upsampler) -> tuple[int, int, int]:
 # =================================================================================================
 # dense features
 # =================================================================================================
-@torch.no_grad()
+GLOBALS = ("cls", "mean")
+
+
+def _pooled(upsampler: Upsampler, tap: int | None, kind: str | None) -> torch.Tensor | None:
+    """The ``(B, C)`` vector the backbone's last pass left for ``kind`` at ``tap`` (see ``hidden_states``)."""
+    if kind is None:
+        return None
+    backbone = upsampler.backbone
+    tap = backbone.taps[-1] if tap is None else tap
+    pooled = backbone.last_pooled.get(tap)
+    if pooled is None or pooled.get(kind) is None:
+        raise ValueError(f"the backbone pass left no {kind} vector at tap {tap}")
+    return pooled[kind].detach().float().cpu()
+
+
+def check_global(upsampler: Upsampler, kind: str | None) -> None:
+    """``--global`` values this backbone can give; ``VitupError`` otherwise."""
+    if kind is None:
+        return
+    if kind not in GLOBALS:
+        raise VitupError(f"--global {kind}: use cls (the class token) or mean (the mean of the patch tokens)")
+    if kind == "cls" and not upsampler.backbone.has_class_token:
+        raise VitupError("--global cls: this backbone has no class token; use --global mean")
+
+
 @torch.no_grad()
 def dense_features(
     upsampler: Upsampler,
@@ -118,6 +142,8 @@ def dense_features(
     projection: tuple[torch.Tensor, torch.Tensor] | None = None,
     dtype: torch.dtype = torch.float16,
     with_tokens: bool = False,
+    pooled: list[torch.Tensor] | None = None,
+    global_kind: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Features for a batch, with memory bounded at any output size.
 
@@ -129,6 +155,8 @@ def dense_features(
         images: ``(B, 3, S, S)`` float in ``[0, 1]`` on the upsampler's device.
         size: output grid ``(H, W)`` (ignored by ``lowres``, whose grid is the token grid).
         projection: ``(components (K, C), mean (C,))``: store ``(x - mean) @ components.T`` instead.
+        pooled, global_kind: with ``global_kind`` ``cls`` or ``mean``, append the ``(B, C)`` float32 global
+            vector of the same backbone pass (the class token, or the mean patch token, at ``tap``) to ``pooled``.
     Returns:
         CPU ``(B, C or K, H, W)`` features in ``dtype``, and the ``(B, C, h, w)`` tokens at ``tap`` of the
         original backbone (LoRA adapters off) when ``with_tokens`` (else None).
@@ -145,6 +173,8 @@ def dense_features(
     if isinstance(upsampler, ViTUp):
         level = upsampler.level_of(tap)
         cache = upsampler.encode(images)
+        if pooled is not None and global_kind:
+            pooled.append(_pooled(upsampler, tap, global_kind))
         if with_tokens:  # the original backbone's tokens (LoRA off), as visualize and probe show them
             with upsampler.backbone.adapters_disabled():
                 tokens = upsampler.tokens(images, tap).to("cpu", dtype)
@@ -161,13 +191,18 @@ def dense_features(
         return out, tokens
     per_image = upsampler.dim * height * width * 4
     step = max(1, min(B, _BUDGET_BYTES // max(1, per_image)))
+    parts: list[torch.Tensor] = []
     for b0 in range(0, B, step):
         b1 = min(B, b0 + step)
         feats = upsampler.features(images[b0:b1], (height, width), tap=tap).float()
+        if pooled is not None and global_kind:
+            parts.append(_pooled(upsampler, tap, global_kind))
         if comps is not None:
             feats = torch.einsum("kc,bchw->bkhw", comps, feats - mean[:, None, None])
         out[b0:b1].copy_(feats)  # cast and copy to the host in one pass
         del feats
+    if parts and pooled is not None:
+        pooled.append(torch.cat(parts))
     if with_tokens:
         tokens = (
             out.clone() if (upsampler.native_resolution_only and comps is None) else upsampler.tokens(images, tap)

@@ -14,6 +14,7 @@ name                 shape, dtype              meaning
                                                end-exclusive (``--fit pad`` leaves borders)
 ``error``            (N,) str                  why a failed row failed ('' otherwise)
 ``lowres``           (N, Cb, h, w), optional   the backbone's own tokens at the tap (LoRA off)
+``global``           (N, Cb) f32, optional     one vector per image (``--global cls|mean``), same pass
 ``pca_components``   (K, Cb) f32, optional     ``features = (x - pca_mean) @ pca_components.T``
 ``pca_mean``         (Cb,) f32, optional
 ===================  ========================  ==================================================
@@ -219,6 +220,8 @@ class StoreLayout:
         lowres: ``(channels, h, w)`` of the optional token array.
         pca: number of PCA components (``None``: no projection stored).
         backbone_channels: channels of the backbone (the PCA input width).
+        global_dim: width of the optional per-image ``global`` vector (``None``: not stored).
+        global_kind: what it is, ``cls`` or ``mean``.
     """
 
     n: int
@@ -231,6 +234,8 @@ class StoreLayout:
     lowres: tuple[int, int, int] | None = None
     pca: int | None = None
     backbone_channels: int | None = None
+    global_dim: int | None = None
+    global_kind: str | None = None
 
     def __post_init__(self) -> None:
         if self.dtype not in {"float16", "float32"}:
@@ -302,6 +307,8 @@ def _dims(layout: StoreLayout) -> dict[str, tuple[str, ...]]:
         "lowres": ("image", "backbone_channel", "token_y", "token_x"),
         "pca_components": ("channel", "backbone_channel"),
         "pca_mean": ("backbone_channel",),
+        # the global vector lives in backbone space: "channel" when features do too, else "backbone_channel"
+        "global": ("image", "backbone_channel" if layout.pca else "channel"),
     }
 
 
@@ -408,6 +415,13 @@ class FeatureStore:
         if not self.has("error"):
             return [""] * len(self)
         return [_as_str(e) for e in np.asarray(self._array("error")[...]).tolist()]
+
+    @property
+    def global_vectors(self) -> np.ndarray | None:
+        """``(N, C)`` float32 per-image vectors (``--global``), NaN where not written; None when not stored."""
+        if not self.has("global"):
+            return None
+        return np.asarray(self._array("global")[...], dtype=np.float32)
 
     def lowres(self, index: int) -> np.ndarray | None:
         """Row ``index``'s backbone tokens ``(Cb, h, w)`` float32, or None when not stored."""
@@ -583,6 +597,8 @@ def _h5_create_arrays(h5: Any, layout: StoreLayout, rows: int, with_path: bool) 
     h5.create_dataset("size", shape=(rows, 2), dtype="int32", fillvalue=0)
     h5.create_dataset("valid", shape=(rows, 4), dtype="int32", fillvalue=0)
     h5.create_dataset("error", shape=(rows,), dtype=text)
+    if layout.global_dim:
+        h5.create_dataset("global", shape=(rows, layout.global_dim), dtype="float32", fillvalue=np.nan)
     if with_path:
         h5.create_dataset("path", shape=(rows,), dtype=text)
 
@@ -671,6 +687,7 @@ class StoreWriter(ABC):
         valid: np.ndarray,
         errors: Sequence[str] | None = None,
         lowres: np.ndarray | None = None,
+        global_: np.ndarray | None = None,
     ) -> None:
         """Write one whole shard (its rows from ``layout.shard_rows(shard)``), status last.
 
@@ -697,6 +714,10 @@ class StoreWriter(ABC):
         }
         if lowres is not None:
             rows["lowres"] = np.asarray(lowres).astype(lay.dtype, copy=False).reshape(n, *lay.lowres)
+        if (global_ is None) != (lay.global_dim is None):
+            raise ValueError("global_ must be given exactly when the layout stores it")
+        if global_ is not None:
+            rows["global"] = np.asarray(global_, dtype=np.float32).reshape(n, lay.global_dim)
         if not np.isin(rows["status"], (DONE, FAILED)).all():
             raise ValueError("a written row is either DONE or FAILED")
         self._write_shard(shard, rows)
@@ -825,7 +846,8 @@ class _ZarrWriter(StoreWriter):
         super().__init__(path, layout, attrs)
         self._g = group
         self._loc = loc
-        names = [*ARRAYS, *(["lowres"] if layout.lowres else [])]  # by name: listing a bucket is slow and costly
+        names = [*ARRAYS, *(["lowres"] if layout.lowres else []), *(["global"] if layout.global_dim else [])]
+        # (by name: listing a bucket is slow and costly)
         self._arrays = {name: group[name] for name in names}  # lookups cost a metadata read
 
     @classmethod
@@ -880,6 +902,11 @@ class _ZarrWriter(StoreWriter):
             "valid", shape=(n, 4), chunks=(rows, 4), dtype="int32", fill_value=0, dimension_names=dims["valid"]
         )
         group.create_array("error", shape=(n,), chunks=(rows,), dtype=str, dimension_names=dims["error"])
+        if layout.global_dim:
+            group.create_array(
+                "global", shape=(n, layout.global_dim), chunks=(rows, layout.global_dim), dtype="float32",
+                fill_value=np.nan, dimension_names=dims["global"], attributes={"kind": layout.global_kind},
+            )  # fmt: skip
         path_arr[:] = np.array(paths, dtype=object)
         if pca is not None:
             comps, mean = (np.asarray(a, dtype=np.float32) for a in pca)
@@ -934,6 +961,8 @@ class _ZarrWriter(StoreWriter):
                 # a shard left by an interrupted attempt is replaced, never merged into
                 self._loc.delete(f"{name}/c/{shard}/0/0/0")
                 arrays[name][start:stop] = rows[name]
+        if "global" in rows:
+            arrays["global"][start:stop] = rows["global"]
         arrays["size"][start:stop] = rows["size"]
         arrays["valid"][start:stop] = rows["valid"]
         arrays["error"][start:stop] = rows["error"]
@@ -959,6 +988,7 @@ class _ZarrWriter(StoreWriter):
         names = [
             *ARRAYS,
             *(["lowres"] if self.layout.lowres else []),
+            *(["global"] if self.layout.global_dim else []),
             *(["pca_components", "pca_mean"] if self.layout.pca else []),
         ]
         root = json.loads(self._loc.read("zarr.json") or b"{}")
@@ -1101,6 +1131,8 @@ class _H5Writer(StoreWriter):
                 ok = rows["status"] == DONE
                 for i in np.flatnonzero(ok):
                     h5["lowres"][i] = rows["lowres"][i]
+            if "global" in rows:
+                h5["global"][...] = rows["global"]
             h5["size"][...] = rows["size"]
             h5["valid"][...] = rows["valid"]
             h5["error"][...] = rows["error"]
@@ -1129,7 +1161,8 @@ class _H5Writer(StoreWriter):
             if pca is not None:
                 out.create_dataset("pca_components", data=pca[0])
                 out.create_dataset("pca_mean", data=pca[1])
-            small = {name: np.asarray(out[name][...]) for name in ("status", "size", "valid", "error")}
+            small_names = ("status", "size", "valid", "error", *(("global",) if lay.global_dim else ()))
+            small = {name: np.asarray(out[name][...]) for name in small_names}
             names = ["features", *(["lowres"] if lay.lowres else [])]
             for k in range(lay.num_shards):
                 a, b = lay.shard_rows(k)
