@@ -259,7 +259,8 @@ def main() -> None:
         )
     print(f"codec table ({args.format}; one end-to-end run per codec, same model and images):")
     print(
-        f"{'R':>5} {'codec':>6} {'end-to-end img/s':>17} {'ratio':>6} {'write s':>8} {'stored MB':>10} {'raw/stored':>11}"
+        f"{'R':>5} {'codec':>6} {'end-to-end img/s':>17} {'ratio':>6} {'write s':>8} {'stored MB':>10} "
+        f"{'raw/stored':>11}"
     )
     for r in results:
         for codec, c in r["codecs"].items():
