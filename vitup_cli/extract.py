@@ -613,7 +613,9 @@ def _run(
     reporter = (reporter or default_reporter()) if rank0 else SilentReporter()
     out = stores.store_path(config.out)
     so = config.storage_options
-    lock: locks.StoreLock | None = dist_ctx.on_rank0(lambda: _take_lock(config, reporter))
+    held: list[locks.StoreLock] = []  # rank 0 only: other ranks must never release or refresh it
+    dist_ctx.on_rank0(lambda: held.append(_take_lock(config, reporter)))
+    lock = held[0] if held else None
     try:
 
         def listing() -> tuple[list[str], list[Any], str]:
