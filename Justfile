@@ -4,7 +4,7 @@ set shell := ["bash", "-euo", "pipefail", "-c"]
 default:
     @just --list
 
-# Install vitup with the dev tools (pytest, ruff, just, xarray) into the active environment
+# Install vitup with the dev tools (pytest, ruff, just, xarray, s3fs, moto) into the active environment
 install:
     python -m pip install -e ".[dev]"
 

@@ -10,6 +10,10 @@ For each output resolution R (default 224 and 448), in a fresh child process (so
 then prints images/s for both, their ratio (goal >= 0.9), and the peak resident memory of each run side by
 side with the 448/224 ratio (goal <= 1.3). All in one invocation, on the same images.
 
+The codec table: step 2 runs once per Zarr codec in ``--codecs`` (default ``zstd,lz4,none``, ``--compression``
+of ``vitup extract``), and the table gives, per resolution and codec, end-to-end images/s, its ratio to
+model-only, the stored size and the compression ratio: what the default codec is chosen by.
+
 Two diagnostics explain a ratio below 1: ``stall``, the share of the end-to-end loop in which the model
 step was not running (waiting for decoded images or for the writer's queue, start-up, the last write),
 and ``model slowdown``, how much slower the very same model step ran end to end than alone (the
@@ -99,20 +103,20 @@ def _child(args: argparse.Namespace, res: int) -> dict:
 
     from vitup_cli.backbones import parse_overrides
     from vitup_cli.checkpoints import open_upsampler
+    from vitup_cli.distributed import Dist
     from vitup_cli.extract import (
         _SHARD_BYTES,
         ExtractConfig,
         SilentReporter,
         _device,
-        _Dist,
-        _fill_colour,
         _ImageRows,
         dense_features,
+        fill_colour,
         run_extract,
     )
 
     torch.set_num_threads(args.threads)
-    device = _device(args.device, _Dist())
+    device = _device(args.device, Dist())
     torch.manual_seed(0)
     model = open_upsampler(
         "vitup" if args.checkpoint else args.upsampler,
@@ -131,7 +135,7 @@ def _child(args: argparse.Namespace, res: int) -> dict:
     batch_size = args.batch_size or max(1, min(8, _SHARD_BYTES // image_bytes))  # what extract picks
     with _RssSampler() as sampler:
         # 1. model only: decoded, fitted images in memory; time exactly the model step
-        rows = _ImageRows(files, model.input_size, "pad", _fill_colour(model))
+        rows = _ImageRows(files, model.input_size, "pad", fill_colour(model))
         images = torch.stack([rows[i]["image"] for i in range(len(files))])
         batches = [images[i : i + batch_size] for i in range(0, len(images), batch_size)]
         dense_features(model, batches[0].to(device).float() / 255, grid, dtype=dtype)  # warm-up
@@ -141,30 +145,39 @@ def _child(args: argparse.Namespace, res: int) -> dict:
             del out
         model_s = time.perf_counter() - t0
         del images, batches
-        # 2. end to end on the same files, same model object
-        with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
-            listing = Path(tmp) / "list.txt"
-            listing.write_text("\n".join(str(f) for f in files))
-            config = ExtractConfig(
-                f"@{listing}",
-                Path(tmp) / f"bench.{'zarr' if args.format == 'zarr' else 'h5'}",
-                res=grid,
-                dtype=args.dtype,
-                batch_size=batch_size,
-                workers=args.workers,
-                device=str(device),
-                command="benchmark",
-            )
-            summary = run_extract(config, upsampler=model, reporter=SilentReporter())
+        # 2. end to end on the same files, same model object, once per codec
+        codecs = args.codecs.split(",") if args.format == "zarr" else ["gzip"]
+        per_codec = {}
+        for codec in codecs:
+            with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
+                listing = Path(tmp) / "list.txt"
+                listing.write_text("\n".join(str(f) for f in files))
+                config = ExtractConfig(
+                    f"@{listing}",
+                    Path(tmp) / f"bench.{'zarr' if args.format == 'zarr' else 'h5'}",
+                    res=grid,
+                    dtype=args.dtype,
+                    batch_size=batch_size,
+                    workers=args.workers,
+                    device=str(device),
+                    command="benchmark",
+                    **({"compression": codec} if args.format == "zarr" else {}),
+                )
+                summary = run_extract(config, upsampler=model, reporter=SilentReporter())
+            per_codec[codec] = {
+                "e2e_ips": summary.images_per_s,
+                "e2e_model_s": summary.model_seconds,
+                "e2e_write_s": summary.write_seconds,
+                "stored_bytes": summary.bytes_on_disk,
+            }
+        summary_codec = per_codec[codecs[0]]
     peak_self = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
     return {
         "res": res,
         "images": len(files),
         "model_ips": len(files) / model_s,
-        "e2e_ips": summary.images_per_s,
-        "e2e_model_s": summary.model_seconds,
-        "e2e_write_s": summary.write_seconds,
-        "stored_bytes": summary.bytes_on_disk,
+        **summary_codec,
+        "codecs": per_codec,
         "raw_bytes": summary.estimate_bytes,
         "peak_rss": peak_self,
         "peak_rss_tree": sampler.peak_tree or None,
@@ -194,6 +207,9 @@ def main() -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="float16")
     p.add_argument("--format", default="zarr", choices=["zarr", "hdf5"])
+    p.add_argument(
+        "--codecs", default="zstd,lz4,none", help="Zarr codecs for the codec table (the first is the main row)"
+    )
     p.add_argument("--workdir", default=None, help="where the temporary stores go (default: system temp)")
     p.add_argument("--child", type=int, default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -210,7 +226,7 @@ def main() -> None:
         for res in [int(r) for r in args.res.split(",")]:
             cmd = [sys.executable, __file__, "--child", str(res)]
             keys = ("images", "count", "backbone", "pretrained", "backbone_args", "upsampler", "checkpoint")
-            keys += ("input_size", "batch_size", "workers", "threads", "device", "dtype", "format", "workdir")
+            keys += ("input_size", "batch_size", "workers", "threads", "device", "dtype", "format", "workdir", "codecs")
             for key in keys:
                 value = getattr(args, key)
                 if value is not None:
@@ -241,6 +257,17 @@ def main() -> None:
             f"{r['res']:>5} {r['model_ips']:12.2f} {r['e2e_ips']:17.2f} {r['e2e_ips'] / r['model_ips']:6.2f} "
             f"{stall:6.1%} {slowdown:14.2f}x {r['peak_rss'] / mb:12.0f} {tree} {r['stored_bytes'] / mb:10.1f}"
         )
+    print(f"codec table ({args.format}; one end-to-end run per codec, same model and images):")
+    print(
+        f"{'R':>5} {'codec':>6} {'end-to-end img/s':>17} {'ratio':>6} {'write s':>8} {'stored MB':>10} "
+        f"{'raw/stored':>11}"
+    )
+    for r in results:
+        for codec, c in r["codecs"].items():
+            print(
+                f"{r['res']:>5} {codec:>6} {c['e2e_ips']:17.2f} {c['e2e_ips'] / r['model_ips']:6.2f} "
+                f"{c['e2e_write_s']:8.1f} {c['stored_bytes'] / mb:10.1f} {r['raw_bytes'] / c['stored_bytes']:10.2f}x"
+            )
     ratio = first["e2e_ips"] / first["model_ips"]
     print(f"end-to-end / model-only at R={first['res']}: {ratio:.2f} (goal >= 0.9)")
     for r in results[1:]:

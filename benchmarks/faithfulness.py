@@ -57,10 +57,10 @@ sys.path.insert(0, str(ROOT))
 from vitup_cli.backbones import load_backbone  # noqa: E402
 from vitup_cli.checkpoints import load_checkpoint, load_trained  # noqa: E402
 from vitup_cli.models import build_upsampler, grid_xy  # noqa: E402
+from vitup_cli.progress import Reporter  # noqa: E402
 from vitup_cli.train import TrainConfig, build_config  # noqa: E402
 from vitup_cli.train.config import coerce  # noqa: E402
 from vitup_cli.train.loop import train  # noqa: E402
-from vitup_cli.train.report import LogReporter  # noqa: E402
 
 UPSAMPLERS = ("vitup", "uplift", "bilinear", "nearest")
 TRAINED = ("vitup", "uplift")
@@ -299,7 +299,7 @@ def run_loftup(args: argparse.Namespace, teacher: str, seed: int, work: Path, we
         save_every=args.loftup_steps, tensorboard=False,
     )  # fmt: skip
     t0 = time.monotonic()
-    result = train(cfg, reporter=LogReporter(interval=120))
+    result = train(cfg, reporter=Reporter(interval=120))
     train_s = time.monotonic() - t0
     test_images = sorted((work / "heldout").glob("*.png"))
     scores = evaluate_loftup(result.last_checkpoint, weights, test_images, args.tokens, (2, 4))
@@ -372,14 +372,14 @@ def run_one(args: argparse.Namespace, teacher: str, seed: int, work: Path) -> di
     cfg = train_config(args, teacher, seed, work)
     shutil.rmtree(cfg.out, ignore_errors=True)
     t0 = time.monotonic()
-    result = train(cfg, reporter=LogReporter(interval=120))
+    result = train(cfg, reporter=Reporter(interval=120))
     train_s = time.monotonic() - t0
     up_result, up_s, up_losses = None, 0.0, []
     if args.uplift_steps > 0:
         up_cfg = uplift_config(args, teacher, seed, work, cfg.weights)
         shutil.rmtree(up_cfg.out, ignore_errors=True)
         t0 = time.monotonic()
-        up_result = train(up_cfg, reporter=LogReporter(interval=120))
+        up_result = train(up_cfg, reporter=Reporter(interval=120))
         up_s = time.monotonic() - t0
         up_losses = _losses(Path(up_cfg.out))
     t0 = time.monotonic()

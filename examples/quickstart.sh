@@ -50,7 +50,8 @@ vitup visualize "$here/images/chelsea.jpg" --checkpoint "$out/run/last" --compar
 step "done"
 cat <<EOF
   checkpoint      $out/run/last.safetensors (+ .json), metrics in $out/run/metrics.jsonl
-  feature store   $out/feats.zarr   (python -c "import xarray as xr; print(xr.open_zarr('$out/feats.zarr'))")
+  feature store   $out/feats.zarr   (python -c "from vitup_cli.stores import open_store; print(open_store('$out/feats.zarr'))";
+                  with xarray, pip install 'vitup[xarray]': python -c "import xarray as xr; print(xr.open_zarr('$out/feats.zarr'))")
   probe report    $out/probe/report.json, $out/probe/predictions.png
   picture         $out/chelsea.png
 Random-init backbone: these numbers and pictures show the pipeline, not feature quality.

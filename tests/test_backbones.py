@@ -157,3 +157,27 @@ def test_parse_overrides():
     }
     with pytest.raises(VitupError, match="KEY=VALUE"):
         parse_overrides("depth")
+
+
+def test_bad_backbone_overrides_are_one_line_exit_2(tmp_path):
+    from PIL import Image
+    from typer.testing import CliRunner
+
+    from vitup_cli.cli import app
+
+    Image.new("RGB", (32, 32)).save(tmp_path / "a.png")
+    for bad, says in (
+        ("depth=x", "depth must be a positive integer"),
+        ("depth=2.5", "depth must be a positive integer"),
+        ("num_heads=0", "num_heads must be a positive integer"),
+        ("embed_dim=64,num_heads=5", "multiple of num_heads"),
+        ("bogus=1", "timm cannot build"),
+    ):
+        result = CliRunner().invoke(
+            app, ["extract", str(tmp_path / "a.png"), "--out", str(tmp_path / "o.zarr"), "--backbone", "dinov3_s",
+                  "--pretrained", "none", "--backbone-args", bad, "--res", "8"],
+        )  # fmt: skip
+        assert result.exit_code == 2, (bad, result.output)
+        assert (
+            says in result.stderr and "Traceback" not in result.output and len(result.stderr.strip().splitlines()) == 1
+        )

@@ -509,3 +509,48 @@ def test_torchrun_two_processes_equal_one(tmp_path, suffix):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "11 done, 1 failed" in result.stdout and result.stdout.count("done,") == 1  # rank 0 reports
     _assert_same_store(single, double)
+
+
+def test_retry_failed_reruns_only_the_failed_shards(tmp_path):
+    images = _folder(tmp_path / "in", n=6)
+    good = (images / "img03.png").read_bytes()
+    (images / "img03.png").write_bytes(b"")  # fails in the first run
+    args = ["--res", "8", "--batch-size", "2", *TINY_ARGS]
+    store, reference = tmp_path / "s.zarr", tmp_path / "ref.zarr"
+    assert "5 done, 1 failed" in _cli(images, "--out", store, *args).stdout
+    assert _cli(images, "--out", store, *args, "--retry-failed", "--overwrite").exit_code == 2
+    (images / "img03.png").write_bytes(good)  # the user fixed it
+    result = _cli(images, "--out", store, *args, "--retry-failed")
+    assert result.exit_code == 0, result.output
+    assert "6 done, 0 failed, 4 skipped" in result.stdout  # only the failed row's shard (2 rows) ran again
+    assert _cli(images, "--out", reference, *args).exit_code == 0
+    _assert_same_store(reference, store)
+    missing = _cli(images, "--out", tmp_path / "none.zarr", *args, "--retry-failed")
+    assert missing.exit_code == 2 and "no failed rows" in missing.stderr
+
+
+@pytest.mark.parametrize("suffix", [".zarr", ".h5"])
+def test_global_vectors_come_from_the_same_pass(tmp_path, suffix):
+    images = _folder(tmp_path / "in", n=3)
+    (images / "img09.png").write_bytes(b"")
+    for kind in ("cls", "mean"):
+        out = tmp_path / f"{kind}{suffix}"
+        result = _cli(images, "--out", out, "--res", "8", "--global", kind, *TINY_ARGS)
+        assert result.exit_code == 0, result.output
+        model = _reference_model()
+        with open_store(out) as store:
+            vectors = store.global_vectors
+            assert vectors.shape == (4, 64) and np.isnan(vectors[3]).all()  # the failed row
+            for i, rel in enumerate(store.paths[:3]):
+                x, _ = fit_image(load_image(images / rel), 64, "pad", fill=_fill(model))
+                with torch.no_grad():
+                    model.backbone.hidden_states(model.prepare(x[None]), [model.backbone.taps[-1]])
+                expected = model.backbone.last_pooled[model.backbone.taps[-1]][kind][0].numpy()
+                np.testing.assert_allclose(vectors[i], expected, rtol=1e-4, atol=1e-5)
+    import xarray as xr
+
+    if suffix == ".zarr":
+        ds = xr.open_zarr(tmp_path / "cls.zarr")
+        assert ds["global"].dims == ("image", "channel") and ds["global"].attrs["kind"] == "cls"
+    bad = _cli(images, "--out", tmp_path / "x.zarr", "--res", "8", "--global", "max", *TINY_ARGS)
+    assert bad.exit_code == 2 and "--global max" in bad.stderr

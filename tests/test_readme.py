@@ -93,6 +93,22 @@ def test_quickstart_command_is_real(args):
     _check(args)
 
 
+SBATCH_CALLS = [
+    shlex.split(re.sub(r'"?\$\{?\w+\}?[^ "]*"?', "VALUE", line.strip().removeprefix("exec ")))[1:]
+    for line in (ROOT / "examples" / "extract_array.sbatch").read_text().splitlines()
+    if line.strip().removeprefix("exec ").startswith("vitup ")
+]
+
+
+@pytest.mark.parametrize("args", SBATCH_CALLS, ids=[" ".join(a)[:60] for a in SBATCH_CALLS])
+def test_sbatch_example_command_is_real(args):
+    _check(args)
+
+
+def test_sbatch_example_uses_parts():
+    assert any("--part" in args for args in SBATCH_CALLS) and any("--create-only" in args for args in SBATCH_CALLS)
+
+
 def test_the_checker_catches_a_made_up_flag():
     with pytest.raises(AssertionError, match="no option --frobnicate"):
         _check(["extract", "imgs", "--frobnicate", "3"])

@@ -162,6 +162,8 @@ class Backbone(nn.Module):
         self.register_buffer("mean", torch.tensor(data_cfg["mean"]).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(data_cfg["std"]).view(1, 3, 1, 1), persistent=False)
         self._is_eva = type(model).__name__ == "Eva"
+        self.has_class_token = getattr(model, "cls_token", None) is not None and self.num_prefix_tokens > 0
+        self.last_pooled: dict[int, dict[str, torch.Tensor | None]] = {}  # see hidden_states
         self.lora: dict[str, float] | None = None
         model.eval()
         for p in model.parameters():
@@ -216,6 +218,10 @@ class Backbone(nn.Module):
         if self.depth in wanted:
             found[self.depth] = m.norm(tokens)
         p = self.num_prefix_tokens
+        # one vector per image from this same pass, for `extract --global`: the class token and the patch mean
+        self.last_pooled = {
+            t: {"cls": found[t][:, 0] if self.has_class_token else None, "mean": found[t][:, p:].mean(1)} for t in taps
+        }
         return [found[t][:, p:].transpose(1, 2).reshape(B, -1, h, w) for t in taps]
 
     def patch_embed_grid(self, x: torch.Tensor) -> torch.Tensor:
@@ -361,6 +367,7 @@ def load_backbone(
 
     timm_name, tag = resolve_name(name)
     overrides = dict(overrides or {})
+    _check_overrides(overrides)
     kwargs: dict[str, Any] = {"num_classes": 0, "dynamic_img_size": True, **overrides}
     if weights is not None:
         path = Path(weights)
@@ -376,7 +383,7 @@ def load_backbone(
             ) from None
     elif pretrained == "none":
         weights_id = "none (random init)"
-        model = timm.create_model(timm_name, pretrained=False, **kwargs)
+        model = _create(timm_name, overrides, pretrained=False, **kwargs)
     else:
         tag = tag if pretrained == "hub" else pretrained
         if not tag:
@@ -386,15 +393,53 @@ def load_backbone(
         hub_id = f"timm/{timm_name}.{tag}"
         cached = _cached_hub_file(hub_id)
         if cached is not None:
-            model = timm.create_model(
-                f"{timm_name}.{tag}", pretrained=True, pretrained_cfg_overlay={"file": str(cached)}, **kwargs
+            model = _create(
+                f"{timm_name}.{tag}", overrides, pretrained=True, pretrained_cfg_overlay={"file": str(cached)}, **kwargs
             )
         elif _hub_offline():
             raise VitupError(_no_weights_message(name, hub_id))
         else:
-            model = timm.create_model(f"{timm_name}.{tag}", pretrained=True, **kwargs)
+            model = _create(f"{timm_name}.{tag}", overrides, pretrained=True, **kwargs)
         weights_id = hub_id
     return Backbone(model, name=name, timm_name=timm_name, weights_id=weights_id, overrides=overrides, taps=taps)
+
+
+_POSITIVE_INTS = ("depth", "embed_dim", "num_heads", "patch_size", "img_size", "reg_tokens", "num_reg_tokens")
+
+
+def _overrides_text(overrides: dict[str, Any]) -> str:
+    return ",".join(f"{k}={v}" for k, v in overrides.items())
+
+
+def _check_overrides(overrides: dict[str, Any]) -> None:
+    """Catch the common bad values before timm turns them into a traceback deep inside a constructor."""
+    for key in _POSITIVE_INTS:
+        if key in overrides:
+            value = overrides[key]
+            zero_ok = key in {"reg_tokens", "num_reg_tokens"}
+            if isinstance(value, bool) or not isinstance(value, int) or value < (0 if zero_ok else 1):
+                raise VitupError(
+                    f"--backbone-args {key}={value}: {key} must be a {'non-negative' if zero_ok else 'positive'} "
+                    f"integer, e.g. --backbone-args depth=2,embed_dim=64,num_heads=1"
+                )
+    if {"embed_dim", "num_heads"} <= overrides.keys() and overrides["embed_dim"] % overrides["num_heads"]:
+        raise VitupError(f"--backbone-args {_overrides_text(overrides)}: embed_dim must be a multiple of num_heads")
+
+
+def _create(model_name: str, overrides: dict[str, Any], **kwargs: Any) -> Any:
+    """``timm.create_model`` where a bad override is one line, not a constructor's traceback."""
+    import timm
+
+    if not overrides:
+        return timm.create_model(model_name, **kwargs)
+    try:
+        return timm.create_model(model_name, **kwargs)
+    except (TypeError, ValueError, RuntimeError, ZeroDivisionError, AssertionError) as exc:
+        first = (str(exc).splitlines() or [""])[0][:200]
+        raise VitupError(
+            f"--backbone-args {_overrides_text(overrides)}: timm cannot build {model_name.split('.')[0]} with these "
+            f"overrides ({type(exc).__name__}: {first}); use constructor arguments such as depth, embed_dim, num_heads"
+        ) from None
 
 
 def parse_overrides(text: str | None) -> dict[str, Any]:

@@ -354,9 +354,9 @@ def train_cmd(
     import os
     import sys
 
+    from vitup_cli.progress import Reporter, RichReporter
     from vitup_cli.train import build_config, resume_config
     from vitup_cli.train.loop import train
-    from vitup_cli.train.report import LogReporter, RichReporter
 
     skip = {"config", "resume", "stop_after"}
     given = {name: value for name, value in ctx.params.items() if name not in skip and _explicit(ctx, name)}
@@ -369,7 +369,7 @@ def train_cmd(
     else:
         cfg = build_config(config, given)
     main_rank = os.environ.get("RANK", "0") == "0"
-    reporter = RichReporter() if sys.stderr.isatty() else LogReporter()
+    reporter = RichReporter() if sys.stderr.isatty() else Reporter(interval=30.0)
     result = train(cfg, resume=resume is not None, reporter=reporter, stop_after=stop_after)
     if not main_rank:
         return
@@ -390,17 +390,28 @@ _EXTRACT_EPILOG = (
     "Examples:\n\n"
     "  vitup extract ./images --out feats.zarr --res 224 --checkpoint runs/b/last\n\n"
     "  vitup extract @list.txt --out feats.h5 --upsampler bilinear --backbone dinov3_b --pca 64 --resume\n\n"
-    "  torchrun --nproc-per-node 8 -m vitup_cli extract ./images --out feats.zarr --checkpoint runs/b/last"
+    "  torchrun --nproc-per-node 8 -m vitup_cli extract ./images --out feats.zarr --checkpoint runs/b/last\n\n"
+    "  vitup extract 'shards/{000..099}.tar' --out s3://bucket/feats.zarr --part $SLURM_ARRAY_TASK_ID/100"
 )
 
 
 @app.command("extract", epilog=_EXTRACT_EPILOG)
 def extract_cmd(
     images: Annotated[
-        str, typer.Argument(help="A folder (recursive, sorted), @list.txt (one path a line), or one image.")
+        str,
+        typer.Argument(
+            help="A folder (recursive, sorted), @list.txt (one path or URL a line), tar shards "
+            "('shards/{000..099}.tar', webdataset layout, local or remote), or one image."
+        ),
     ],
     out: Annotated[
-        Path, typer.Option("--out", "-o", rich_help_panel=_EX_IO, help="The store: NAME.zarr (Zarr v3) or NAME.h5.")
+        str,
+        typer.Option(
+            "--out",
+            "-o",
+            rich_help_panel=_EX_IO,
+            help="The store: NAME.zarr (Zarr v3; also at any fsspec URL: s3://bucket/NAME.zarr) or NAME.h5 (local).",
+        ),
     ],
     res: Annotated[
         str, typer.Option("--res", "-r", rich_help_panel=_EX_FEAT, help="Output grid: R (R x R) or H,W.")
@@ -510,6 +521,56 @@ def extract_cmd(
     strict: Annotated[
         bool, typer.Option("--strict", rich_help_panel=_EX_SAFE, help="Stop at the first unreadable image.")
     ] = False,
+    storage_option: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--storage-option",
+            rich_help_panel=_EX_IO,
+            help="KEY=VALUE for fsspec (repeatable), e.g. endpoint_url=http://minio:9000 or anon=true; "
+            "the usual environment (AWS_ENDPOINT_URL_S3, credentials) works too.",
+        ),
+    ] = None,
+    part: Annotated[
+        str | None,
+        typer.Option(
+            "--part",
+            rich_help_panel=_EX_RUN,
+            help="I/N: this job is part I of N of a job array (SLURM --array), no rendezvous; "
+            "the first part creates the store, each part owns disjoint shards.",
+        ),
+    ] = None,
+    create_only: Annotated[
+        bool,
+        typer.Option(
+            "--create-only", rich_help_panel=_EX_RUN, help="Create the store at its final size and stop (before parts)."
+        ),
+    ] = False,
+    retry_failed: Annotated[
+        bool,
+        typer.Option(
+            "--retry-failed", rich_help_panel=_EX_SAFE, help="Run again only the rows whose status is failed."
+        ),
+    ] = False,
+    compression: Annotated[
+        str,
+        typer.Option("--compression", rich_help_panel=_EX_FEAT, help="Zarr codec (Blosc): zstd, lz4 or none."),
+    ] = "zstd",
+    global_pool: Annotated[
+        str | None,
+        typer.Option(
+            "--global",
+            rich_help_panel=_EX_FEAT,
+            help="Also store one vector per image, global (image, channel), from the same pass: cls or mean.",
+        ),
+    ] = None,
+    lock_timeout: Annotated[
+        float,
+        typer.Option(
+            "--lock-timeout",
+            rich_help_panel=_EX_SAFE,
+            help="Seconds without a heartbeat after which another host's (or a remote store's) lock is stale.",
+        ),
+    ] = 1800.0,
 ) -> None:
     """Write upsampled dense features for image folders to Zarr or HDF5 stores."""
     import os
@@ -517,7 +578,8 @@ def extract_cmd(
     import sys
 
     from vitup_cli.backbones import parse_overrides
-    from vitup_cli.extract import ExtractConfig, Reporter, RichReporter, human_bytes, parse_res, run_extract
+    from vitup_cli.extract import ExtractConfig, parse_part, parse_res, parse_storage_options, run_extract
+    from vitup_cli.progress import Reporter, RichReporter, human_bytes
 
     config = ExtractConfig(
         images=images,
@@ -547,6 +609,13 @@ def extract_cmd(
         strict=strict,
         seed=seed,
         command=shlex.join(["vitup", "extract", *sys.argv[2:]]) if sys.argv[1:2] == ["extract"] else None,
+        storage_options=parse_storage_options(storage_option),
+        part=parse_part(part),
+        create_only=create_only,
+        retry_failed=retry_failed,
+        compression=compression,
+        lock_timeout=lock_timeout,
+        global_pool=global_pool,
     )
     reporter = RichReporter() if sys.stderr.isatty() else Reporter()
     summary = run_extract(config, reporter=reporter)
@@ -557,10 +626,11 @@ def extract_cmd(
         reporter.warning(f"{len(summary.failures)} image(s) could not be read and were skipped:\n{lines}")
     typer.echo(
         f"{summary.store}: {summary.done} done, {summary.failed} failed, {summary.skipped} skipped "
-        f"(already done) of {summary.total} images"
+        f"(already done) of {summary.total} images" + ("" if summary.complete else f", {summary.pending} pending")
     )
+    size = "remote store" if summary.bytes_on_disk is None else f"size on disk {human_bytes(summary.bytes_on_disk)}"
     typer.echo(
-        f"size on disk {human_bytes(summary.bytes_on_disk)} (uncompressed {human_bytes(summary.estimate_bytes)}); "
+        f"{size} (uncompressed {human_bytes(summary.estimate_bytes)}); "
         f"{summary.processed} images in {summary.seconds:.1f} s, {summary.images_per_s:.1f} images/s"
     )
 
@@ -787,7 +857,6 @@ def probe_cmd(
     from rich.console import Console
 
     from vitup_cli.backbones import parse_overrides
-    from vitup_cli.extract import Reporter, RichReporter
     from vitup_cli.probe import ProbeConfig, run_probe
     from vitup_cli.probe.report import results_table
 
@@ -822,6 +891,8 @@ def probe_cmd(
         depth_scale=depth_scale,
         max_depth=max_depth,
     )
+    from vitup_cli.progress import Reporter, RichReporter
+
     reporter = RichReporter() if sys.stderr.isatty() else Reporter()
     report = run_probe(config, reporter=reporter)
     console = Console()
@@ -976,9 +1047,9 @@ def visualize_cmd(
 
     from vitup_cli import viz
     from vitup_cli.backbones import parse_overrides
+    from vitup_cli.progress import default_reporter
 
-    def log(message: str) -> None:
-        typer.echo(message, err=True)
+    log = default_reporter().info
 
     options = viz.FigureOptions(panel_size=panel_size, dpi=dpi)
     points = [viz.parse_point(p) for p in point or []]

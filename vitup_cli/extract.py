@@ -14,18 +14,15 @@ Under ``torchrun`` every rank runs this same function: rank 0 creates the store,
 writes the shards it owns (whole groups of shards, so no two processes ever write the same file), and
 rank 0 finalises. The result equals a single-process run.
 
-Geometry (``fit_image``): every image becomes a square ``S x S`` input (``S`` = the upsampler's input
-size): ``squash`` resizes it, ``crop`` resizes the short side to ``S`` and takes the centre, ``pad``
-(default) resizes the long side to ``S`` and centres it on a canvas of the backbone's mean colour
-(zero after normalisation). The output grid ``H x W`` spans that square; ``valid`` records the real
-image in it.
+The geometry and the feature computation live in ``vitup_cli.features`` (shared with probe and visualize),
+the torchrun coordination in ``vitup_cli.distributed``, the reporting in ``vitup_cli.progress``; their
+names are re-exported here for existing callers.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
 import hashlib
-import math
 import os
 import queue
 import shlex
@@ -40,86 +37,73 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
 
-from vitup_cli import stores
+from vitup_cli import locks, stores
 from vitup_cli.backbones import sha256_file
+from vitup_cli.distributed import Dist
 from vitup_cli.errors import VitupError
-from vitup_cli.models import Upsampler, ViTUp, grid_xy
+from vitup_cli.features import (  # noqa: F401 - re-exported for existing callers
+    _BUDGET_BYTES,
+    FITS,
+    RESAMPLING,
+    _fit_array,
+    box_to_grid,
+    check_global,
+    dense_features,
+    fill_colour,
+    fit_image,
+    model_fingerprint,
+)
+from vitup_cli.models import Upsampler, ViTUp
+from vitup_cli.progress import (  # noqa: F401 - re-exported for existing callers
+    Reporter,
+    RichReporter,
+    SilentReporter,
+    TqdmReporter,
+    default_reporter,
+    human_bytes,
+)
 
-FITS = ("squash", "crop", "pad")
-RESAMPLING = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR}
 DTYPES = ("float16", "float32")
-_BUDGET_BYTES = 256 << 20  # float32 features computed at once by the generic path
+DEFAULT_COMPRESSION = "zstd"
+DEFAULT_LOCK_TIMEOUT = 1800.0
+_CREATE_MARKER = "create.json"
+_CREATE_WAIT = 600.0  # seconds a part waits for the part that creates the store
 _SHARD_BYTES = 256 << 20  # stored features per batch (= per shard) when --batch-size is not given
 
 
-# =================================================================================================
-# geometry
-# =================================================================================================
-def _fit_array(
-    img: Image.Image, size: int, fit: str, fill: tuple[int, int, int] = (0, 0, 0), resample: str = "bicubic"
-) -> tuple[np.ndarray, tuple[int, int, int, int]]:
-    """``_fit`` to an ``(S, S, 3)`` uint8 array (what the DataLoader workers hand over)."""
-    if fit not in FITS:
-        raise VitupError(f"--fit {fit}: use one of {', '.join(FITS)}")
-    img = img.convert("RGB") if img.mode != "RGB" else img
-    w, h = img.size
-    if resample not in RESAMPLING:
-        raise VitupError(f"resampling {resample!r}: use one of {', '.join(RESAMPLING)}")
-    resample = RESAMPLING[resample]
-    if fit == "squash":
-        return np.asarray(img.resize((size, size), resample)), (0, 0, size, size)
-    if fit == "crop":
-        scale = size / min(h, w)
-        nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
-        left, top = (nw - size) // 2, (nh - size) // 2
-        out = img.resize((nw, nh), resample).crop((left, top, left + size, top + size))
-        return np.asarray(out), (0, 0, size, size)
-    scale = size / max(h, w)
-    nw, nh = min(size, max(1, round(w * scale))), min(size, max(1, round(h * scale)))
-    canvas = Image.new("RGB", (size, size), fill)
-    left, top = (size - nw) // 2, (size - nh) // 2
-    canvas.paste(img.resize((nw, nh), resample), (left, top))
-    return np.asarray(canvas), (top, left, top + nh, left + nw)
+def parse_storage_options(items: Sequence[str] | None) -> dict[str, Any]:
+    """``["endpoint_url=http://h:9000", "anon=true", 'client_kwargs={"region_name": "x"}']`` -> a dict for fsspec.
 
-
-def fit_image(
-    img: Image.Image,
-    input_size: int,
-    fit: str = "pad",
-    fill: tuple[int, int, int] = (0, 0, 0),
-    resample: str = "bicubic",
-) -> tuple[torch.Tensor, tuple[int, int, int, int]]:
-    """Fit an RGB image into the square backbone input.
-
-    Args:
-        img: a PIL image (converted to RGB if it is not).
-        input_size: ``S``, the side of the square input.
-        fit: ``squash`` (resize, aspect changes), ``crop`` (short side to ``S``, centre crop) or
-            ``pad`` (long side to ``S``, centred on a ``fill``-coloured canvas).
-        fill: the padding colour, 0-255 RGB.
-        resample: ``bicubic`` (extract's default) or ``bilinear`` (the probe protocol's).
-    Returns:
-        ``(3, S, S)`` float32 in ``[0, 1]``, and the real image inside it as ``(y0, x0, y1, x1)`` in
-        input pixels, end-exclusive (the whole square for ``squash`` and ``crop``).
+    Values are JSON when they parse as JSON (numbers, true/false, objects), text otherwise.
     """
-    arr, box = _fit_array(img, input_size, fit, fill, resample)
-    return torch.from_numpy(arr.copy()).permute(2, 0, 1).float().div_(255), box
+    import json
+
+    out: dict[str, Any] = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise VitupError(f"--storage-option {item!r}: expected KEY=VALUE, e.g. --storage-option anon=true")
+        try:
+            parsed: Any = json.loads(value)
+        except ValueError:
+            parsed = value
+        out[key.strip()] = parsed
+    return out
 
 
-def box_to_grid(box: Sequence[int], input_size: int, grid: tuple[int, int]) -> tuple[int, int, int, int]:
-    """An input-pixel box ``(y0, x0, y1, x1)`` -> the output-grid cells whose centres fall inside it."""
-    gh, gw = grid
-    y0, x0, y1, x1 = box
-
-    def cells(a: int, b: int, n: int) -> tuple[int, int]:
-        lo = min(n, max(0, math.ceil(a * n / input_size - 0.5)))
-        hi = min(n, max(lo, math.ceil(b * n / input_size - 0.5)))
-        return lo, hi
-
-    (gy0, gy1), (gx0, gx1) = cells(y0, y1, gh), cells(x0, x1, gw)
-    return gy0, gx0, gy1, gx1
+def parse_part(text: str | None) -> tuple[int, int] | None:
+    """``"2/8"`` -> ``(2, 8)`` (part 2 of 8, 1-based); None stays None."""
+    if text is None:
+        return None
+    a, sep, b = str(text).partition("/")
+    try:
+        i, n = int(a), int(b)
+    except ValueError:
+        i = n = 0
+    if not sep or not (n >= 1 and 1 <= i <= n):
+        raise VitupError(f"--part {text}: give I/N with 1 <= I <= N, e.g. --part 2/8 (SLURM: $SLURM_ARRAY_TASK_ID)")
+    return i, n
 
 
 def parse_res(text: str | int | Sequence[int]) -> tuple[int, int]:
@@ -142,85 +126,6 @@ def parse_res(text: str | int | Sequence[int]) -> tuple[int, int]:
 
 
 # =================================================================================================
-# dense features (no CLI, no store: usable by probes and scripts)
-# =================================================================================================
-@torch.no_grad()
-def dense_features(
-    upsampler: Upsampler,
-    images: torch.Tensor,
-    size: tuple[int, int],
-    *,
-    tap: int | None = None,
-    chunk_queries: int | None = None,
-    projection: tuple[torch.Tensor, torch.Tensor] | None = None,
-    dtype: torch.dtype = torch.float16,
-    with_tokens: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Features for a batch, with memory bounded at any output size.
-
-    ViT-Up decodes rows of the output grid in chunks of about ``chunk_queries`` queries against one
-    cache per batch; other upsamplers run on sub-batches of at most ~256 MB of float32 output. Each piece
-    is projected (optional) and cast to ``dtype`` on the device, then copied to the CPU.
-
-    Args:
-        images: ``(B, 3, S, S)`` float in ``[0, 1]`` on the upsampler's device.
-        size: output grid ``(H, W)`` (ignored by ``lowres``, whose grid is the token grid).
-        projection: ``(components (K, C), mean (C,))``: store ``(x - mean) @ components.T`` instead.
-    Returns:
-        CPU ``(B, C or K, H, W)`` features in ``dtype``, and the ``(B, C, h, w)`` tokens at ``tap`` of the
-        original backbone (LoRA adapters off) when ``with_tokens`` (else None).
-    """
-    B = images.shape[0]
-    device = images.device
-    height, width = upsampler.token_grid if upsampler.native_resolution_only else size
-    comps = mean = None
-    if projection is not None:
-        comps, mean = (t.to(device=device, dtype=torch.float32) for t in projection)
-    channels = comps.shape[0] if comps is not None else upsampler.dim
-    out = torch.empty((B, channels, height, width), dtype=dtype)
-    tokens = None
-    if isinstance(upsampler, ViTUp):
-        level = upsampler.level_of(tap)
-        cache = upsampler.encode(images)
-        if with_tokens:  # the original backbone's tokens (LoRA off), as visualize and probe show them
-            with upsampler.backbone.adapters_disabled():
-                tokens = upsampler.tokens(images, tap).to("cpu", dtype)
-        chunk = chunk_queries or upsampler.config.chunk_queries
-        rows = max(1, chunk // width)
-        xy_all = grid_xy(height, width, device=device)
-        for r0 in range(0, height, rows):
-            r1 = min(height, r0 + rows)
-            xy = xy_all[r0 * width : r1 * width].expand(B, -1, -1)
-            part = upsampler.decode(cache, xy, [level], chunk=xy.shape[1])[0]  # (B, n, C)
-            if comps is not None:
-                part = (part - mean) @ comps.T
-            out[:, :, r0:r1].copy_(part.transpose(1, 2).reshape(B, channels, r1 - r0, width))  # cast on the way
-        return out, tokens
-    if hasattr(upsampler, "bands"):  # LoftUp: band by band, straight into the output (bounded memory)
-        for r0, r1, part in upsampler.bands(images, (height, width), tap=tap):
-            if comps is not None:
-                part = torch.einsum("kc,bchw->bkhw", comps, part.float() - mean[:, None, None])
-            out[:, :, r0:r1].copy_(part)
-        if with_tokens:
-            tokens = upsampler.tokens(images, tap).to("cpu", dtype)
-        return out, tokens
-    per_image = upsampler.dim * height * width * 4
-    step = max(1, min(B, _BUDGET_BYTES // max(1, per_image)))
-    for b0 in range(0, B, step):
-        b1 = min(B, b0 + step)
-        feats = upsampler.features(images[b0:b1], (height, width), tap=tap).float()
-        if comps is not None:
-            feats = torch.einsum("kc,bchw->bkhw", comps, feats - mean[:, None, None])
-        out[b0:b1].copy_(feats)  # cast and copy to the host in one pass
-        del feats
-    if with_tokens:
-        tokens = (
-            out.clone() if (upsampler.native_resolution_only and comps is None) else upsampler.tokens(images, tap)
-        ).to("cpu", dtype)
-    return out, tokens
-
-
-# =================================================================================================
 # configuration and results
 # =================================================================================================
 @dataclass
@@ -233,6 +138,16 @@ class ExtractConfig:
     not grow with the output grid, and the store's own for ``resume``. ``workers``: DataLoader processes (None:
     half the CPUs, at most 8). ``pca``: store ``K`` principal components fitted on ``pca_images`` images.
     ``lowres``: also store the backbone tokens. ``seed`` seeds the random init of ``pretrained='none'``.
+
+    Where the data lives: ``out`` may be an fsspec URL (``s3://bucket/feats.zarr``) and ``images`` an
+    ``@list.txt`` of URLs or tar shards (``shards/{000..099}.tar``); ``storage_options`` go to fsspec for
+    both. ``part``: ``(I, N)``, this job is part ``I`` of ``N`` of a job array (no rendezvous: parts own
+    disjoint shard groups, the first to arrive creates the store); ``create_only``: create the store at its
+    final size and stop. ``retry_failed``: rerun only the shards holding failed rows of an existing store.
+    ``compression``: the Zarr features' Blosc codec. ``global_pool``: also store ``global (image, channel)``,
+    the class token (``cls``) or the mean patch token (``mean``) at the tap, from the same forward pass.
+    ``lock_timeout``: seconds without a heartbeat after
+    which another host's (or a remote store's) lock counts as stale.
     """
 
     images: str | Path
@@ -263,6 +178,13 @@ class ExtractConfig:
     strict: bool = False
     seed: int = 0
     command: str | None = None
+    storage_options: dict[str, Any] = field(default_factory=dict)
+    part: tuple[int, int] | None = None
+    create_only: bool = False
+    retry_failed: bool = False
+    compression: str = DEFAULT_COMPRESSION
+    lock_timeout: float = DEFAULT_LOCK_TIMEOUT
+    global_pool: str | None = None  # "cls" or "mean": also store one vector per image, from the same pass
 
 
 @dataclass
@@ -270,7 +192,7 @@ class ExtractSummary:
     """What a run did. ``done``/``failed``/``pending`` count the store's rows at the end; ``skipped`` the
     rows already finished before this run (``resume``); ``processed`` the rows this run handled."""
 
-    store: Path
+    store: str | Path
     format: str
     total: int
     done: int
@@ -279,149 +201,14 @@ class ExtractSummary:
     skipped: int
     processed: int
     failures: list[tuple[str, str]]
-    bytes_on_disk: int
+    bytes_on_disk: int | None  # None for a store at a URL (counting would list every object)
     estimate_bytes: int
     seconds: float
     images_per_s: float
     model_seconds: float = 0.0
     write_seconds: float = 0.0
-
-
-# =================================================================================================
-# progress reporting
-# =================================================================================================
-class Reporter:
-    """How a job talks to its user. This base prints plain lines on stderr, one every ``interval``
-    seconds while images stream (logs of CI and batch schedulers)."""
-
-    def __init__(self, interval: float = 10.0) -> None:
-        self.interval = interval
-        self._lock = threading.Lock()
-        self._total = self._count = 0
-        self._t0 = self._last = 0.0
-        self._label = ""
-
-    def info(self, message: str) -> None:
-        print(message, file=sys.stderr, flush=True)
-
-    def warning(self, message: str) -> None:
-        print(f"warning: {message}", file=sys.stderr, flush=True)
-
-    def start(self, total: int, label: str) -> None:
-        self._total, self._count, self._label = total, 0, label
-        self._t0 = self._last = time.perf_counter()
-
-    def advance(self, n: int) -> None:
-        with self._lock:
-            self._count += n
-            now = time.perf_counter()
-            if now - self._last >= self.interval or self._count >= self._total:
-                self._last = now
-                self.info(self._line(now))
-
-    def _line(self, now: float) -> str:
-        rate = self._count / max(now - self._t0, 1e-9)
-        eta = (self._total - self._count) / rate if rate > 0 else float("inf")
-        eta_text = str(_dt.timedelta(seconds=round(eta))) if math.isfinite(eta) else "?"
-        pct = 100 * self._count / max(self._total, 1)
-        return f"{self._label}: {self._count}/{self._total} images ({pct:.0f}%), {rate:.1f} img/s, ETA {eta_text}"
-
-    def finish(self) -> None:
-        pass
-
-
-class SilentReporter(Reporter):
-    """Says nothing (ranks other than 0)."""
-
-    def info(self, message: str) -> None:
-        pass
-
-    def warning(self, message: str) -> None:
-        pass
-
-
-class TqdmReporter(Reporter):
-    """``tqdm.auto`` bar: what scripts and notebooks see."""
-
-    def start(self, total: int, label: str) -> None:
-        from tqdm.auto import tqdm
-
-        self._bar = tqdm(total=total, desc=label, unit="img", file=sys.stderr)
-
-    def advance(self, n: int) -> None:
-        with self._lock:
-            self._bar.update(n)
-
-    def finish(self) -> None:
-        if getattr(self, "_bar", None) is not None:
-            self._bar.close()
-            self._bar = None
-
-
-class RichReporter(Reporter):
-    """A rich progress bar on stderr (images/s and ETA): what the terminal command shows."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        from rich.console import Console
-
-        self.console = Console(stderr=True)
-        self._progress = None
-
-    def info(self, message: str) -> None:
-        self.console.print(message, highlight=False, markup=False)
-
-    def warning(self, message: str) -> None:
-        self.console.print(f"[yellow]warning:[/yellow] {_escape(message)}", highlight=False)
-
-    def start(self, total: int, label: str) -> None:
-        from rich.progress import (
-            BarColumn,
-            MofNCompleteColumn,
-            Progress,
-            TaskProgressColumn,
-            TextColumn,
-            TimeElapsedColumn,
-            TimeRemainingColumn,
-        )
-
-        self._progress = Progress(
-            TextColumn("{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TaskProgressColumn(),
-            TextColumn("{task.fields[rate]} img/s"),
-            TimeElapsedColumn(),
-            TextColumn("ETA"),
-            TimeRemainingColumn(),
-            console=self.console,
-        )
-        self._progress.start()
-        self._task = self._progress.add_task(label, total=total, rate="-")
-        self._t0 = time.perf_counter()
-        self._count = 0
-
-    def advance(self, n: int) -> None:
-        with self._lock:
-            self._count += n
-            rate = self._count / max(time.perf_counter() - self._t0, 1e-9)
-            self._progress.update(self._task, advance=n, rate=f"{rate:.1f}")
-
-    def finish(self) -> None:
-        if self._progress is not None:
-            self._progress.stop()
-            self._progress = None
-
-
-def _escape(text: str) -> str:
-    from rich.markup import escape
-
-    return escape(text)
-
-
-def default_reporter() -> Reporter:
-    """A tqdm bar on a terminal, plain periodic lines otherwise."""
-    return TqdmReporter() if sys.stderr.isatty() else Reporter()
+    part: tuple[int, int] | None = None
+    complete: bool = True  # False: a --part finished its own rows while other parts still run
 
 
 # =================================================================================================
@@ -431,9 +218,16 @@ class _ImageRows(torch.utils.data.Dataset):
     """Row ``i`` of the store: decoded, fitted image (uint8) or the reason it could not be read."""
 
     def __init__(
-        self, files: Sequence[Path], size: int, fit: str, fill: tuple[int, int, int], resample: str = "bicubic"
+        self,
+        files: Sequence[Any],
+        size: int,
+        fit: str,
+        fill: tuple[int, int, int],
+        resample: str = "bicubic",
+        storage_options: dict[str, Any] | None = None,
     ) -> None:
         self.files, self.size, self.fit, self.fill, self.resample = list(files), size, fit, fill, resample
+        self.storage_options = storage_options or {}
 
     def __len__(self) -> int:
         return len(self.files)
@@ -443,7 +237,7 @@ class _ImageRows(torch.utils.data.Dataset):
 
         path = self.files[index]
         try:
-            img = load_image(path)
+            img = load_image(path, self.storage_options)
             arr, box = _fit_array(img, self.size, self.fit, self.fill, self.resample)
             h, w = img.height, img.width
         except ImageLoadError as exc:
@@ -483,8 +277,9 @@ def _loader(dataset: _ImageRows, batches: list[list[int]], workers: int, pin: bo
 class _BackgroundWriter:
     """Writes shards in a thread so the model never waits for the disk (at most ``depth`` queued)."""
 
-    def __init__(self, writer: stores.StoreWriter, reporter: Reporter, depth: int = 2) -> None:
+    def __init__(self, writer: stores.StoreWriter, reporter: Reporter, depth: int = 2, on_write: Any = None) -> None:
         self.writer, self.reporter = writer, reporter
+        self.on_write = on_write
         self.seconds = 0.0
         self.rows = self.failed = 0
         self._queue: queue.Queue = queue.Queue(maxsize=depth)
@@ -508,6 +303,8 @@ class _BackgroundWriter:
                 self.rows += n
                 self.failed += int((rows["status"] == stores.FAILED).sum())
                 self.reporter.advance(n)
+                if self.on_write is not None:
+                    self.on_write()
             except BaseException as exc:  # re-raised in the main thread
                 self._error = exc
 
@@ -525,146 +322,14 @@ class _BackgroundWriter:
         self._raise()
 
 
-# =================================================================================================
-# distributed (torchrun)
-# =================================================================================================
-@dataclass
-class _Dist:
-    """Coordination between ``torchrun`` ranks: small messages through the rendezvous key-value store.
-
-    No process group is created: a gloo group's worker threads can still hold Python tensors when a rank
-    exits and abort the interpreter, and its 30-minute collective timeout is shorter than the time a
-    rank may wait for the slowest one. When the caller already initialised ``torch.distributed``, its
-    group is used instead.
-    """
-
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
-    local_world: int = 1
-    store: Any = None
-    _seq: int = 0
-
-    _WAIT = _dt.timedelta(days=7)
-
-    @classmethod
-    def setup(cls) -> _Dist:
-        import torch.distributed as dist
-
-        local = int(os.environ.get("LOCAL_RANK", "0")), int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-        if dist.is_available() and dist.is_initialized():
-            return cls(dist.get_rank(), dist.get_world_size(), *local)
-        world = int(os.environ.get("WORLD_SIZE", "1"))
-        if world <= 1:
-            return cls()
-        try:
-            store, rank, world = next(dist.rendezvous("env://", timeout=cls._WAIT))
-        except (ValueError, RuntimeError) as exc:
-            raise VitupError(
-                f"WORLD_SIZE={world} but the torchrun rendezvous failed ({exc}); launch with torchrun"
-            ) from None
-        return cls(rank, world, *local, store=dist.PrefixStore("vitup-extract/", store))
-
-    def _key(self) -> str:
-        self._seq += 1
-        return str(self._seq)
-
-    def teardown(self) -> None:
-        if self.store is not None:  # rank 0 may host the store: it leaves last
-            key = self._key()
-            self.store.set(f"{key}/{self.rank}", b"1")
-            if self.rank == 0:
-                self.store.wait([f"{key}/{r}" for r in range(self.world)], self._WAIT)
-
-    def _broadcast(self, value: Any) -> Any:
-        import pickle  # our own objects between our own ranks (what torch's object collectives do)
-
-        import torch.distributed as dist
-
-        if self.store is None:
-            box = [value]
-            dist.broadcast_object_list(box, src=0)
-            return box[0]
-        key = self._key()
-        if self.rank == 0:
-            self.store.set(key, pickle.dumps(value))
-            return value
-        return pickle.loads(self.store.get(key))
-
-    def on_rank0(self, fn: Callable[[], Any]) -> Any:
-        """Run ``fn`` on rank 0 and hand its result (or its ``VitupError``) to every rank."""
-        result, error = None, None
-        if self.rank == 0:
-            try:
-                result = fn()
-            except VitupError as exc:
-                error = str(exc)
-        if self.world > 1:
-            result, error = self._broadcast((result, error))
-        if error is not None:
-            raise VitupError(error)
-        return result
-
-    def gather(self, value: Any) -> list[Any]:
-        """Every rank's ``value``, in rank order, on every rank."""
-        if self.world == 1:
-            return [value]
-        import pickle
-
-        import torch.distributed as dist
-
-        if self.store is None:
-            out: list[Any] = [None] * self.world
-            dist.all_gather_object(out, value)
-            return out
-        key = self._key()
-        self.store.set(f"{key}/{self.rank}", pickle.dumps(value))
-        return [pickle.loads(self.store.get(f"{key}/{r}")) for r in range(self.world)]
-
-
-# =================================================================================================
-# the job
-# =================================================================================================
-def model_fingerprint(upsampler: Upsampler) -> str | None:
-    """sha256 of the weights a store depends on that no name identifies: a random-init backbone, and a
-    ViT-Up's own weights and LoRA. None for a training-free upsampler over named weights."""
-    backbone = upsampler.backbone
-    if backbone.random_init:
-        tensors = dict(upsampler.state_dict())
-    elif hasattr(upsampler, "upsampler_parameters"):  # a trained method: its own weights (and buffers)
-        tensors = {n: t for n, t in upsampler.state_dict().items() if not n.startswith("backbone.")}
-        tensors.update({f"backbone.{n}": p for n, p in backbone.lora_parameters()})
-    elif hasattr(upsampler, "own_state_dict"):  # LoftUp: its own weights, whatever their source
-        tensors = upsampler.own_state_dict()
-    else:
-        tensors = upsampler.trained_tensors()
-        if not tensors:
-            return None
-    digest = hashlib.sha256()
-    for name in sorted(tensors):
-        t = tensors[name].detach().to("cpu").contiguous()
-        digest.update(name.encode())
-        digest.update(str(t.dtype).encode())
-        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
-
-
-def human_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB", "PB"):
-        if abs(n) < 1000 or unit == "PB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1000
-    return f"{n:.1f} PB"
-
-
 def _free_bytes(path: Path) -> tuple[int, Path]:
-    probe = path.resolve().parent
+    probe = Path(path).resolve().parent
     while not probe.exists():
         probe = probe.parent
     return shutil.disk_usage(probe).free, probe
 
 
-def _device(name: str, dist_ctx: _Dist) -> torch.device:
+def _device(name: str, dist_ctx: Dist) -> torch.device:
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name not in {"cpu", "cuda"} and not name.startswith("cuda:"):
@@ -693,6 +358,25 @@ def _validate(config: ExtractConfig) -> None:
         raise VitupError(f"--pca-images {config.pca_images}: must be at least 1")
     if config.chunk_queries is not None and config.chunk_queries < 1:
         raise VitupError(f"--chunk-queries {config.chunk_queries}: must be at least 1")
+    if config.compression not in stores.CODECS:
+        raise VitupError(f"--compression {config.compression}: use one of {', '.join(stores.CODECS)}")
+    if config.part is not None:
+        i, n = config.part
+        if not (n >= 1 and 1 <= i <= n):
+            raise VitupError(f"--part {i}/{n}: give I/N with 1 <= I <= N, e.g. --part 2/8")
+        if stores.store_format(config.out) != "zarr":
+            raise VitupError(
+                f"--part: {config.out} is HDF5, which has one writer per file; use NAME.zarr for job arrays"
+            )
+        if config.overwrite:
+            raise VitupError(
+                "--part with --overwrite would let each part delete the others' work: delete the store first, or "
+                "create it once with --create-only --overwrite"
+            )
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise VitupError("--part splits a job without a rendezvous; under torchrun the ranks already split it")
+    if config.retry_failed and config.overwrite:
+        raise VitupError("--retry-failed continues an existing store; --overwrite would delete it: pick one")
     parse_res(config.res)
 
 
@@ -785,6 +469,7 @@ def _settings(
         "pca_images": config.pca_images if config.pca else None,
         "lowres": bool(config.lowres),
         **({"upsampler_settings": upsampler.settings()} if hasattr(upsampler, "settings") else {}),
+        **({"global": config.global_pool} if config.global_pool else {}),  # absent: stores made before --global
     }
 
 
@@ -833,7 +518,7 @@ def _differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
 
 def fit_pca(
     upsampler: Upsampler,
-    files: Sequence[Path],
+    files: Sequence[Any],
     k: int,
     *,
     grid: tuple[int, int],
@@ -843,6 +528,7 @@ def fit_pca(
     sample: int = 64,
     batch_size: int = 8,
     resample: str = "bicubic",
+    storage_options: dict[str, Any] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Principal components of the features of ``sample`` evenly spaced images (every pixel inside the
     real image, float64 moments, so the result does not depend on batching).
@@ -856,7 +542,7 @@ def fit_pca(
     if k > channels:
         raise VitupError(f"--pca {k}: the features have only {channels} channels")
     device = next(upsampler.parameters()).device
-    fill = _fill_colour(upsampler)
+    fill = fill_colour(upsampler)
     picks = sorted(set(np.linspace(0, len(files) - 1, min(sample, len(files))).round().astype(int).tolist()))
     count, total = 0, torch.zeros(channels, dtype=torch.float64)
     moments = torch.zeros(channels, channels, dtype=torch.float64)
@@ -881,7 +567,7 @@ def fit_pca(
 
     for i in picks:
         try:
-            loaded.append(_fit_array(load_image(files[i]), upsampler.input_size, fit, fill, resample))
+            loaded.append(_fit_array(load_image(files[i], storage_options), upsampler.input_size, fit, fill, resample))
         except ImageLoadError:
             continue
         if len(loaded) == batch:
@@ -898,11 +584,6 @@ def fit_pca(
     return comps.float().numpy(), mean.float().numpy()
 
 
-def _fill_colour(upsampler: Upsampler) -> tuple[int, int, int]:
-    mean = upsampler.backbone.mean.flatten().tolist()
-    return tuple(round(m * 255) for m in mean)  # type: ignore[return-value]
-
-
 def run_extract(
     config: ExtractConfig, upsampler: Upsampler | None = None, reporter: Reporter | None = None
 ) -> ExtractSummary:
@@ -910,78 +591,153 @@ def run_extract(
 
     Args:
         upsampler: use this model instead of building one from ``config`` (its settings are recorded).
-        reporter: progress and messages; default tqdm on a terminal, plain lines otherwise.
+        reporter: progress and messages; default ``vitup_cli.progress.default_reporter()``.
     Raises:
         VitupError: bad input or settings, an existing store without ``overwrite``/``resume``, settings
-            that differ from the store's on ``resume``, too little disk space (unless ``force``), or the
-            first unreadable image with ``strict``.
+            that differ from the store's on ``resume``, too little disk space (unless ``force``), another
+            job holding the store's lock, or the first unreadable image with ``strict``.
     """
     _validate(config)
-    dist_ctx = _Dist.setup()
+    dist_ctx = Dist.setup()
     try:
         return _run(config, upsampler, reporter, dist_ctx)
     finally:
         dist_ctx.teardown()
 
 
+def _store_attrs(out: str | Path, storage_options: dict[str, Any]) -> dict[str, Any] | None:
+    """The root attributes of an existing Zarr store, read from its ``zarr.json`` by name (no listing)."""
+    import json
+
+    if stores.store_format(out) != "zarr":
+        return None
+    data = stores.Location(out, storage_options).read("zarr.json")
+    if data is None:
+        return None
+    try:
+        return dict(json.loads(data).get("attributes") or {})
+    except (ValueError, AttributeError):
+        return None
+
+
+def _take_lock(config: ExtractConfig, reporter: Reporter) -> locks.StoreLock:
+    """Rank 0 / each part: the store's lock. A whole job also respects the locks of the parts a store was
+    made for; a part respects a whole job's lock."""
+    so = config.storage_options
+    if config.part is None:
+        attrs = _store_attrs(config.out, so) or {}
+        n = attrs.get("parts")
+        others = [locks.lock_name((i, n)) for i in range(1, n + 1)] if isinstance(n, int) else []
+    else:
+        others = [locks.lock_name(None)]
+    return locks.acquire(
+        config.out,
+        part=config.part,
+        also_check=others,
+        storage_options=so,
+        timeout=config.lock_timeout,
+        command=_command(config),
+        warn=reporter.warning,
+    )
+
+
+def _command(config: ExtractConfig) -> str:
+    return config.command or shlex.join(["vitup", "extract", *sys.argv[1:]])
+
+
 def _run(
-    config: ExtractConfig, upsampler: Upsampler | None, reporter: Reporter | None, dist_ctx: _Dist
+    config: ExtractConfig, upsampler: Upsampler | None, reporter: Reporter | None, dist_ctx: Dist
 ) -> ExtractSummary:
     from vitup_cli.data.images import list_images
 
     started = time.perf_counter()
     rank0 = dist_ctx.rank == 0
     reporter = (reporter or default_reporter()) if rank0 else SilentReporter()
-    out = Path(config.out)
+    out = stores.store_path(config.out)
+    so = config.storage_options
+    held: list[locks.StoreLock] = []  # rank 0 only: other ranks must never release or refresh it
+    dist_ctx.on_rank0(lambda: held.append(_take_lock(config, reporter)))
+    lock = held[0] if held else None
+    try:
 
-    def listing() -> tuple[list[str], list[str], str]:
-        found = list_images(config.images)
-        return [found.relative(p) for p in found.files], [str(p) for p in found.files], str(found.root)
+        def listing() -> tuple[list[str], list[Any], str]:
+            found = list_images(config.images, so)
+            return [found.relative(p) for p in found.files], list(found.files), str(found.root)
 
-    paths, files, root = dist_ctx.on_rank0(listing)
-    device = _device(config.device, dist_ctx)
-    if upsampler is None and config.checkpoint is None and config.upsampler is None:
-        from vitup_cli.checkpoints import default_checkpoint
+        paths, files, root = dist_ctx.on_rank0(listing)
+        device = _device(config.device, dist_ctx)
+        if upsampler is None and config.checkpoint is None and config.upsampler is None:
+            from vitup_cli.checkpoints import default_checkpoint
 
-        release = default_checkpoint(config.backbone, pretrained=config.pretrained, overrides=config.backbone_args)
-        reporter.info(f"no --checkpoint or --upsampler: ViT-Up with the published weights {release}")
-        config = replace(config, checkpoint=release)
-    upsampler = _build_upsampler(config, device, reporter.info) if upsampler is None else upsampler.to(device)
-    upsampler.eval()
-    if upsampler.backbone.random_init:
-        reporter.info(
-            "backbone: random init (--pretrained none), recorded in the store: a pipeline check, not features"
-        )
-    tap = _resolve_tap(upsampler, config.tap)
-    grid = upsampler.token_grid if upsampler.native_resolution_only else parse_res(config.res)
-    settings = _settings(config, upsampler, tap, grid, paths)
+            release = default_checkpoint(config.backbone, pretrained=config.pretrained, overrides=config.backbone_args)
+            reporter.info(f"no --checkpoint or --upsampler: ViT-Up with the published weights {release}")
+            config = replace(config, checkpoint=release)
+        upsampler = _build_upsampler(config, device, reporter.info) if upsampler is None else upsampler.to(device)
+        upsampler.eval()
+        if upsampler.backbone.random_init:
+            reporter.info(
+                "backbone: random init (--pretrained none), recorded in the store: a pipeline check, not features"
+            )
+        tap = _resolve_tap(upsampler, config.tap)
+        check_global(upsampler, config.global_pool)
+        grid = upsampler.token_grid if upsampler.native_resolution_only else parse_res(config.res)
+        settings = _settings(config, upsampler, tap, grid, paths)
 
-    def prepare() -> _Plan:
-        return _prepare(config, upsampler, reporter, settings, paths, files, root, tap, grid)
+        def prepare() -> _Plan:
+            return _prepare(config, upsampler, reporter, settings, paths, files, root, tap, grid)
 
-    plan: _Plan = dist_ctx.on_rank0(prepare)
+        plan: _Plan = dist_ctx.on_rank0(prepare)
+        if config.create_only:
+            return _created_summary(config, plan, started, reporter)
+        return _extract(config, upsampler, reporter, dist_ctx, plan, tap, grid, device, started, lock)
+    finally:
+        if lock is not None:
+            lock.release()
+            locks.remove_folder_if_empty(out)
+
+
+def _extract(
+    config: ExtractConfig,
+    upsampler: Upsampler,
+    reporter: Reporter,
+    dist_ctx: Dist,
+    plan: _Plan,
+    tap: int,
+    grid: tuple[int, int],
+    device: torch.device,
+    started: float,
+    lock: locks.StoreLock | None,
+) -> ExtractSummary:
+    out = stores.store_path(config.out)
     layout = stores.StoreLayout.from_json(plan.layout)
-    writer = stores.open_writer(out)
+    writer = stores.open_writer(out, storage_options=config.storage_options)
     pca = writer.pca()
     projection = None if pca is None else (torch.from_numpy(pca[0]), torch.from_numpy(pca[1]))
 
-    done = writer.done_shards()
-    mine = [k for k in range(layout.num_shards) if layout.owner(k, dist_ctx.world) == dist_ctx.rank and k not in done]
+    done = writer.done_shards(retry_failed=config.retry_failed)
+    if config.part is not None:
+        writers, me = config.part[1], config.part[0] - 1
+    else:
+        writers, me = dist_ctx.world, dist_ctx.rank
+    mine = [k for k in range(layout.num_shards) if layout.owner(k, writers) == me and k not in done]
     batches = [list(range(*layout.shard_rows(k))) for k in mine]
     todo = sum(len(b) for b in batches)
     workers = config.workers
     if workers is None:
         workers = max(1, min(8, (os.cpu_count() or 2) // max(1, dist_ctx.local_world) // 2))
     workers = min(workers, max(0, len(batches)))
-    label = "extract" if dist_ctx.world == 1 else f"extract (rank 0 of {dist_ctx.world})"
+    if config.part is not None:
+        label = f"extract (part {config.part[0]}/{config.part[1]})"
+    else:
+        label = "extract" if dist_ctx.world == 1 else f"extract (rank 0 of {dist_ctx.world})"
     dataset = _ImageRows(
-        [Path(f) for f in plan.files], upsampler.input_size, config.fit, _fill_colour(upsampler), config.resample
+        plan.files, upsampler.input_size, config.fit, fill_colour(upsampler), config.resample, config.storage_options
     )
     out_dtype = torch.float16 if layout.dtype == "float16" else torch.float32
     model_seconds = 0.0
     loop_start = time.perf_counter()
     reporter.start(todo, label)
-    background = _BackgroundWriter(writer, reporter)
+    background = _BackgroundWriter(writer, reporter, on_write=None if lock is None else lock.heartbeat)
     try:
         for batch in _loader(dataset, batches, workers, pin=device.type == "cuda"):
             shard = batch["indices"][0] // layout.shard_size
@@ -995,16 +751,21 @@ def _run(
             t0 = time.perf_counter()
             n = len(ok)
             feats = tokens = None
+            pooled: list[torch.Tensor] = []
             if batch["images"] is not None:
                 x = batch["images"].to(device, non_blocking=True).float().div_(255)
                 feats, tokens = dense_features(
                     upsampler, x, grid, tap=tap, chunk_queries=config.chunk_queries, projection=projection,
-                    dtype=out_dtype, with_tokens=layout.lowres is not None,
+                    dtype=out_dtype, with_tokens=layout.lowres is not None, pooled=pooled,
+                    global_kind=layout.global_kind,
                 )  # fmt: skip
+            vectors = pooled[0] if pooled else None
             if not ok.all():  # failed rows are NaN
                 feats = _scatter_rows(feats, ok, (layout.channels, layout.height, layout.width), out_dtype)
                 if layout.lowres:
                     tokens = _scatter_rows(tokens, ok, layout.lowres, out_dtype)
+                if layout.global_dim:
+                    vectors = _scatter_rows(vectors, ok, (layout.global_dim,), torch.float32)
             model_seconds += time.perf_counter() - t0
             valid = np.zeros((n, 4), dtype=np.int64)
             for i in np.flatnonzero(ok):
@@ -1016,6 +777,7 @@ def _run(
                 "valid": valid,
                 "errors": batch["errors"],
                 "lowres": None if tokens is None else tokens.numpy(),
+                "global_": None if vectors is None else vectors.numpy(),
             }
             background.submit(shard, rows)
     finally:
@@ -1046,74 +808,152 @@ def _scatter_rows(
     return full
 
 
+def _join_existing(
+    config: ExtractConfig, reporter: Reporter, settings: dict[str, Any], paths: list[str], files: list[Any], root: str
+) -> _Plan:
+    """Continue an existing store (``--resume``, ``--retry-failed``, or a ``--part`` joining its job array)."""
+    out = stores.store_path(config.out)
+    fmt = stores.store_format(out)
+    # a part never deletes temporary files: they may be another part's writes in flight
+    writer = stores.open_writer(out, recover=config.part is None, storage_options=config.storage_options)
+    made_for = writer.attrs.get("parts")
+    if config.part is not None and made_for not in (None, config.part[1]):
+        raise VitupError(
+            f"--part {config.part[0]}/{config.part[1]}: {out} was made for {made_for} parts; every part of one store "
+            "must use the same N"
+        )
+    old = writer.attrs.get("settings", {})
+    diffs = _differences(old, settings)
+    if not diffs and writer.paths() != paths:
+        diffs = ["inputs: the image names differ"]
+    if config.batch_size is not None and config.batch_size != writer.layout.shard_size:
+        diffs.append(f"batch_size: store has {writer.layout.shard_size}, now {config.batch_size}")
+    if diffs:
+        flag = "--part" if config.part else "--resume"
+        raise VitupError(
+            f"{flag} {out}: settings differ from the store's ({'; '.join(diffs)}). Use the same inputs and "
+            "flags, or --overwrite to start over"
+        )
+    status = writer.status()
+    left = int((status == stores.PENDING).sum())
+    failed = int((status == stores.FAILED).sum())
+    redo = left + (failed if config.retry_failed else 0)
+    needed = redo * writer.layout.image_bytes + (writer.layout.n * writer.layout.image_bytes if fmt == "hdf5" else 0)
+    _check_space(out, needed, config.force, reporter, writer.layout, redo)
+    if config.retry_failed:
+        reporter.info(f"--retry-failed {out}: {failed} failed rows (and the other rows of their shards) run again")
+    who = f"part {config.part[0]}/{config.part[1]}: joining" if config.part else "resuming"
+    reporter.info(f"{who} {out}: {writer.layout.n - left} of {writer.layout.n} images already done")
+    kept = writer.done_shards(retry_failed=config.retry_failed)
+    skipped = sum(b - a for a, b in (writer.layout.shard_rows(k) for k in kept))
+    return _Plan(writer.layout.to_json(), paths, files, root, skipped, 0, fresh=False)
+
+
+def _wait_for_store(config: ExtractConfig, holder: dict[str, Any] | None, reporter: Reporter) -> None:
+    """A part that lost the creation race waits until the winner has created the store."""
+    out = stores.store_path(config.out)
+    if not (_store_attrs(out, config.storage_options) or {}).get("layout"):
+        reporter.info(f"part {config.part[0]}/{config.part[1]}: waiting for another part to create {out}")
+    deadline = time.time() + _CREATE_WAIT
+    while time.time() < deadline:
+        attrs = _store_attrs(out, config.storage_options)
+        if attrs and attrs.get("format") == stores.STORE_FORMAT and "layout" in attrs:
+            return
+        time.sleep(0.5)
+    who = f"pid {holder.get('pid')} on {holder.get('host')}" if holder else "another part"
+    raise VitupError(
+        f"--part: {out} is being created by {who} but is not there after {_CREATE_WAIT:.0f} s. If that job died, "
+        f"delete {locks.lock_location(out, config.storage_options).key(_CREATE_MARKER)} and start again (or create "
+        "the store first with --create-only)"
+    )
+
+
 def _prepare(
     config: ExtractConfig,
     upsampler: Upsampler,
     reporter: Reporter,
     settings: dict[str, Any],
     paths: list[str],
-    files: list[str],
+    files: list[Any],
     root: str,
     tap: int,
     grid: tuple[int, int],
 ) -> _Plan:
     """Rank 0: apply the overwrite/resume policy, check disk space, fit PCA, create the store."""
-    out = Path(config.out)
-    fmt = stores.store_format(out)
-    exists = stores.store_exists(out)
-    if exists and not (config.overwrite or config.resume):
+    out = stores.store_path(config.out)
+    so = config.storage_options
+    exists = stores.store_exists(out, so)
+    joining = config.resume or config.retry_failed or config.part is not None
+    if exists and not (config.overwrite or joining):
         raise VitupError(
             f"--out {out} already exists; nothing was changed. "
             "Pass --resume to continue it or --overwrite to replace it"
         )
-    if exists and config.resume:
-        writer = stores.open_writer(out, recover=True)  # no other rank writes yet
-        old = writer.attrs.get("settings", {})
-        diffs = _differences(old, settings)
-        if not diffs and writer.paths() != paths:
-            diffs = ["inputs: the image names differ"]
-        if config.batch_size is not None and config.batch_size != writer.layout.shard_size:
-            diffs.append(f"batch_size: store has {writer.layout.shard_size}, now {config.batch_size}")
-        if diffs:
-            raise VitupError(
-                f"--resume {out}: settings differ from the store's ({'; '.join(diffs)}). Use the same inputs and "
-                "flags, or --overwrite to start over"
-            )
-        status = writer.status()
-        left = int((status == stores.PENDING).sum())
-        needed = left * writer.layout.image_bytes + (
-            writer.layout.n * writer.layout.image_bytes if fmt == "hdf5" else 0
-        )
-        _check_space(out, needed, config.force, reporter, writer.layout, left)
-        reporter.info(f"resuming {out}: {writer.layout.n - left} of {writer.layout.n} images already done")
-        return _Plan(writer.layout.to_json(), paths, files, root, writer.layout.n - left, 0, fresh=False)
-    if not exists and config.resume:
-        reporter.info(f"--resume: {out} does not exist yet, starting it")
+    if exists and joining:
+        if config.part is not None:  # it may still be being created by another part
+            _wait_for_store(config, None, reporter)
+        return _join_existing(config, reporter, settings, paths, files, root)
+    if config.retry_failed:
+        raise VitupError(f"--retry-failed: {out} does not exist; there are no failed rows to run again")
+    claimed = False
+    if config.part is not None:  # the first part to arrive creates the store; the others wait and join
+        claimed, holder = locks.claim(out, _CREATE_MARKER, so)
+        if not claimed:
+            _wait_for_store(config, holder, reporter)
+            return _join_existing(config, reporter, settings, paths, files, root)
+        if stores.store_exists(out, so):  # created (and its marker removed) between our two looks
+            locks.unclaim(out, _CREATE_MARKER, so)
+            return _join_existing(config, reporter, settings, paths, files, root)
+    try:
+        if not exists and config.resume:
+            reporter.info(f"--resume: {out} does not exist yet, starting it")
+        return _create(config, upsampler, reporter, settings, paths, files, root, tap, grid, exists)
+    finally:
+        if claimed:
+            locks.unclaim(out, _CREATE_MARKER, so)
+
+
+def _create(
+    config: ExtractConfig,
+    upsampler: Upsampler,
+    reporter: Reporter,
+    settings: dict[str, Any],
+    paths: list[str],
+    files: list[Any],
+    root: str,
+    tap: int,
+    grid: tuple[int, int],
+    exists: bool,
+) -> _Plan:
+    out = stores.store_path(config.out)
+    so = config.storage_options
+    fmt = stores.store_format(out)
     channels = config.pca or upsampler.dim
     lowres = (upsampler.dim, *upsampler.token_grid) if config.lowres else None
+    extra = {"global_dim": upsampler.dim, "global_kind": config.global_pool} if config.global_pool else {}
     layout = stores.StoreLayout.for_images(
         len(paths), channels, grid[0], grid[1], config.batch_size or 8, dtype=config.dtype, lowres=lowres,
-        pca=config.pca, backbone_channels=upsampler.dim,
+        pca=config.pca, backbone_channels=upsampler.dim, **extra,
     )  # fmt: skip
     if config.batch_size is None:  # memory must not grow with the output grid: bound the bytes per shard
         auto = max(1, min(8, _SHARD_BYTES // layout.image_bytes))
         layout = stores.StoreLayout.for_images(
             len(paths), channels, grid[0], grid[1], auto, dtype=config.dtype, lowres=lowres, pca=config.pca,
-            backbone_channels=upsampler.dim,
+            backbone_channels=upsampler.dim, **extra,
         )  # fmt: skip
     needed = layout.n * layout.image_bytes * (2 if fmt == "hdf5" else 1)
-    freed = stores.disk_usage(out) if exists else 0  # --overwrite: the old store goes first
+    freed = (stores.disk_usage(out) or 0) if exists else 0  # --overwrite: the old store goes first
     _check_space(out, needed - freed, config.force, reporter, layout, layout.n)
     pca = None
     if config.pca:
         reporter.info(f"fitting a {config.pca}-component PCA on {min(config.pca_images, len(files))} images")
         pca = fit_pca(
-            upsampler, [Path(f) for f in files], config.pca, grid=grid, fit=config.fit, tap=tap,
+            upsampler, files, config.pca, grid=grid, fit=config.fit, tap=tap,
             chunk_queries=config.chunk_queries, sample=config.pca_images, batch_size=layout.shard_size,
-            resample=config.resample,
+            resample=config.resample, storage_options=so,
         )  # fmt: skip
-    if exists:  # --overwrite, only now that every check that can fail has passed
-        stores.remove_store(out)
+    if exists:  # --overwrite, only now that every check that can fail has passed (and we hold the lock)
+        stores.remove_store(out, so)
         reporter.info(f"--overwrite: removed the old {out}")
     backbone = upsampler.backbone
     attrs = {
@@ -1136,31 +976,54 @@ def _prepare(
         "dtype": config.dtype,
         "fit": config.fit,
         "resample": config.resample,
+        "compression": config.compression if fmt == "zarr" else "gzip",
         "normalization": {
             "mean": [round(v, 6) for v in backbone.mean.flatten().tolist()],
             "std": [round(v, 6) for v in backbone.std.flatten().tolist()],
         },
         "pca": {"components": config.pca, "images": config.pca_images} if config.pca else None,
-        "command": config.command or shlex.join(["vitup", "extract", *sys.argv[1:]]),
+        "parts": config.part[1] if config.part else None,
+        "command": _command(config),
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "settings": settings,
         "failed": [],
         "complete": False,
     }
-    writer = stores.create_writer(out, layout, paths, attrs, pca)
+    writer = stores.create_writer(
+        out, layout, paths, attrs, pca, storage_options=so, compression=config.compression
+    )  # fmt: skip
     writer.close()
     return _Plan(layout.to_json(), paths, files, root, 0, layout.n * layout.image_bytes, fresh=True)
 
 
+def _created_summary(config: ExtractConfig, plan: _Plan, started: float, reporter: Reporter) -> ExtractSummary:
+    """``--create-only``: the store exists at its final size, nothing computed."""
+    layout = stores.StoreLayout.from_json(plan.layout)
+    out = stores.store_path(config.out)
+    status = stores.store_status(out, config.storage_options)
+    reporter.info(f"--create-only: {out} is ready for {layout.n} images ({layout.num_shards} shards)")
+    return ExtractSummary(
+        store=out, format=stores.store_format(out), total=layout.n, done=int((status == stores.DONE).sum()),
+        failed=int((status == stores.FAILED).sum()), pending=int((status == stores.PENDING).sum()),
+        skipped=plan.skipped, processed=0, failures=[], bytes_on_disk=stores.disk_usage(out),
+        estimate_bytes=layout.n * layout.image_bytes, seconds=time.perf_counter() - started, images_per_s=0.0,
+        part=config.part, complete=False,
+    )  # fmt: skip
+
+
 def _check_space(
-    out: Path, needed: int, force: bool, reporter: Reporter, layout: stores.StoreLayout, rows: int
+    out: str | Path, needed: int, force: bool, reporter: Reporter, layout: stores.StoreLayout, rows: int
 ) -> None:
-    free, where = _free_bytes(out)
-    reporter.info(
+    line = (
         f"store: {layout.n} images x {layout.channels} x {layout.height} x {layout.width} {layout.dtype}; "
         f"{human_bytes(layout.image_bytes)} per image, about {human_bytes(rows * layout.image_bytes)} to write "
-        f"(uncompressed; features compress about 1.1-1.5x); {human_bytes(free)} free on {where}"
+        f"(uncompressed; features compress about 1.1-1.5x)"
     )
+    if stores.is_remote(out):
+        reporter.info(line + "; remote store: no free-space check")
+        return
+    free, where = _free_bytes(Path(out))
+    reporter.info(f"{line}; {human_bytes(free)} free on {where}")
     if needed > free:
         twice = " (an HDF5 store briefly exists twice while its shards are joined)"
         message = (
@@ -1186,6 +1049,24 @@ def _finalize(
     failures = [(plan.paths[i], errors[i]) for i in np.flatnonzero(status == stores.FAILED)]
     done, failed = int((status == stores.DONE).sum()), int((status == stores.FAILED).sum())
     pending = int((status == stores.PENDING).sum())
+    processed = int(sum(s["rows"] for s in stats))
+    loop = max(s["loop"] for s in stats)
+    common = {
+        "format": writer.format, "total": len(status), "done": done, "failed": failed, "pending": pending,
+        "skipped": plan.skipped, "processed": processed,
+        "estimate_bytes": plan.estimate or writer.layout.n * writer.layout.image_bytes,
+        "images_per_s": processed / loop if loop > 0 else 0.0, "model_seconds": max(s["model"] for s in stats),
+        "write_seconds": max(s["write"] for s in stats), "part": config.part,
+    }  # fmt: skip
+    if pending and config.part is not None:  # other parts still run; the last part to finish finalises
+        reporter.info(
+            f"part {config.part[0]}/{config.part[1]} finished its rows; {pending} rows of other parts are pending "
+            "(the store is finalised by the last part to finish)"
+        )
+        return ExtractSummary(
+            store=writer.path, failures=failures, bytes_on_disk=stores.disk_usage(writer.path),
+            seconds=time.perf_counter() - started, complete=False, **common,
+        )  # fmt: skip
     attrs: dict[str, Any] = {
         "failed": [{"path": p, "reason": r} for p, r in failures],
         "counts": {"done": done, "failed": failed, "pending": pending},
@@ -1194,30 +1075,14 @@ def _finalize(
     }
     if not plan.fresh:
         history = list(writer.attrs.get("resumed") or [])
-        command = config.command or shlex.join(["vitup", "extract", *sys.argv[1:]])
-        history.append({"command": command, "time": attrs["completed"]})
+        history.append({"command": _command(config), "time": attrs["completed"]})
         attrs["resumed"] = history
     if pending == 0 and writer.format == "hdf5" and not Path(writer.path).exists():
         reporter.info(f"joining {writer.layout.num_shards} shards into {writer.path}")
     path = writer.finalize(attrs) if pending == 0 else writer.path
     if pending:  # unreachable unless a writer lost rows; say so instead of finishing silently
         raise VitupError(f"{path}: {pending} rows are still pending after the run; rerun with --resume")
-    processed = int(sum(s["rows"] for s in stats))
-    loop = max(s["loop"] for s in stats)
     return ExtractSummary(
-        store=path,
-        format=writer.format,
-        total=len(status),
-        done=done,
-        failed=failed,
-        pending=pending,
-        skipped=plan.skipped,
-        processed=processed,
-        failures=failures,
-        bytes_on_disk=stores.disk_usage(path),
-        estimate_bytes=plan.estimate or writer.layout.n * writer.layout.image_bytes,
-        seconds=time.perf_counter() - started,
-        images_per_s=processed / loop if loop > 0 else 0.0,
-        model_seconds=max(s["model"] for s in stats),
-        write_seconds=max(s["write"] for s in stats),
-    )
+        store=path, failures=failures, bytes_on_disk=stores.disk_usage(path),
+        seconds=time.perf_counter() - started, **common,
+    )  # fmt: skip

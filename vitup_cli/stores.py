@@ -14,6 +14,7 @@ name                 shape, dtype              meaning
                                                end-exclusive (``--fit pad`` leaves borders)
 ``error``            (N,) str                  why a failed row failed ('' otherwise)
 ``lowres``           (N, Cb, h, w), optional   the backbone's own tokens at the tap (LoRA off)
+``global``           (N, Cb) f32, optional     one vector per image (``--global cls|mean``), same pass
 ``pca_components``   (K, Cb) f32, optional     ``features = (x - pca_mean) @ pca_components.T``
 ``pca_mean``         (Cb,) f32, optional
 ===================  ========================  ==================================================
@@ -28,6 +29,11 @@ shards, and a group belongs to exactly one writer, so parallel writers never sha
 data when two processes rewrite the same shard). Zarr's local store replaces files atomically, so a
 killed writer leaves either the old or the new version of every file.
 
+Zarr stores may live at any fsspec URL (``s3://bucket/feats.zarr``, ``gs://``, ``memory://``): pass
+``storage_options`` (or rely on the usual environment, e.g. ``AWS_ENDPOINT_URL_S3`` and the credentials
+chain). Object stores replace each object atomically too. Reopening a store to continue it reads known
+keys only (``zarr.json`` files, ``status``, ...), it never lists objects.
+
 HDF5 (``.h5`` / ``.hdf5``): the same datasets with the same chunks, compressed with shuffle + gzip (level 1),
 filters every HDF5 build has. HDF5 files are not crash-safe while open for writing, so while a job runs
 each shard is written to its own small file in ``STORE.parts/`` (compressed in threads, atomically
@@ -38,6 +44,7 @@ the store twice.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -65,14 +72,123 @@ _MANIFEST = "manifest.json"
 _GZIP_LEVEL = 1
 
 
+def is_remote(path: str | Path) -> bool:
+    """True for an fsspec URL (``s3://...``, ``memory://...``); ``file://`` and plain paths are local."""
+    text = str(path)
+    return "://" in text and not text.startswith("file://")
+
+
+def store_path(path: str | Path) -> str | Path:
+    """A store's location as the rest of the code keeps it: the URL text for remote stores (``Path`` would
+    fold ``s3://`` into ``s3:/``), a ``Path`` otherwise."""
+    text = str(path)
+    if is_remote(text):
+        return text.rstrip("/")
+    return Path(text.removeprefix("file://"))
+
+
 def store_format(path: str | Path) -> str:
     """``'zarr'`` for ``*.zarr``, ``'hdf5'`` for ``*.h5`` / ``*.hdf5``; anything else is a user error."""
-    suffix = Path(path).suffix.lower()
+    suffix = Path(str(path).rstrip("/")).suffix.lower()
     if suffix == ".zarr":
         return "zarr"
     if suffix in {".h5", ".hdf5"}:
+        if is_remote(path):
+            raise VitupError(
+                f"--out {path}: HDF5 stores are local files (h5py writes local files only); "
+                "use NAME.zarr for a store at a URL, or a local NAME.h5"
+            )
         return "hdf5"
     raise VitupError(f"--out {path}: the store format comes from its suffix; use NAME.zarr (Zarr v3) or NAME.h5 (HDF5)")
+
+
+class Location:
+    """Small objects next to a store's arrays, on a local disk or at an fsspec URL: read a key, write it
+    (atomically; ``exclusive`` fails with ``FileExistsError`` when it exists), delete it. Reads and writes
+    name their keys: nothing here lists a folder or a bucket."""
+
+    def __init__(self, path: str | Path, storage_options: dict[str, Any] | None = None) -> None:
+        self.path = store_path(path)
+        self.remote = is_remote(self.path)
+        self.storage_options = dict(storage_options or {})
+        self._fs: Any = None
+
+    @property
+    def fs(self) -> Any:
+        if self._fs is None:
+            import fsspec
+
+            try:
+                self._fs, self._root = fsspec.core.url_to_fs(str(self.path), **self.storage_options)
+            except (ImportError, ValueError) as exc:
+                scheme = str(self.path).split("://", 1)[0]
+                extra = " (pip install 'vitup[s3]')" if scheme in {"s3", "s3a"} else ""
+                raise VitupError(f"{self.path}: cannot open this URL ({exc}){extra}") from None
+        return self._fs
+
+    def key(self, name: str) -> str:
+        if self.remote:
+            self.fs  # noqa: B018 - resolves the root
+            return f"{self._root.rstrip('/')}/{name}"
+        return str(Path(self.path) / name)
+
+    def read(self, name: str) -> bytes | None:
+        if not self.remote:
+            try:
+                return (Path(self.path) / name).read_bytes()
+            except (FileNotFoundError, NotADirectoryError):
+                return None
+        try:
+            return self.fs.cat_file(self.key(name))
+        except FileNotFoundError:
+            return None
+
+    def write(self, name: str, data: bytes, exclusive: bool = False) -> None:
+        if not self.remote:
+            target = Path(self.path) / name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            if exclusive:
+                fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+                with os.fdopen(fd, "wb") as fh:
+                    fh.write(data)
+                return
+            from vitup_cli.checkpoints import atomic_write_bytes
+
+            atomic_write_bytes(target, data)
+            return
+        if exclusive:
+            try:
+                self.fs.pipe_file(self.key(name), data, mode="create")
+                return
+            except FileExistsError:
+                raise
+            except (TypeError, NotImplementedError):  # a filesystem without exclusive writes: best effort
+                if self.read(name) is not None:
+                    raise FileExistsError(self.key(name)) from None
+            except Exception as exc:  # S3 answers 412 PreconditionFailed when the key exists
+                if "PreconditionFailed" in repr(exc) or "412" in str(exc):
+                    raise FileExistsError(self.key(name)) from None
+                raise
+        self.fs.pipe_file(self.key(name), data)
+
+    def delete(self, name: str) -> None:
+        if not self.remote:
+            (Path(self.path) / name).unlink(missing_ok=True)
+            return
+        with contextlib.suppress(FileNotFoundError):
+            self.fs.rm_file(self.key(name))
+
+    def zarr_store(self, read_only: bool = False) -> Any:
+        """What ``zarr.open_group`` takes: the local path, or an ``FsspecStore`` over the URL."""
+        if not self.remote:
+            return self.path
+        from zarr.storage import FsspecStore
+
+        self.fs  # noqa: B018 - turns a missing s3fs into one line
+        try:
+            return FsspecStore.from_url(str(self.path), storage_options=self.storage_options, read_only=read_only)
+        except (ImportError, ValueError, TypeError) as exc:
+            raise VitupError(f"{self.path}: cannot open this URL as a Zarr store ({exc})") from None
 
 
 def parts_dir(path: str | Path) -> Path:
@@ -81,9 +197,12 @@ def parts_dir(path: str | Path) -> Path:
     return p.with_name(p.name + _PARTS_SUFFIX)
 
 
-def store_exists(path: str | Path) -> bool:
-    """True when ``path`` or (for HDF5) its unfinished parts folder exists."""
-    p = Path(path)
+def store_exists(path: str | Path, storage_options: dict[str, Any] | None = None) -> bool:
+    """True when ``path`` or (for HDF5) its unfinished parts folder exists (a URL: when its ``zarr.json``
+    does, read by name)."""
+    if is_remote(path):
+        return Location(path, storage_options).read("zarr.json") is not None
+    p = Path(store_path(path))
     return p.exists() or p.is_symlink() or (store_format(p) == "hdf5" and parts_dir(p).exists())
 
 
@@ -101,6 +220,8 @@ class StoreLayout:
         lowres: ``(channels, h, w)`` of the optional token array.
         pca: number of PCA components (``None``: no projection stored).
         backbone_channels: channels of the backbone (the PCA input width).
+        global_dim: width of the optional per-image ``global`` vector (``None``: not stored).
+        global_kind: what it is, ``cls`` or ``mean``.
     """
 
     n: int
@@ -113,6 +234,8 @@ class StoreLayout:
     lowres: tuple[int, int, int] | None = None
     pca: int | None = None
     backbone_channels: int | None = None
+    global_dim: int | None = None
+    global_kind: str | None = None
 
     def __post_init__(self) -> None:
         if self.dtype not in {"float16", "float32"}:
@@ -184,6 +307,8 @@ def _dims(layout: StoreLayout) -> dict[str, tuple[str, ...]]:
         "lowres": ("image", "backbone_channel", "token_y", "token_x"),
         "pca_components": ("channel", "backbone_channel"),
         "pca_mean": ("backbone_channel",),
+        # the global vector lives in backbone space: "channel" when features do too, else "backbone_channel"
+        "global": ("image", "backbone_channel" if layout.pca else "channel"),
     }
 
 
@@ -197,7 +322,7 @@ class FeatureStore:
     ``(n, C, H, W)``. Use as a context manager, or call ``close()``.
     """
 
-    def __init__(self, path: Path, fmt: str, handle: Any) -> None:
+    def __init__(self, path: str | Path, fmt: str, handle: Any) -> None:
         self.path = path
         self.format = fmt
         self._h = handle
@@ -291,6 +416,13 @@ class FeatureStore:
             return [""] * len(self)
         return [_as_str(e) for e in np.asarray(self._array("error")[...]).tolist()]
 
+    @property
+    def global_vectors(self) -> np.ndarray | None:
+        """``(N, C)`` float32 per-image vectors (``--global``), NaN where not written; None when not stored."""
+        if not self.has("global"):
+            return None
+        return np.asarray(self._array("global")[...], dtype=np.float32)
+
     def lowres(self, index: int) -> np.ndarray | None:
         """Row ``index``'s backbone tokens ``(Cb, h, w)`` float32, or None when not stored."""
         if not self.has("lowres"):
@@ -329,10 +461,27 @@ def _as_str(value: Any) -> str:
     return value.decode("utf-8") if isinstance(value, bytes) else str(value)
 
 
-def open_store(path: str | Path) -> FeatureStore:
-    """Open a store read-only (format from the suffix). Raises ``VitupError`` for missing or foreign files."""
-    p = Path(path)
-    fmt = store_format(p)
+def open_store(path: str | Path, storage_options: dict[str, Any] | None = None) -> FeatureStore:
+    """Open a store read-only (format from the suffix; Zarr also at an fsspec URL, with ``storage_options``).
+    Raises ``VitupError`` for missing or foreign stores."""
+    fmt = store_format(path)
+    p = store_path(path)
+    if fmt == "zarr" and is_remote(p):
+        import zarr
+
+        loc = Location(p, storage_options)
+        if loc.read("zarr.json") is None:
+            raise VitupError(f"{p}: no such store (no zarr.json at this URL)")
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                group = zarr.open_group(loc.zarr_store(read_only=True), mode="r", zarr_format=3)
+        except VitupError:
+            raise
+        except Exception as exc:
+            raise VitupError(f"{p}: not a readable Zarr v3 store ({type(exc).__name__}: {exc})") from None
+        return FeatureStore(p, fmt, group)
+    p = Path(p)
     if fmt == "hdf5" and not p.exists() and parts_dir(p).exists():
         raise VitupError(
             f"{p}: this HDF5 store is not finished yet (its shards are in {parts_dir(p)}); "
@@ -359,11 +508,11 @@ def open_store(path: str | Path) -> FeatureStore:
     return FeatureStore(p, fmt, handle)
 
 
-def store_status(path: str | Path) -> np.ndarray:
-    """Row status of a store, including an HDF5 store still being written (read from its parts)."""
-    p = Path(path)
-    if store_format(p) == "hdf5" and not p.exists() and parts_dir(p).exists():
-        return open_writer(p).status()
+def store_status(path: str | Path, storage_options: dict[str, Any] | None = None) -> np.ndarray:
+    """Row status of a store, including one still being written (HDF5: read from its parts)."""
+    p = store_path(path)
+    if is_remote(p) or (store_format(p) == "hdf5" and not Path(p).exists() and parts_dir(p).exists()):
+        return open_writer(p, storage_options=storage_options).status()
     with open_store(p) as store:
         return store.status
 
@@ -448,6 +597,8 @@ def _h5_create_arrays(h5: Any, layout: StoreLayout, rows: int, with_path: bool) 
     h5.create_dataset("size", shape=(rows, 2), dtype="int32", fillvalue=0)
     h5.create_dataset("valid", shape=(rows, 4), dtype="int32", fillvalue=0)
     h5.create_dataset("error", shape=(rows,), dtype=text)
+    if layout.global_dim:
+        h5.create_dataset("global", shape=(rows, layout.global_dim), dtype="float32", fillvalue=np.nan)
     if with_path:
         h5.create_dataset("path", shape=(rows,), dtype=text)
 
@@ -471,7 +622,7 @@ class StoreWriter(ABC):
 
     format: str
 
-    def __init__(self, path: Path, layout: StoreLayout, attrs: dict[str, Any]) -> None:
+    def __init__(self, path: str | Path, layout: StoreLayout, attrs: dict[str, Any]) -> None:
         self.path = path
         self.layout = layout
         self.attrs = attrs
@@ -498,7 +649,7 @@ class StoreWriter(ABC):
     def _write_shard(self, shard: int, rows: dict[str, Any]) -> None: ...
 
     @abstractmethod
-    def finalize(self, attrs: dict[str, Any] | None = None) -> Path:
+    def finalize(self, attrs: dict[str, Any] | None = None) -> str | Path:
         """Merge ``attrs`` into the root attributes and make the store final; returns its path."""
 
     def close(self) -> None:  # noqa: B027 - optional hook
@@ -514,13 +665,15 @@ class StoreWriter(ABC):
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def done_shards(self) -> set[int]:
-        """Shards whose every row is done or failed (nothing left to compute)."""
+    def done_shards(self, retry_failed: bool = False) -> set[int]:
+        """Shards whose every row is done or failed (nothing left to compute); with ``retry_failed`` only
+        shards whose every row is done (a shard is rewritten whole, so its other rows are computed again)."""
         status = self.status()
         out = set()
         for k in range(self.layout.num_shards):
             a, b = self.layout.shard_rows(k)
-            if (status[a:b] != PENDING).all():
+            rows = status[a:b]
+            if (rows == DONE).all() if retry_failed else (rows != PENDING).all():
                 out.add(k)
         return out
 
@@ -534,6 +687,7 @@ class StoreWriter(ABC):
         valid: np.ndarray,
         errors: Sequence[str] | None = None,
         lowres: np.ndarray | None = None,
+        global_: np.ndarray | None = None,
     ) -> None:
         """Write one whole shard (its rows from ``layout.shard_rows(shard)``), status last.
 
@@ -560,6 +714,10 @@ class StoreWriter(ABC):
         }
         if lowres is not None:
             rows["lowres"] = np.asarray(lowres).astype(lay.dtype, copy=False).reshape(n, *lay.lowres)
+        if (global_ is None) != (lay.global_dim is None):
+            raise ValueError("global_ must be given exactly when the layout stores it")
+        if global_ is not None:
+            rows["global"] = np.asarray(global_, dtype=np.float32).reshape(n, lay.global_dim)
         if not np.isin(rows["status"], (DONE, FAILED)).all():
             raise ValueError("a written row is either DONE or FAILED")
         self._write_shard(shard, rows)
@@ -601,6 +759,9 @@ def create_writer(
     paths: Sequence[str],
     attrs: dict[str, Any] | None = None,
     pca: tuple[np.ndarray, np.ndarray] | None = None,
+    *,
+    storage_options: dict[str, Any] | None = None,
+    compression: str = "zstd",
 ) -> StoreWriter:
     """Create a new store at its final size (``path`` must not exist: remove it first to overwrite).
 
@@ -608,36 +769,47 @@ def create_writer(
         paths: ``N`` input paths relative to the image root.
         attrs: JSON-able root attributes (settings, provenance).
         pca: ``(components (K, Cb), mean (Cb,))`` when features are stored projected.
+        storage_options: for a Zarr store at an fsspec URL.
+        compression: the Zarr features' Blosc codec, ``zstd``, ``lz4`` or ``none`` (HDF5 keeps gzip).
     """
-    p = Path(path)
-    if store_exists(p):
+    p = store_path(path)
+    if store_exists(p, storage_options):
         raise VitupError(f"{p} already exists")
     if len(paths) != layout.n:
         raise ValueError(f"{len(paths)} paths for a store of {layout.n} rows")
     if (pca is None) != (layout.pca is None):
         raise ValueError("pass a projection exactly when the layout has pca components")
     full = _common_attrs(layout, dict(attrs or {}))
-    cls = _ZarrWriter if store_format(p) == "zarr" else _H5Writer
-    return cls.create(p, layout, list(paths), full, pca)
+    if store_format(p) == "zarr":
+        return _ZarrWriter.create(p, layout, list(paths), full, pca, storage_options, compression)
+    return _H5Writer.create(Path(p), layout, list(paths), full, pca)
 
 
-def open_writer(path: str | Path, *, recover: bool = False) -> StoreWriter:
+def open_writer(
+    path: str | Path, *, recover: bool = False, storage_options: dict[str, Any] | None = None
+) -> StoreWriter:
     """Reopen an existing store (or an unfinished HDF5 one) to continue writing it.
 
     ``recover``: first delete the temporary files of writes that a killed writer left behind. Only when no
     other process is writing this store (``vitup extract`` does it on rank 0 before any rank starts).
     """
-    p = Path(path)
-    cls = _ZarrWriter if store_format(p) == "zarr" else _H5Writer
-    writer = cls.open(p)
+    p = store_path(path)
+    writer = _ZarrWriter.open(p, storage_options) if store_format(p) == "zarr" else _H5Writer.open(Path(p))
     if recover:
         writer.recover()
     return writer
 
 
-def remove_store(path: str | Path) -> None:
+def remove_store(path: str | Path, storage_options: dict[str, Any] | None = None) -> None:
     """Delete a store (and an HDF5 store's parts). Refuses folders that are not Zarr stores."""
-    p = Path(path)
+    p = store_path(path)
+    if is_remote(p):
+        loc = Location(p, storage_options)
+        if loc.read("zarr.json") is None:
+            raise VitupError(f"--overwrite: {p} has no zarr.json, so it is not a Zarr store; not deleting it")
+        loc.fs.rm(loc.key("").rstrip("/"), recursive=True)
+        return
+    p = Path(p)
     if store_format(p) == "hdf5":
         if p.is_dir() and not p.is_symlink():
             raise VitupError(f"--overwrite: {p} is a folder, not an HDF5 file; remove it yourself if you mean it")
@@ -653,30 +825,48 @@ def remove_store(path: str | Path) -> None:
         shutil.rmtree(p)
 
 
+CODECS = ("zstd", "lz4", "none")
+
+
+def _compressors(name: str) -> Any:
+    from zarr.codecs import BloscCodec
+
+    if name not in CODECS:
+        raise VitupError(f"--compression {name}: use one of {', '.join(CODECS)}")
+    if name == "none":
+        return None
+    return BloscCodec(cname=name, clevel=1, shuffle="shuffle")
+
+
 # -- Zarr -----------------------------------------------------------------------------------------
 class _ZarrWriter(StoreWriter):
     format = "zarr"
 
-    def __init__(self, path: Path, layout: StoreLayout, attrs: dict[str, Any], group: Any) -> None:
+    def __init__(self, path: str | Path, layout: StoreLayout, attrs: dict[str, Any], group: Any, loc: Location) -> None:
         super().__init__(path, layout, attrs)
         self._g = group
-        self._arrays = {name: group[name] for name in group.array_keys()}  # lookups cost a metadata read
+        self._loc = loc
+        names = [*ARRAYS, *(["lowres"] if layout.lowres else []), *(["global"] if layout.global_dim else [])]
+        # (by name: listing a bucket is slow and costly)
+        self._arrays = {name: group[name] for name in names}  # lookups cost a metadata read
 
     @classmethod
     def create(
         cls,
-        path: Path,
+        path: str | Path,
         layout: StoreLayout,
         paths: list[str],
         attrs: dict[str, Any],
         pca: tuple[np.ndarray, np.ndarray] | None,
+        storage_options: dict[str, Any] | None = None,
+        compression: str = "zstd",
     ) -> _ZarrWriter:
         import zarr
-        from zarr.codecs import BloscCodec
 
         dims = _dims(layout)
-        group = zarr.open_group(path, mode="w-", zarr_format=3)
-        blosc = BloscCodec(cname="zstd", clevel=1, shuffle="shuffle")
+        loc = Location(path, storage_options)
+        blosc = _compressors(compression)
+        group = zarr.open_group(loc.zarr_store(), mode="w-", zarr_format=3)
         cy, cx = layout.chunk_hw
         s, rows = layout.shard_size, layout.group_rows
         group.create_array(
@@ -712,33 +902,41 @@ class _ZarrWriter(StoreWriter):
             "valid", shape=(n, 4), chunks=(rows, 4), dtype="int32", fill_value=0, dimension_names=dims["valid"]
         )
         group.create_array("error", shape=(n,), chunks=(rows,), dtype=str, dimension_names=dims["error"])
+        if layout.global_dim:
+            group.create_array(
+                "global", shape=(n, layout.global_dim), chunks=(rows, layout.global_dim), dtype="float32",
+                fill_value=np.nan, dimension_names=dims["global"], attributes={"kind": layout.global_kind},
+            )  # fmt: skip
         path_arr[:] = np.array(paths, dtype=object)
         if pca is not None:
             comps, mean = (np.asarray(a, dtype=np.float32) for a in pca)
             group.create_array("pca_components", data=comps, chunks=comps.shape, dimension_names=dims["pca_components"])
             group.create_array("pca_mean", data=mean, chunks=mean.shape, dimension_names=dims["pca_mean"])
         group.attrs.update(attrs)  # last: a store without `format` was not fully created
-        return cls(path, layout, attrs, group)
+        return cls(path, layout, attrs, group, loc)
 
     @classmethod
-    def open(cls, path: Path) -> _ZarrWriter:
+    def open(cls, path: str | Path, storage_options: dict[str, Any] | None = None) -> _ZarrWriter:
         import zarr
 
-        if not (path / "zarr.json").exists():
+        loc = Location(path, storage_options)
+        if loc.read("zarr.json") is None:
             raise VitupError(f"{path}: not a Zarr store; use --overwrite to replace it")
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            group = zarr.open_group(path, mode="r+", use_consolidated=False)
+            group = zarr.open_group(loc.zarr_store(), mode="r+", zarr_format=3, use_consolidated=False)
         attrs = dict(group.attrs)
         if attrs.get("format") != STORE_FORMAT or "layout" not in attrs:
             raise VitupError(
                 f"{path}: not a complete vitup store (creation was interrupted, or another tool made it); "
                 "use --overwrite to start over"
             )
-        return cls(path, StoreLayout.from_json(attrs["layout"]), attrs, group)
+        return cls(path, StoreLayout.from_json(attrs["layout"]), attrs, group, loc)
 
     def recover(self) -> None:
-        for leftover in self.path.rglob("*.partial"):  # zarr's temporary files of interrupted writes
+        if self._loc.remote:  # an object is PUT whole or not at all: no temporary files
+            return
+        for leftover in Path(self.path).rglob("*.partial"):  # zarr's temporary files of interrupted writes
             leftover.unlink(missing_ok=True)
 
     def status(self) -> np.ndarray:
@@ -751,7 +949,7 @@ class _ZarrWriter(StoreWriter):
         return [_as_str(e) for e in np.asarray(self._arrays["path"][...]).tolist()]
 
     def pca(self) -> tuple[np.ndarray, np.ndarray] | None:
-        if "pca_components" not in set(self._g.array_keys()):
+        if not self.layout.pca:
             return None
         return np.asarray(self._g["pca_components"][...]), np.asarray(self._g["pca_mean"][...])
 
@@ -761,23 +959,46 @@ class _ZarrWriter(StoreWriter):
         for name in ("features", "lowres"):
             if name in rows:
                 # a shard left by an interrupted attempt is replaced, never merged into
-                (self.path / name / "c" / str(shard) / "0" / "0" / "0").unlink(missing_ok=True)
+                self._loc.delete(f"{name}/c/{shard}/0/0/0")
                 arrays[name][start:stop] = rows[name]
+        if "global" in rows:
+            arrays["global"][start:stop] = rows["global"]
         arrays["size"][start:stop] = rows["size"]
         arrays["valid"][start:stop] = rows["valid"]
         arrays["error"][start:stop] = rows["error"]
         arrays["status"][start:stop] = rows["status"]  # last: the row is on disk
 
-    def finalize(self, attrs: dict[str, Any] | None = None) -> Path:
+    def finalize(self, attrs: dict[str, Any] | None = None) -> str | Path:
         import zarr
 
         if attrs:
             self._g.attrs.update(attrs)
             self.attrs.update(attrs)
+        if self._loc.remote:
+            self._consolidate_by_name()
+            return self.path
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            zarr.consolidate_metadata(self.path)
+            zarr.consolidate_metadata(self._loc.zarr_store(), zarr_format=3)
         return self.path
+
+    def _consolidate_by_name(self) -> None:
+        """What ``zarr.consolidate_metadata`` writes (every array's metadata inline in the root ``zarr.json``),
+        built from the arrays this store has by name: zarr's own walks the hierarchy, which lists objects."""
+        names = [
+            *ARRAYS,
+            *(["lowres"] if self.layout.lowres else []),
+            *(["global"] if self.layout.global_dim else []),
+            *(["pca_components", "pca_mean"] if self.layout.pca else []),
+        ]
+        root = json.loads(self._loc.read("zarr.json") or b"{}")
+        meta = {}
+        for name in sorted(names):
+            data = self._loc.read(f"{name}/zarr.json")
+            if data is not None:
+                meta[name] = json.loads(data)
+        root["consolidated_metadata"] = {"kind": "inline", "must_understand": False, "metadata": meta}
+        self._loc.write("zarr.json", json.dumps(root, indent=2).encode())
 
 
 # -- HDF5 -----------------------------------------------------------------------------------------
@@ -910,6 +1131,8 @@ class _H5Writer(StoreWriter):
                 ok = rows["status"] == DONE
                 for i in np.flatnonzero(ok):
                     h5["lowres"][i] = rows["lowres"][i]
+            if "global" in rows:
+                h5["global"][...] = rows["global"]
             h5["size"][...] = rows["size"]
             h5["valid"][...] = rows["valid"]
             h5["error"][...] = rows["error"]
@@ -938,7 +1161,8 @@ class _H5Writer(StoreWriter):
             if pca is not None:
                 out.create_dataset("pca_components", data=pca[0])
                 out.create_dataset("pca_mean", data=pca[1])
-            small = {name: np.asarray(out[name][...]) for name in ("status", "size", "valid", "error")}
+            small_names = ("status", "size", "valid", "error", *(("global",) if lay.global_dim else ()))
+            small = {name: np.asarray(out[name][...]) for name in small_names}
             names = ["features", *(["lowres"] if lay.lowres else [])]
             for k in range(lay.num_shards):
                 a, b = lay.shard_rows(k)
@@ -981,8 +1205,10 @@ def _chunk_grid(chunks: tuple[int, ...], shape: tuple[int, ...]) -> Iterator[tup
     yield from itertools.product(*axes)
 
 
-def disk_usage(path: str | Path) -> int:
-    """Bytes a store occupies on disk now (its parts included)."""
+def disk_usage(path: str | Path) -> int | None:
+    """Bytes a store occupies on disk now (its parts included); None for a URL (it would list every object)."""
+    if is_remote(path):
+        return None
     total = 0
     for p in (Path(path), parts_dir(path)):
         if p.is_file():

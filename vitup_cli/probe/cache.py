@@ -148,7 +148,7 @@ def store_key(dataset: ProbeDataset, upsampler: Upsampler, *, res: int, dtype: s
               teacher: bool = False, fit: str = "crop") -> dict[str, Any]:  # fmt: skip
     """What decides a probe store's content (its cache key); ``fit`` is extract's geometry (the linear
     probes crop; the correspondence probe squashes images it has already padded to a square)."""
-    from vitup_cli.extract import model_fingerprint
+    from vitup_cli.features import model_fingerprint
 
     bb = upsampler.backbone.describe()
     files = [str(p.resolve()) for p in dataset.images]
@@ -258,7 +258,7 @@ def cls_tokens(upsampler: Upsampler, files: list[Path], batch_size: int = 8) -> 
     off (the frozen backbone, as JAFAR), or the mean patch token for a backbone without prefix tokens.
     Unreadable images get zeros."""
     from vitup_cli.data.images import ImageLoadError, load_image
-    from vitup_cli.extract import fit_image
+    from vitup_cli.features import fit_image
 
     backbone = upsampler.backbone
     device = next(upsampler.parameters()).device
