@@ -99,20 +99,20 @@ def _child(args: argparse.Namespace, res: int) -> dict:
 
     from vitup_cli.backbones import parse_overrides
     from vitup_cli.checkpoints import open_upsampler
+    from vitup_cli.distributed import Dist
     from vitup_cli.extract import (
         _SHARD_BYTES,
         ExtractConfig,
         SilentReporter,
         _device,
-        _Dist,
-        _fill_colour,
         _ImageRows,
         dense_features,
+        fill_colour,
         run_extract,
     )
 
     torch.set_num_threads(args.threads)
-    device = _device(args.device, _Dist())
+    device = _device(args.device, Dist())
     torch.manual_seed(0)
     model = open_upsampler(
         "vitup" if args.checkpoint else args.upsampler,
@@ -131,7 +131,7 @@ def _child(args: argparse.Namespace, res: int) -> dict:
     batch_size = args.batch_size or max(1, min(8, _SHARD_BYTES // image_bytes))  # what extract picks
     with _RssSampler() as sampler:
         # 1. model only: decoded, fitted images in memory; time exactly the model step
-        rows = _ImageRows(files, model.input_size, "pad", _fill_colour(model))
+        rows = _ImageRows(files, model.input_size, "pad", fill_colour(model))
         images = torch.stack([rows[i]["image"] for i in range(len(files))])
         batches = [images[i : i + batch_size] for i in range(0, len(images), batch_size)]
         dense_features(model, batches[0].to(device).float() / 255, grid, dtype=dtype)  # warm-up

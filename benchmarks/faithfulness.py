@@ -50,10 +50,10 @@ sys.path.insert(0, str(ROOT))
 from vitup_cli.backbones import load_backbone  # noqa: E402
 from vitup_cli.checkpoints import load_checkpoint  # noqa: E402
 from vitup_cli.models import build_upsampler, grid_xy  # noqa: E402
+from vitup_cli.progress import Reporter  # noqa: E402
 from vitup_cli.train import TrainConfig  # noqa: E402
 from vitup_cli.train.config import coerce  # noqa: E402
 from vitup_cli.train.loop import train  # noqa: E402
-from vitup_cli.train.report import LogReporter  # noqa: E402
 
 UPSAMPLERS = ("vitup", "bilinear", "nearest")
 METRICS = ("cosine", "nl2", "fidelity")  # higher, lower, higher is better
@@ -221,7 +221,7 @@ def run_one(args: argparse.Namespace, teacher: str, seed: int, work: Path) -> di
     cfg = train_config(args, teacher, seed, work)
     shutil.rmtree(cfg.out, ignore_errors=True)
     t0 = time.monotonic()
-    result = train(cfg, reporter=LogReporter(interval=120))
+    result = train(cfg, reporter=Reporter(interval=120))
     train_s = time.monotonic() - t0
     t0 = time.monotonic()
     test_images = sorted((work / "heldout").glob("*.png"))

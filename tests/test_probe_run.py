@@ -12,10 +12,10 @@ from safetensors.torch import load_file
 
 import vitup_cli.extract as extract_module
 from vitup_cli.errors import VitupError
-from vitup_cli.extract import SilentReporter
 from vitup_cli.probe import ProbeConfig, run_probe
 from vitup_cli.probe.report import results_table
 from vitup_cli.probe.train import StoreFeatures, TrainSettings, fit_head
+from vitup_cli.progress import SilentReporter
 
 TINY = {
     "backbone": "dinov3_s",

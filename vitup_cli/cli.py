@@ -251,9 +251,9 @@ def train_cmd(
     import os
     import sys
 
+    from vitup_cli.progress import Reporter, RichReporter
     from vitup_cli.train import build_config, resume_config
     from vitup_cli.train.loop import train
-    from vitup_cli.train.report import LogReporter, RichReporter
 
     skip = {"config", "resume", "stop_after"}
     given = {name: value for name, value in ctx.params.items() if name not in skip and _explicit(ctx, name)}
@@ -266,7 +266,7 @@ def train_cmd(
     else:
         cfg = build_config(config, given)
     main_rank = os.environ.get("RANK", "0") == "0"
-    reporter = RichReporter() if sys.stderr.isatty() else LogReporter()
+    reporter = RichReporter() if sys.stderr.isatty() else Reporter(interval=30.0)
     result = train(cfg, resume=resume is not None, reporter=reporter, stop_after=stop_after)
     if not main_rank:
         return
@@ -396,7 +396,8 @@ def extract_cmd(
     import sys
 
     from vitup_cli.backbones import parse_overrides
-    from vitup_cli.extract import ExtractConfig, Reporter, RichReporter, human_bytes, parse_res, run_extract
+    from vitup_cli.extract import ExtractConfig, parse_res, run_extract
+    from vitup_cli.progress import Reporter, RichReporter, human_bytes
 
     config = ExtractConfig(
         images=images,
@@ -588,7 +589,6 @@ def probe_cmd(
     from rich.console import Console
 
     from vitup_cli.backbones import parse_overrides
-    from vitup_cli.extract import Reporter, RichReporter
     from vitup_cli.probe import ProbeConfig, run_probe
     from vitup_cli.probe.report import results_table
 
@@ -623,6 +623,8 @@ def probe_cmd(
         depth_scale=depth_scale,
         max_depth=max_depth,
     )
+    from vitup_cli.progress import Reporter, RichReporter
+
     reporter = RichReporter() if sys.stderr.isatty() else Reporter()
     report = run_probe(config, reporter=reporter)
     console = Console()
@@ -742,9 +744,9 @@ def visualize_cmd(
 
     from vitup_cli import viz
     from vitup_cli.backbones import parse_overrides
+    from vitup_cli.progress import default_reporter
 
-    def log(message: str) -> None:
-        typer.echo(message, err=True)
+    log = default_reporter().info
 
     options = viz.FigureOptions(panel_size=panel_size, dpi=dpi)
     points = [viz.parse_point(p) for p in point or []]

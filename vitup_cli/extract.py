@@ -14,18 +14,15 @@ Under ``torchrun`` every rank runs this same function: rank 0 creates the store,
 writes the shards it owns (whole groups of shards, so no two processes ever write the same file), and
 rank 0 finalises. The result equals a single-process run.
 
-Geometry (``fit_image``): every image becomes a square ``S x S`` input (``S`` = the upsampler's input
-size): ``squash`` resizes it, ``crop`` resizes the short side to ``S`` and takes the centre, ``pad``
-(default) resizes the long side to ``S`` and centres it on a canvas of the backbone's mean colour
-(zero after normalisation). The output grid ``H x W`` spans that square; ``valid`` records the real
-image in it.
+The geometry and the feature computation live in ``vitup_cli.features`` (shared with probe and visualize),
+the torchrun coordination in ``vitup_cli.distributed``, the reporting in ``vitup_cli.progress``; their
+names are re-exported here for existing callers.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
 import hashlib
-import math
 import os
 import queue
 import shlex
@@ -33,93 +30,41 @@ import shutil
 import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
 
 from vitup_cli import stores
 from vitup_cli.backbones import sha256_file
+from vitup_cli.distributed import Dist
 from vitup_cli.errors import VitupError
-from vitup_cli.models import Upsampler, ViTUp, grid_xy
+from vitup_cli.features import (  # noqa: F401 - re-exported for existing callers
+    _BUDGET_BYTES,
+    FITS,
+    RESAMPLING,
+    _fit_array,
+    box_to_grid,
+    dense_features,
+    fill_colour,
+    fit_image,
+    model_fingerprint,
+)
+from vitup_cli.models import Upsampler, ViTUp
+from vitup_cli.progress import (  # noqa: F401 - re-exported for existing callers
+    Reporter,
+    RichReporter,
+    SilentReporter,
+    TqdmReporter,
+    default_reporter,
+    human_bytes,
+)
 
-FITS = ("squash", "crop", "pad")
-RESAMPLING = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR}
 DTYPES = ("float16", "float32")
-_BUDGET_BYTES = 256 << 20  # float32 features computed at once by the generic path
 _SHARD_BYTES = 256 << 20  # stored features per batch (= per shard) when --batch-size is not given
-
-
-# =================================================================================================
-# geometry
-# =================================================================================================
-def _fit_array(
-    img: Image.Image, size: int, fit: str, fill: tuple[int, int, int] = (0, 0, 0), resample: str = "bicubic"
-) -> tuple[np.ndarray, tuple[int, int, int, int]]:
-    """``_fit`` to an ``(S, S, 3)`` uint8 array (what the DataLoader workers hand over)."""
-    if fit not in FITS:
-        raise VitupError(f"--fit {fit}: use one of {', '.join(FITS)}")
-    img = img.convert("RGB") if img.mode != "RGB" else img
-    w, h = img.size
-    if resample not in RESAMPLING:
-        raise VitupError(f"resampling {resample!r}: use one of {', '.join(RESAMPLING)}")
-    resample = RESAMPLING[resample]
-    if fit == "squash":
-        return np.asarray(img.resize((size, size), resample)), (0, 0, size, size)
-    if fit == "crop":
-        scale = size / min(h, w)
-        nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
-        left, top = (nw - size) // 2, (nh - size) // 2
-        out = img.resize((nw, nh), resample).crop((left, top, left + size, top + size))
-        return np.asarray(out), (0, 0, size, size)
-    scale = size / max(h, w)
-    nw, nh = min(size, max(1, round(w * scale))), min(size, max(1, round(h * scale)))
-    canvas = Image.new("RGB", (size, size), fill)
-    left, top = (size - nw) // 2, (size - nh) // 2
-    canvas.paste(img.resize((nw, nh), resample), (left, top))
-    return np.asarray(canvas), (top, left, top + nh, left + nw)
-
-
-def fit_image(
-    img: Image.Image,
-    input_size: int,
-    fit: str = "pad",
-    fill: tuple[int, int, int] = (0, 0, 0),
-    resample: str = "bicubic",
-) -> tuple[torch.Tensor, tuple[int, int, int, int]]:
-    """Fit an RGB image into the square backbone input.
-
-    Args:
-        img: a PIL image (converted to RGB if it is not).
-        input_size: ``S``, the side of the square input.
-        fit: ``squash`` (resize, aspect changes), ``crop`` (short side to ``S``, centre crop) or
-            ``pad`` (long side to ``S``, centred on a ``fill``-coloured canvas).
-        fill: the padding colour, 0-255 RGB.
-        resample: ``bicubic`` (extract's default) or ``bilinear`` (the probe protocol's).
-    Returns:
-        ``(3, S, S)`` float32 in ``[0, 1]``, and the real image inside it as ``(y0, x0, y1, x1)`` in
-        input pixels, end-exclusive (the whole square for ``squash`` and ``crop``).
-    """
-    arr, box = _fit_array(img, input_size, fit, fill, resample)
-    return torch.from_numpy(arr.copy()).permute(2, 0, 1).float().div_(255), box
-
-
-def box_to_grid(box: Sequence[int], input_size: int, grid: tuple[int, int]) -> tuple[int, int, int, int]:
-    """An input-pixel box ``(y0, x0, y1, x1)`` -> the output-grid cells whose centres fall inside it."""
-    gh, gw = grid
-    y0, x0, y1, x1 = box
-
-    def cells(a: int, b: int, n: int) -> tuple[int, int]:
-        lo = min(n, max(0, math.ceil(a * n / input_size - 0.5)))
-        hi = min(n, max(lo, math.ceil(b * n / input_size - 0.5)))
-        return lo, hi
-
-    (gy0, gy1), (gx0, gx1) = cells(y0, y1, gh), cells(x0, x1, gw)
-    return gy0, gx0, gy1, gx1
 
 
 def parse_res(text: str | int | Sequence[int]) -> tuple[int, int]:
@@ -139,77 +84,6 @@ def parse_res(text: str | int | Sequence[int]) -> tuple[int, int]:
     if len(ints) != 2 or min(ints) < 1:
         raise VitupError(f"--res {text}: give R (square) or H,W, positive integers, e.g. --res 224 or --res 224,320")
     return ints[0], ints[1]
-
-
-# =================================================================================================
-# dense features (no CLI, no store: usable by probes and scripts)
-# =================================================================================================
-@torch.no_grad()
-def dense_features(
-    upsampler: Upsampler,
-    images: torch.Tensor,
-    size: tuple[int, int],
-    *,
-    tap: int | None = None,
-    chunk_queries: int | None = None,
-    projection: tuple[torch.Tensor, torch.Tensor] | None = None,
-    dtype: torch.dtype = torch.float16,
-    with_tokens: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Features for a batch, with memory bounded at any output size.
-
-    ViT-Up decodes rows of the output grid in chunks of about ``chunk_queries`` queries against one
-    cache per batch; other upsamplers run on sub-batches of at most ~256 MB of float32 output. Each piece
-    is projected (optional) and cast to ``dtype`` on the device, then copied to the CPU.
-
-    Args:
-        images: ``(B, 3, S, S)`` float in ``[0, 1]`` on the upsampler's device.
-        size: output grid ``(H, W)`` (ignored by ``lowres``, whose grid is the token grid).
-        projection: ``(components (K, C), mean (C,))``: store ``(x - mean) @ components.T`` instead.
-    Returns:
-        CPU ``(B, C or K, H, W)`` features in ``dtype``, and the ``(B, C, h, w)`` tokens at ``tap`` of the
-        original backbone (LoRA adapters off) when ``with_tokens`` (else None).
-    """
-    B = images.shape[0]
-    device = images.device
-    height, width = upsampler.token_grid if upsampler.native_resolution_only else size
-    comps = mean = None
-    if projection is not None:
-        comps, mean = (t.to(device=device, dtype=torch.float32) for t in projection)
-    channels = comps.shape[0] if comps is not None else upsampler.dim
-    out = torch.empty((B, channels, height, width), dtype=dtype)
-    tokens = None
-    if isinstance(upsampler, ViTUp):
-        level = upsampler.level_of(tap)
-        cache = upsampler.encode(images)
-        if with_tokens:  # the original backbone's tokens (LoRA off), as visualize and probe show them
-            with upsampler.backbone.adapters_disabled():
-                tokens = upsampler.tokens(images, tap).to("cpu", dtype)
-        chunk = chunk_queries or upsampler.config.chunk_queries
-        rows = max(1, chunk // width)
-        xy_all = grid_xy(height, width, device=device)
-        for r0 in range(0, height, rows):
-            r1 = min(height, r0 + rows)
-            xy = xy_all[r0 * width : r1 * width].expand(B, -1, -1)
-            part = upsampler.decode(cache, xy, [level], chunk=xy.shape[1])[0]  # (B, n, C)
-            if comps is not None:
-                part = (part - mean) @ comps.T
-            out[:, :, r0:r1].copy_(part.transpose(1, 2).reshape(B, channels, r1 - r0, width))  # cast on the way
-        return out, tokens
-    per_image = upsampler.dim * height * width * 4
-    step = max(1, min(B, _BUDGET_BYTES // max(1, per_image)))
-    for b0 in range(0, B, step):
-        b1 = min(B, b0 + step)
-        feats = upsampler.features(images[b0:b1], (height, width), tap=tap).float()
-        if comps is not None:
-            feats = torch.einsum("kc,bchw->bkhw", comps, feats - mean[:, None, None])
-        out[b0:b1].copy_(feats)  # cast and copy to the host in one pass
-        del feats
-    if with_tokens:
-        tokens = (
-            out.clone() if (upsampler.native_resolution_only and comps is None) else upsampler.tokens(images, tap)
-        ).to("cpu", dtype)
-    return out, tokens
 
 
 # =================================================================================================
@@ -276,143 +150,6 @@ class ExtractSummary:
     images_per_s: float
     model_seconds: float = 0.0
     write_seconds: float = 0.0
-
-
-# =================================================================================================
-# progress reporting
-# =================================================================================================
-class Reporter:
-    """How a job talks to its user. This base prints plain lines on stderr, one every ``interval``
-    seconds while images stream (logs of CI and batch schedulers)."""
-
-    def __init__(self, interval: float = 10.0) -> None:
-        self.interval = interval
-        self._lock = threading.Lock()
-        self._total = self._count = 0
-        self._t0 = self._last = 0.0
-        self._label = ""
-
-    def info(self, message: str) -> None:
-        print(message, file=sys.stderr, flush=True)
-
-    def warning(self, message: str) -> None:
-        print(f"warning: {message}", file=sys.stderr, flush=True)
-
-    def start(self, total: int, label: str) -> None:
-        self._total, self._count, self._label = total, 0, label
-        self._t0 = self._last = time.perf_counter()
-
-    def advance(self, n: int) -> None:
-        with self._lock:
-            self._count += n
-            now = time.perf_counter()
-            if now - self._last >= self.interval or self._count >= self._total:
-                self._last = now
-                self.info(self._line(now))
-
-    def _line(self, now: float) -> str:
-        rate = self._count / max(now - self._t0, 1e-9)
-        eta = (self._total - self._count) / rate if rate > 0 else float("inf")
-        eta_text = str(_dt.timedelta(seconds=round(eta))) if math.isfinite(eta) else "?"
-        pct = 100 * self._count / max(self._total, 1)
-        return f"{self._label}: {self._count}/{self._total} images ({pct:.0f}%), {rate:.1f} img/s, ETA {eta_text}"
-
-    def finish(self) -> None:
-        pass
-
-
-class SilentReporter(Reporter):
-    """Says nothing (ranks other than 0)."""
-
-    def info(self, message: str) -> None:
-        pass
-
-    def warning(self, message: str) -> None:
-        pass
-
-
-class TqdmReporter(Reporter):
-    """``tqdm.auto`` bar: what scripts and notebooks see."""
-
-    def start(self, total: int, label: str) -> None:
-        from tqdm.auto import tqdm
-
-        self._bar = tqdm(total=total, desc=label, unit="img", file=sys.stderr)
-
-    def advance(self, n: int) -> None:
-        with self._lock:
-            self._bar.update(n)
-
-    def finish(self) -> None:
-        if getattr(self, "_bar", None) is not None:
-            self._bar.close()
-            self._bar = None
-
-
-class RichReporter(Reporter):
-    """A rich progress bar on stderr (images/s and ETA): what the terminal command shows."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        from rich.console import Console
-
-        self.console = Console(stderr=True)
-        self._progress = None
-
-    def info(self, message: str) -> None:
-        self.console.print(message, highlight=False, markup=False)
-
-    def warning(self, message: str) -> None:
-        self.console.print(f"[yellow]warning:[/yellow] {_escape(message)}", highlight=False)
-
-    def start(self, total: int, label: str) -> None:
-        from rich.progress import (
-            BarColumn,
-            MofNCompleteColumn,
-            Progress,
-            TaskProgressColumn,
-            TextColumn,
-            TimeElapsedColumn,
-            TimeRemainingColumn,
-        )
-
-        self._progress = Progress(
-            TextColumn("{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TaskProgressColumn(),
-            TextColumn("{task.fields[rate]} img/s"),
-            TimeElapsedColumn(),
-            TextColumn("ETA"),
-            TimeRemainingColumn(),
-            console=self.console,
-        )
-        self._progress.start()
-        self._task = self._progress.add_task(label, total=total, rate="-")
-        self._t0 = time.perf_counter()
-        self._count = 0
-
-    def advance(self, n: int) -> None:
-        with self._lock:
-            self._count += n
-            rate = self._count / max(time.perf_counter() - self._t0, 1e-9)
-            self._progress.update(self._task, advance=n, rate=f"{rate:.1f}")
-
-    def finish(self) -> None:
-        if self._progress is not None:
-            self._progress.stop()
-            self._progress = None
-
-
-def _escape(text: str) -> str:
-    from rich.markup import escape
-
-    return escape(text)
-
-
-def default_reporter() -> Reporter:
-    """A tqdm bar on a terminal, plain periodic lines otherwise."""
-    return TqdmReporter() if sys.stderr.isatty() else Reporter()
 
 
 # =================================================================================================
@@ -516,134 +253,6 @@ class _BackgroundWriter:
         self._raise()
 
 
-# =================================================================================================
-# distributed (torchrun)
-# =================================================================================================
-@dataclass
-class _Dist:
-    """Coordination between ``torchrun`` ranks: small messages through the rendezvous key-value store.
-
-    No process group is created: a gloo group's worker threads can still hold Python tensors when a rank
-    exits and abort the interpreter, and its 30-minute collective timeout is shorter than the time a
-    rank may wait for the slowest one. When the caller already initialised ``torch.distributed``, its
-    group is used instead.
-    """
-
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
-    local_world: int = 1
-    store: Any = None
-    _seq: int = 0
-
-    _WAIT = _dt.timedelta(days=7)
-
-    @classmethod
-    def setup(cls) -> _Dist:
-        import torch.distributed as dist
-
-        local = int(os.environ.get("LOCAL_RANK", "0")), int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-        if dist.is_available() and dist.is_initialized():
-            return cls(dist.get_rank(), dist.get_world_size(), *local)
-        world = int(os.environ.get("WORLD_SIZE", "1"))
-        if world <= 1:
-            return cls()
-        try:
-            store, rank, world = next(dist.rendezvous("env://", timeout=cls._WAIT))
-        except (ValueError, RuntimeError) as exc:
-            raise VitupError(
-                f"WORLD_SIZE={world} but the torchrun rendezvous failed ({exc}); launch with torchrun"
-            ) from None
-        return cls(rank, world, *local, store=dist.PrefixStore("vitup-extract/", store))
-
-    def _key(self) -> str:
-        self._seq += 1
-        return str(self._seq)
-
-    def teardown(self) -> None:
-        if self.store is not None:  # rank 0 may host the store: it leaves last
-            key = self._key()
-            self.store.set(f"{key}/{self.rank}", b"1")
-            if self.rank == 0:
-                self.store.wait([f"{key}/{r}" for r in range(self.world)], self._WAIT)
-
-    def _broadcast(self, value: Any) -> Any:
-        import pickle  # our own objects between our own ranks (what torch's object collectives do)
-
-        import torch.distributed as dist
-
-        if self.store is None:
-            box = [value]
-            dist.broadcast_object_list(box, src=0)
-            return box[0]
-        key = self._key()
-        if self.rank == 0:
-            self.store.set(key, pickle.dumps(value))
-            return value
-        return pickle.loads(self.store.get(key))
-
-    def on_rank0(self, fn: Callable[[], Any]) -> Any:
-        """Run ``fn`` on rank 0 and hand its result (or its ``VitupError``) to every rank."""
-        result, error = None, None
-        if self.rank == 0:
-            try:
-                result = fn()
-            except VitupError as exc:
-                error = str(exc)
-        if self.world > 1:
-            result, error = self._broadcast((result, error))
-        if error is not None:
-            raise VitupError(error)
-        return result
-
-    def gather(self, value: Any) -> list[Any]:
-        """Every rank's ``value``, in rank order, on every rank."""
-        if self.world == 1:
-            return [value]
-        import pickle
-
-        import torch.distributed as dist
-
-        if self.store is None:
-            out: list[Any] = [None] * self.world
-            dist.all_gather_object(out, value)
-            return out
-        key = self._key()
-        self.store.set(f"{key}/{self.rank}", pickle.dumps(value))
-        return [pickle.loads(self.store.get(f"{key}/{r}")) for r in range(self.world)]
-
-
-# =================================================================================================
-# the job
-# =================================================================================================
-def model_fingerprint(upsampler: Upsampler) -> str | None:
-    """sha256 of the weights a store depends on that no name identifies: a random-init backbone, and a
-    ViT-Up's own weights and LoRA. None for a training-free upsampler over named weights."""
-    backbone = upsampler.backbone
-    if backbone.random_init:
-        tensors = dict(upsampler.state_dict())
-    elif isinstance(upsampler, ViTUp):
-        tensors = {n: p for n, p in upsampler.upsampler_parameters()}
-        tensors.update({f"backbone.{n}": p for n, p in backbone.lora_parameters()})
-    else:
-        return None
-    digest = hashlib.sha256()
-    for name in sorted(tensors):
-        t = tensors[name].detach().to("cpu").contiguous()
-        digest.update(name.encode())
-        digest.update(str(t.dtype).encode())
-        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
-
-
-def human_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB", "PB"):
-        if abs(n) < 1000 or unit == "PB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1000
-    return f"{n:.1f} PB"
-
-
 def _free_bytes(path: Path) -> tuple[int, Path]:
     probe = path.resolve().parent
     while not probe.exists():
@@ -651,7 +260,7 @@ def _free_bytes(path: Path) -> tuple[int, Path]:
     return shutil.disk_usage(probe).free, probe
 
 
-def _device(name: str, dist_ctx: _Dist) -> torch.device:
+def _device(name: str, dist_ctx: Dist) -> torch.device:
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name not in {"cpu", "cuda"} and not name.startswith("cuda:"):
@@ -802,7 +411,7 @@ def fit_pca(
     if k > channels:
         raise VitupError(f"--pca {k}: the features have only {channels} channels")
     device = next(upsampler.parameters()).device
-    fill = _fill_colour(upsampler)
+    fill = fill_colour(upsampler)
     picks = sorted(set(np.linspace(0, len(files) - 1, min(sample, len(files))).round().astype(int).tolist()))
     count, total = 0, torch.zeros(channels, dtype=torch.float64)
     moments = torch.zeros(channels, channels, dtype=torch.float64)
@@ -844,11 +453,6 @@ def fit_pca(
     return comps.float().numpy(), mean.float().numpy()
 
 
-def _fill_colour(upsampler: Upsampler) -> tuple[int, int, int]:
-    mean = upsampler.backbone.mean.flatten().tolist()
-    return tuple(round(m * 255) for m in mean)  # type: ignore[return-value]
-
-
 def run_extract(
     config: ExtractConfig, upsampler: Upsampler | None = None, reporter: Reporter | None = None
 ) -> ExtractSummary:
@@ -863,7 +467,7 @@ def run_extract(
             first unreadable image with ``strict``.
     """
     _validate(config)
-    dist_ctx = _Dist.setup()
+    dist_ctx = Dist.setup()
     try:
         return _run(config, upsampler, reporter, dist_ctx)
     finally:
@@ -871,7 +475,7 @@ def run_extract(
 
 
 def _run(
-    config: ExtractConfig, upsampler: Upsampler | None, reporter: Reporter | None, dist_ctx: _Dist
+    config: ExtractConfig, upsampler: Upsampler | None, reporter: Reporter | None, dist_ctx: Dist
 ) -> ExtractSummary:
     from vitup_cli.data.images import list_images
 
@@ -915,7 +519,7 @@ def _run(
     workers = min(workers, max(0, len(batches)))
     label = "extract" if dist_ctx.world == 1 else f"extract (rank 0 of {dist_ctx.world})"
     dataset = _ImageRows(
-        [Path(f) for f in plan.files], upsampler.input_size, config.fit, _fill_colour(upsampler), config.resample
+        [Path(f) for f in plan.files], upsampler.input_size, config.fit, fill_colour(upsampler), config.resample
     )
     out_dtype = torch.float16 if layout.dtype == "float16" else torch.float32
     model_seconds = 0.0

@@ -147,7 +147,7 @@ def prepare_targets(
 def store_key(dataset: ProbeDataset, upsampler: Upsampler, *, res: int, dtype: str, tap: int,
               teacher: bool = False) -> dict[str, Any]:  # fmt: skip
     """What decides a probe store's content (its cache key)."""
-    from vitup_cli.extract import model_fingerprint
+    from vitup_cli.features import model_fingerprint
 
     bb = upsampler.backbone.describe()
     files = [str(p.resolve()) for p in dataset.images]
@@ -256,7 +256,7 @@ def cls_tokens(upsampler: Upsampler, files: list[Path], batch_size: int = 8) -> 
     centre crop at the input size), with any LoRA adapters off (the frozen backbone, as JAFAR), or the
     mean patch token for a backbone without prefix tokens. Unreadable images get zeros."""
     from vitup_cli.data.images import ImageLoadError, load_image
-    from vitup_cli.extract import fit_image
+    from vitup_cli.features import fit_image
 
     backbone = upsampler.backbone
     device = next(upsampler.parameters()).device

@@ -276,7 +276,7 @@ def build_upsamplers(config: ProbeConfig) -> list[tuple[Upsampler, bool]]:
 def _reporter(reporter: Any) -> Any:
     if reporter is not None:
         return reporter
-    from vitup_cli.extract import default_reporter
+    from vitup_cli.progress import default_reporter
 
     return default_reporter()
 
@@ -304,7 +304,7 @@ def run_probe(config: ProbeConfig, reporter: Any = None) -> ProbeReport:
     """Probe every upsampler of ``config`` on its dataset (see the module docstring).
 
     Args:
-        reporter: progress and messages (``vitup_cli.extract.Reporter`` interface); default tqdm on a
+        reporter: progress and messages (``vitup_cli.progress.Reporter`` interface); default tqdm on a
             terminal, plain lines otherwise.
     Raises:
         VitupError: a wrong or partial dataset root, bad flags, unreadable targets, or a failed extraction.
@@ -364,7 +364,7 @@ def run_probe(config: ProbeConfig, reporter: Any = None) -> ProbeReport:
                 else:
                     grid = upsampler.token_grid[0] if upsampler.native_resolution_only else config.res
                     size = _store_bytes(len(ds), upsampler.dim, grid, config.dtype)
-                    from vitup_cli.extract import human_bytes
+                    from vitup_cli.progress import human_bytes
 
                     reporter.info(
                         f"{name} {ds.split}: caching features of {len(ds)} images at {grid}x{grid} "
@@ -503,7 +503,7 @@ def _write_outputs(
     config: ProbeConfig,
 ) -> None:
     from vitup_cli.data.images import ImageLoadError, load_image
-    from vitup_cli.extract import fit_image
+    from vitup_cli.features import fit_image
     from vitup_cli.probe.report import save_grid, write_json
 
     out.mkdir(parents=True, exist_ok=True)

@@ -126,12 +126,12 @@ class LiveFeatures(FeatureSource):
 
     def _load(self, i: int) -> torch.Tensor:
         from vitup_cli.data.images import load_image
-        from vitup_cli.extract import fit_image
+        from vitup_cli.features import fit_image
 
         return fit_image(load_image(self.files[i]), self.upsampler.input_size, "crop", resample="bilinear")[0]
 
     def read(self, indices: Sequence[int], flip: Sequence[bool] | None = None) -> torch.Tensor:
-        from vitup_cli.extract import dense_features
+        from vitup_cli.features import dense_features
 
         x = torch.stack(list(self._pool.map(self._load, [int(i) for i in indices])))
         x = _mirror(x, flip)

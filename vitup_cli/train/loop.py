@@ -30,6 +30,7 @@ from vitup_cli.checkpoints import atomic_write_bytes, checkpoint_paths, save_che
 from vitup_cli.data.images import list_images
 from vitup_cli.errors import VitupError
 from vitup_cli.models import ViTUp, ViTUpConfig
+from vitup_cli.progress import NullReporter, Reporter, default_reporter
 from vitup_cli.train.config import Sizes, TrainConfig, check, resolve
 from vitup_cli.train.data import (
     TRAIN_STREAM,
@@ -41,7 +42,7 @@ from vitup_cli.train.data import (
     make_loader,
 )
 from vitup_cli.train.losses import LossWeights, distillation_loss, term_keys
-from vitup_cli.train.report import MetricsLog, NullReporter, Reporter, default_reporter, plot_loss_curve
+from vitup_cli.train.report import MetricsLog, plot_loss_curve
 from vitup_cli.train.state import (
     STATE_NAME,
     RunState,
@@ -485,7 +486,7 @@ def _train(
 
     loader = make_loader(dataset, batches, cfg.workers, pin_memory=d.device.type == "cuda")
     batch_iter = iter(loader)
-    reporter.start(cfg.steps, run.step)
+    reporter.start(cfg.steps, "train", done=run.step, unit="step")
     window: dict[str, float] = {}
     window_steps, window_t0 = 0, time.monotonic()
     last_loss: float | None = None
@@ -535,7 +536,9 @@ def _train(
                 window[key] = window.get(key, 0.0) + value
             window["grad_norm"] = window.get("grad_norm", 0.0) + grad_norm
             window_steps += 1
-            reporter.update(run.step, {**step_terms, "lr": lr})
+            reporter.update(
+                run.step, {**{k: step_terms[k] for k in ("loss", "l2", "cos", "kl") if k in step_terms}, "lr": lr}
+            )
 
             stopping = stop_after is not None and session_steps >= stop_after
             if run.step % cfg.log_every == 0 or run.step == cfg.steps or stopping:

@@ -1,7 +1,6 @@
-"""What a run reports: ``metrics.jsonl`` (+ TensorBoard when installed), the loss-curve PNG, progress.
+"""What a run records: ``metrics.jsonl`` (+ TensorBoard when installed) and the loss-curve PNG.
 
-Progress goes through a small ``Reporter`` interface so the training core knows nothing of terminals:
-the CLI passes a rich progress bar (TTY) or plain periodic lines (logs); scripts get ``tqdm.auto``.
+Progress goes through ``vitup_cli.progress`` (one reporting module for every command).
 """
 
 from __future__ import annotations
@@ -10,154 +9,12 @@ import io
 import json
 import logging
 import math
-import sys
-import time
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 from vitup_cli.checkpoints import atomic_write_bytes
 
 log = logging.getLogger("vitup.train")
-
-
-class Reporter(Protocol):
-    def start(self, total: int, done: int) -> None: ...
-    def update(self, step: int, metrics: dict[str, float]) -> None: ...
-    def message(self, text: str) -> None: ...
-    def close(self) -> None: ...
-
-
-def _fmt(metrics: dict[str, float]) -> str:
-    keys = [("loss", "loss"), ("l2", "l2"), ("cos", "cos"), ("kl", "kl")]
-    parts = [f"{label} {metrics[k]:.4f}" for k, label in keys if k in metrics]
-    if "lr" in metrics:
-        parts.append(f"lr {metrics['lr']:.2e}")
-    return "  ".join(parts)
-
-
-def _eta(seconds: float) -> str:
-    if not math.isfinite(seconds):
-        return "?"
-    seconds = int(seconds)
-    h, rem = divmod(seconds, 3600)
-    return f"{h}:{rem // 60:02d}:{rem % 60:02d}"
-
-
-class NullReporter:
-    def start(self, total: int, done: int) -> None:
-        pass
-
-    def update(self, step: int, metrics: dict[str, float]) -> None:
-        pass
-
-    def message(self, text: str) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
-class LogReporter:
-    """Plain lines (step, losses, lr, it/s, ETA) every ``interval`` seconds: CI and SLURM logs."""
-
-    def __init__(self, stream: Any = None, interval: float = 30.0) -> None:
-        self.stream = stream
-        self.interval = interval
-        self._last = -math.inf
-        self.total = self.done = 0
-        self._t0 = time.monotonic()
-
-    def _write(self, text: str) -> None:
-        stream = self.stream or sys.stderr
-        print(text, file=stream, flush=True)
-
-    def start(self, total: int, done: int) -> None:
-        self.total, self.done, self._t0 = total, done, time.monotonic()
-        self._write(f"training steps {done}..{total}")
-
-    def update(self, step: int, metrics: dict[str, float]) -> None:
-        now = time.monotonic()
-        if now - self._last < self.interval and step < self.total:
-            return
-        self._last = now
-        rate = (step - self.done) / max(now - self._t0, 1e-9)
-        eta = (self.total - step) / rate if rate > 0 else math.inf
-        self._write(f"step {step}/{self.total}  {_fmt(metrics)}  {rate:.2f} it/s  ETA {_eta(eta)}")
-
-    def message(self, text: str) -> None:
-        self._write(text)
-
-    def close(self) -> None:
-        pass
-
-
-class RichReporter:
-    """A rich progress bar on stderr: step, losses, lr, it/s, ETA."""
-
-    def __init__(self) -> None:
-        from rich.console import Console
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-        self.console = Console(stderr=True)
-        self.progress = Progress(
-            TextColumn("[bold]train"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("{task.fields[rate]}"),
-            TimeRemainingColumn(),
-            TextColumn("{task.fields[losses]}"),
-            console=self.console,
-            transient=False,
-        )
-        self.task: Any = None
-        self._t0 = time.monotonic()
-        self.done = 0
-
-    def start(self, total: int, done: int) -> None:
-        self.progress.start()
-        self.done, self._t0 = done, time.monotonic()
-        self.task = self.progress.add_task("train", total=total, completed=done, rate="", losses="")
-
-    def update(self, step: int, metrics: dict[str, float]) -> None:
-        rate = (step - self.done) / max(time.monotonic() - self._t0, 1e-9)
-        self.progress.update(self.task, completed=step, rate=f"{rate:.2f} it/s", losses=_fmt(metrics))
-
-    def message(self, text: str) -> None:
-        self.progress.console.print(text, markup=False, highlight=False)
-
-    def close(self) -> None:
-        self.progress.stop()
-
-
-class TqdmReporter:
-    """``tqdm.auto`` (notebooks and scripts)."""
-
-    def __init__(self) -> None:
-        self.bar: Any = None
-
-    def start(self, total: int, done: int) -> None:
-        from tqdm.auto import tqdm
-
-        self.bar = tqdm(total=total, initial=done, desc="train", unit="step", file=sys.stderr)
-
-    def update(self, step: int, metrics: dict[str, float]) -> None:
-        self.bar.update(step - self.bar.n)
-        self.bar.set_postfix_str(_fmt(metrics), refresh=False)
-
-    def message(self, text: str) -> None:
-        from tqdm.auto import tqdm
-
-        tqdm.write(text, file=sys.stderr)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-
-
-def default_reporter() -> Reporter:
-    """tqdm in a terminal or notebook, plain lines otherwise."""
-    interactive = sys.stderr.isatty() or "ipykernel" in sys.modules
-    return TqdmReporter() if interactive else LogReporter()
 
 
 class MetricsLog:

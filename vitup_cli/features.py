@@ -1,0 +1,198 @@
+"""Dense features and model fingerprints: the computation shared by extract, probe and visualize.
+
+Nothing here knows of stores or the CLI: ``fit_image`` turns a PIL image into the square backbone input,
+``dense_features`` runs an upsampler on a batch with memory bounded at any output size, and
+``model_fingerprint`` names the weights a stored feature depends on when no published name does.
+
+Geometry (``fit_image``): every image becomes a square ``S x S`` input (``S`` = the upsampler's input
+size): ``squash`` resizes it, ``crop`` resizes the short side to ``S`` and takes the centre, ``pad``
+(default) resizes the long side to ``S`` and centres it on a canvas of the backbone's mean colour
+(zero after normalisation). The output grid ``H x W`` spans that square; ``valid`` records the real
+image in it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from vitup_cli.errors import VitupError
+from vitup_cli.models import Upsampler, ViTUp, grid_xy
+
+FITS = ("squash", "crop", "pad")
+RESAMPLING = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR}
+_BUDGET_BYTES = 256 << 20  # float32 features computed at once by the generic path
+
+
+# =================================================================================================
+# geometry
+# =================================================================================================
+def _fit_array(
+    img: Image.Image, size: int, fit: str, fill: tuple[int, int, int] = (0, 0, 0), resample: str = "bicubic"
+) -> tuple[np.ndarray, tuple[int, int, int, int]]:
+    """``_fit`` to an ``(S, S, 3)`` uint8 array (what the DataLoader workers hand over)."""
+    if fit not in FITS:
+        raise VitupError(f"--fit {fit}: use one of {', '.join(FITS)}")
+    img = img.convert("RGB") if img.mode != "RGB" else img
+    w, h = img.size
+    if resample not in RESAMPLING:
+        raise VitupError(f"resampling {resample!r}: use one of {', '.join(RESAMPLING)}")
+    resample = RESAMPLING[resample]
+    if fit == "squash":
+        return np.asarray(img.resize((size, size), resample)), (0, 0, size, size)
+    if fit == "crop":
+        scale = size / min(h, w)
+        nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
+        left, top = (nw - size) // 2, (nh - size) // 2
+        out = img.resize((nw, nh), resample).crop((left, top, left + size, top + size))
+        return np.asarray(out), (0, 0, size, size)
+    scale = size / max(h, w)
+    nw, nh = min(size, max(1, round(w * scale))), min(size, max(1, round(h * scale)))
+    canvas = Image.new("RGB", (size, size), fill)
+    left, top = (size - nw) // 2, (size - nh) // 2
+    canvas.paste(img.resize((nw, nh), resample), (left, top))
+    return np.asarray(canvas), (top, left, top + nh, left + nw)
+
+
+def fit_image(
+    img: Image.Image,
+    input_size: int,
+    fit: str = "pad",
+    fill: tuple[int, int, int] = (0, 0, 0),
+    resample: str = "bicubic",
+) -> tuple[torch.Tensor, tuple[int, int, int, int]]:
+    """Fit an RGB image into the square backbone input.
+
+    Args:
+        img: a PIL image (converted to RGB if it is not).
+        input_size: ``S``, the side of the square input.
+        fit: ``squash`` (resize, aspect changes), ``crop`` (short side to ``S``, centre crop) or
+            ``pad`` (long side to ``S``, centred on a ``fill``-coloured canvas).
+        fill: the padding colour, 0-255 RGB.
+        resample: ``bicubic`` (extract's default) or ``bilinear`` (the probe protocol's).
+    Returns:
+        ``(3, S, S)`` float32 in ``[0, 1]``, and the real image inside it as ``(y0, x0, y1, x1)`` in
+        input pixels, end-exclusive (the whole square for ``squash`` and ``crop``).
+    """
+    arr, box = _fit_array(img, input_size, fit, fill, resample)
+    return torch.from_numpy(arr.copy()).permute(2, 0, 1).float().div_(255), box
+
+
+def box_to_grid(box: Sequence[int], input_size: int, grid: tuple[int, int]) -> tuple[int, int, int, int]:
+    """An input-pixel box ``(y0, x0, y1, x1)`` -> the output-grid cells whose centres fall inside it."""
+    gh, gw = grid
+    y0, x0, y1, x1 = box
+
+    def cells(a: int, b: int, n: int) -> tuple[int, int]:
+        lo = min(n, max(0, math.ceil(a * n / input_size - 0.5)))
+        hi = min(n, max(lo, math.ceil(b * n / input_size - 0.5)))
+        return lo, hi
+
+    (gy0, gy1), (gx0, gx1) = cells(y0, y1, gh), cells(x0, x1, gw)
+    return gy0, gx0, gy1, gx1
+
+
+def fill_colour(upsampler: Upsampler) -> tuple[int, int, int]:
+    """The backbone's mean colour, 0-255 RGB: what ``pad`` fills with (zero after normalisation)."""
+    mean = upsampler.backbone.mean.flatten().tolist()
+    return tuple(round(m * 255) for m in mean)  # type: ignore[return-value]
+
+
+# =================================================================================================
+# dense features
+# =================================================================================================
+@torch.no_grad()
+@torch.no_grad()
+def dense_features(
+    upsampler: Upsampler,
+    images: torch.Tensor,
+    size: tuple[int, int],
+    *,
+    tap: int | None = None,
+    chunk_queries: int | None = None,
+    projection: tuple[torch.Tensor, torch.Tensor] | None = None,
+    dtype: torch.dtype = torch.float16,
+    with_tokens: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Features for a batch, with memory bounded at any output size.
+
+    ViT-Up decodes rows of the output grid in chunks of about ``chunk_queries`` queries against one
+    cache per batch; other upsamplers run on sub-batches of at most ~256 MB of float32 output. Each piece
+    is projected (optional) and cast to ``dtype`` on the device, then copied to the CPU.
+
+    Args:
+        images: ``(B, 3, S, S)`` float in ``[0, 1]`` on the upsampler's device.
+        size: output grid ``(H, W)`` (ignored by ``lowres``, whose grid is the token grid).
+        projection: ``(components (K, C), mean (C,))``: store ``(x - mean) @ components.T`` instead.
+    Returns:
+        CPU ``(B, C or K, H, W)`` features in ``dtype``, and the ``(B, C, h, w)`` tokens at ``tap`` of the
+        original backbone (LoRA adapters off) when ``with_tokens`` (else None).
+    """
+    B = images.shape[0]
+    device = images.device
+    height, width = upsampler.token_grid if upsampler.native_resolution_only else size
+    comps = mean = None
+    if projection is not None:
+        comps, mean = (t.to(device=device, dtype=torch.float32) for t in projection)
+    channels = comps.shape[0] if comps is not None else upsampler.dim
+    out = torch.empty((B, channels, height, width), dtype=dtype)
+    tokens = None
+    if isinstance(upsampler, ViTUp):
+        level = upsampler.level_of(tap)
+        cache = upsampler.encode(images)
+        if with_tokens:  # the original backbone's tokens (LoRA off), as visualize and probe show them
+            with upsampler.backbone.adapters_disabled():
+                tokens = upsampler.tokens(images, tap).to("cpu", dtype)
+        chunk = chunk_queries or upsampler.config.chunk_queries
+        rows = max(1, chunk // width)
+        xy_all = grid_xy(height, width, device=device)
+        for r0 in range(0, height, rows):
+            r1 = min(height, r0 + rows)
+            xy = xy_all[r0 * width : r1 * width].expand(B, -1, -1)
+            part = upsampler.decode(cache, xy, [level], chunk=xy.shape[1])[0]  # (B, n, C)
+            if comps is not None:
+                part = (part - mean) @ comps.T
+            out[:, :, r0:r1].copy_(part.transpose(1, 2).reshape(B, channels, r1 - r0, width))  # cast on the way
+        return out, tokens
+    per_image = upsampler.dim * height * width * 4
+    step = max(1, min(B, _BUDGET_BYTES // max(1, per_image)))
+    for b0 in range(0, B, step):
+        b1 = min(B, b0 + step)
+        feats = upsampler.features(images[b0:b1], (height, width), tap=tap).float()
+        if comps is not None:
+            feats = torch.einsum("kc,bchw->bkhw", comps, feats - mean[:, None, None])
+        out[b0:b1].copy_(feats)  # cast and copy to the host in one pass
+        del feats
+    if with_tokens:
+        tokens = (
+            out.clone() if (upsampler.native_resolution_only and comps is None) else upsampler.tokens(images, tap)
+        ).to("cpu", dtype)
+    return out, tokens
+
+
+# =================================================================================================
+# fingerprints
+# =================================================================================================
+def model_fingerprint(upsampler: Upsampler) -> str | None:
+    """sha256 of the weights a store depends on that no name identifies: a random-init backbone, and a
+    ViT-Up's own weights and LoRA. None for a training-free upsampler over named weights."""
+    backbone = upsampler.backbone
+    if backbone.random_init:
+        tensors = dict(upsampler.state_dict())
+    elif isinstance(upsampler, ViTUp):
+        tensors = {n: p for n, p in upsampler.upsampler_parameters()}
+        tensors.update({f"backbone.{n}": p for n, p in backbone.lora_parameters()})
+    else:
+        return None
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().to("cpu").contiguous()
+        digest.update(name.encode())
+        digest.update(str(t.dtype).encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
