@@ -167,15 +167,16 @@ def test_bad_backbone_overrides_are_one_line_exit_2(tmp_path):
 
     Image.new("RGB", (32, 32)).save(tmp_path / "a.png")
     for bad, says in (
-        ("depth=x", "depth must be a positive integer"),
-        ("depth=2.5", "depth must be a positive integer"),
+        ("depth=x", "depth must be a non-negative integer"),
+        ("depth=2.5", "depth must be a non-negative integer"),
+        ("depth=-1", "depth must be a non-negative integer"),
         ("num_heads=0", "num_heads must be a positive integer"),
         ("embed_dim=64,num_heads=5", "multiple of num_heads"),
         ("bogus=1", "timm cannot build"),
     ):
         result = CliRunner().invoke(
             app, ["extract", str(tmp_path / "a.png"), "--out", str(tmp_path / "o.zarr"), "--backbone", "dinov3_s",
-                  "--pretrained", "none", "--backbone-args", bad, "--res", "8"],
+                  "--pretrained", "none", "--backbone-args", bad, "--res", "8", "--upsampler", "bilinear"],
         )  # fmt: skip
         assert result.exit_code == 2, (bad, result.output)
         assert (

@@ -416,7 +416,7 @@ def _check_overrides(overrides: dict[str, Any]) -> None:
     for key in _POSITIVE_INTS:
         if key in overrides:
             value = overrides[key]
-            zero_ok = key in {"reg_tokens", "num_reg_tokens"}
+            zero_ok = key in {"reg_tokens", "num_reg_tokens", "depth"}  # depth 0: the patch embedding alone
             if isinstance(value, bool) or not isinstance(value, int) or value < (0 if zero_ok else 1):
                 raise VitupError(
                     f"--backbone-args {key}={value}: {key} must be a {'non-negative' if zero_ok else 'positive'} "

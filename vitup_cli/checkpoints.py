@@ -388,6 +388,7 @@ def load_trained(
     antialias: bool | None = None,
     map_location: str | torch.device = "cpu",
     notify: Callable[[str], None] | None = None,
+    backbone: str | None = None,
 ) -> Upsampler:
     """A trained upsampler from ``--checkpoint``: a vitup checkpoint of any method (``NAME`` /
     ``NAME.safetensors`` beside ``NAME.json``), a published release (``vit-up:dinov3_splus``,
@@ -417,6 +418,12 @@ def load_trained(
             (notify or _stderr)(line)
         return model.eval()
     if not meta_path.is_file():
+        if Path(text).is_file() and checkpoint_method(text) == "loftup":  # a local published LoftUp file
+            from vitup_cli.models.loftup import load_loftup
+
+            return load_loftup(text, backbone=backbone or "dinov2_s", weights=weights, pretrained=pretrained).to(
+                map_location
+            )
         if Path(text).is_file():  # an official ViT-Up file under another name (open_vitup says if it is not)
             return open_vitup(text, map_location=map_location, **vitup_kw)
         resolve_weights(text)  # a mistyped short name (``uplift:nope``) gets the list of releases

@@ -499,6 +499,14 @@ def extract_cmd(
         typer.Option("--workers", "-j", rich_help_panel=_EX_RUN, help="Image decoding processes (default: auto)."),
     ] = None,
     device: Annotated[str, typer.Option("--device", rich_help_panel=_EX_RUN, help="auto, cpu or cuda.")] = "auto",
+    precision: Annotated[
+        str,
+        typer.Option(
+            "--precision",
+            rich_help_panel=_EX_RUN,
+            help="Model arithmetic: auto (bf16 autocast on CUDA, fp32 on CPU), bf16 or fp32; recorded in the store.",
+        ),
+    ] = "auto",
     chunk_queries: Annotated[
         int | None,
         typer.Option("--chunk-queries", rich_help_panel=_EX_RUN, help="ViT-Up queries per chunk (bounds memory)."),
@@ -601,6 +609,7 @@ def extract_cmd(
         batch_size=batch_size,
         workers=workers,
         device=device,
+        precision=precision,
         chunk_queries=chunk_queries,
         minmax=minmax,
         overwrite=overwrite,
@@ -787,6 +796,14 @@ def probe_cmd(
         bool, typer.Option("--overwrite", rich_help_panel=_PR_CACHE, help="Replace a report already in --out.")
     ] = False,
     device: Annotated[str, typer.Option("--device", rich_help_panel=_PR_RUN, help="auto, cpu or cuda.")] = "auto",
+    precision: Annotated[
+        str,
+        typer.Option(
+            "--precision",
+            rich_help_panel=_PR_RUN,
+            help="Feature arithmetic: auto (bf16 autocast on CUDA, fp32 on CPU), bf16 or fp32 (part of the cache key).",
+        ),
+    ] = "auto",
     workers: Annotated[
         int | None,
         typer.Option("--workers", "-j", rich_help_panel=_PR_RUN, help="Image decoding workers (default: auto)."),
@@ -851,6 +868,7 @@ def probe_cmd(
             backbone_args=backbone_args, input_size=input_size, res=res or 448, alpha=alpha,
             padding="exclude" if exclude_padding else "include", map_back=map_back, source_sampling=source_sampling,
             dtype=dtype, cache=cache, out=out, overwrite=overwrite, device=device, workers=workers, seed=seed,
+            precision=precision,
         )  # fmt: skip
         return
 
@@ -885,6 +903,7 @@ def probe_cmd(
         overwrite=overwrite,
         limit=limit,
         device=device,
+        precision=precision,
         workers=workers,
         seed=seed,
         memory_budget=None if memory is None else int(memory * (1 << 30)),

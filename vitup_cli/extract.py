@@ -53,6 +53,7 @@ from vitup_cli.features import (  # noqa: F401 - re-exported for existing caller
     fill_colour,
     fit_image,
     model_fingerprint,
+    resolve_precision,
 )
 from vitup_cli.models import Upsampler, ViTUp
 from vitup_cli.progress import (  # noqa: F401 - re-exported for existing callers
@@ -170,6 +171,7 @@ class ExtractConfig:
     batch_size: int | None = None
     workers: int | None = None
     device: str = "auto"
+    precision: str = "auto"  # auto: bf16 autocast on CUDA, fp32 elsewhere (features.resolve_precision)
     chunk_queries: int | None = None
     minmax: str = "image"  # LoftUp's guidance-image scaling: per image, or per batch (the reference)
     overwrite: bool = False
@@ -346,6 +348,7 @@ def _validate(config: ExtractConfig) -> None:
     stores.store_format(config.out)
     if config.fit not in FITS:
         raise VitupError(f"--fit {config.fit}: use one of {', '.join(FITS)}")
+    resolve_precision(config.precision, "cpu")  # a bad value is one line before anything loads
     if config.dtype not in DTYPES:
         raise VitupError(f"--dtype {config.dtype}: use float16 or float32")
     if config.overwrite and config.resume:
@@ -470,7 +473,14 @@ def _settings(
         "lowres": bool(config.lowres),
         **({"upsampler_settings": upsampler.settings()} if hasattr(upsampler, "settings") else {}),
         **({"global": config.global_pool} if config.global_pool else {}),  # absent: stores made before --global
+        **({"precision": "bf16"} if _precision(config, upsampler) == "bf16" else {}),  # absent: fp32
     }
+
+
+def _precision(config: ExtractConfig, upsampler: Upsampler) -> str:
+    """The resolved ``--precision`` on the upsampler's device (``fp32`` or ``bf16``)."""
+    device = next(iter(upsampler.parameters()), torch.empty(0)).device
+    return resolve_precision(config.precision, device)
 
 
 def _checkpoint_sha256(upsampler: Upsampler, checkpoint: str | Path | None) -> str | None:
@@ -734,6 +744,7 @@ def _extract(
         plan.files, upsampler.input_size, config.fit, fill_colour(upsampler), config.resample, config.storage_options
     )
     out_dtype = torch.float16 if layout.dtype == "float16" else torch.float32
+    precision = _precision(config, upsampler)
     model_seconds = 0.0
     loop_start = time.perf_counter()
     reporter.start(todo, label)
@@ -757,7 +768,7 @@ def _extract(
                 feats, tokens = dense_features(
                     upsampler, x, grid, tap=tap, chunk_queries=config.chunk_queries, projection=projection,
                     dtype=out_dtype, with_tokens=layout.lowres is not None, pooled=pooled,
-                    global_kind=layout.global_kind,
+                    global_kind=layout.global_kind, precision=precision,
                 )  # fmt: skip
             vectors = pooled[0] if pooled else None
             if not ok.all():  # failed rows are NaN
@@ -974,6 +985,7 @@ def _create(
         "input_size": upsampler.input_size,
         "res": list(grid),
         "dtype": config.dtype,
+        "precision": _precision(config, upsampler),
         "fit": config.fit,
         "resample": config.resample,
         "compression": config.compression if fmt == "zarr" else "gzip",

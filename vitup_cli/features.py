@@ -13,9 +13,10 @@ image in it.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -27,6 +28,27 @@ from vitup_cli.models import Upsampler, ViTUp, grid_xy
 FITS = ("squash", "crop", "pad")
 RESAMPLING = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR}
 _BUDGET_BYTES = 256 << 20  # float32 features computed at once by the generic path
+PRECISIONS = ("auto", "bf16", "fp32")
+
+
+def resolve_precision(precision: str, device: torch.device | str) -> str:
+    """``auto`` -> ``bf16`` on CUDA, ``fp32`` elsewhere; ``bf16``/``fp32`` as given."""
+    if precision not in PRECISIONS:
+        raise VitupError(f"--precision {precision}: use one of {', '.join(PRECISIONS)}")
+    if precision == "auto":
+        return "bf16" if torch.device(device).type == "cuda" else "fp32"
+    return precision
+
+
+@contextlib.contextmanager
+def autocast(precision: str, device: torch.device | str) -> Iterator[None]:
+    """bf16 autocast for the model's matrix work (``fp32``: nothing changes). Coordinates stay float32:
+    every upsampler computes positions from float32 ``xy`` (see ``models.base.sample_map``)."""
+    if resolve_precision(precision, device) != "bf16":
+        yield
+        return
+    with torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16):
+        yield
 
 
 # =================================================================================================
@@ -144,6 +166,7 @@ def dense_features(
     with_tokens: bool = False,
     pooled: list[torch.Tensor] | None = None,
     global_kind: str | None = None,
+    precision: str = "fp32",
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Features for a batch, with memory bounded at any output size.
 
@@ -157,18 +180,50 @@ def dense_features(
         projection: ``(components (K, C), mean (C,))``: store ``(x - mean) @ components.T`` instead.
         pooled, global_kind: with ``global_kind`` ``cls`` or ``mean``, append the ``(B, C)`` float32 global
             vector of the same backbone pass (the class token, or the mean patch token, at ``tap``) to ``pooled``.
+        precision: ``fp32``, ``bf16`` (autocast; the projection and the cast run in float32) or ``auto``.
+            On CUDA the host buffer is pinned and copies are asynchronous, synchronised once at the end.
     Returns:
         CPU ``(B, C or K, H, W)`` features in ``dtype``, and the ``(B, C, h, w)`` tokens at ``tap`` of the
         original backbone (LoRA adapters off) when ``with_tokens`` (else None).
     """
+    with autocast(precision, images.device):
+        out, tokens = _dense_features(
+            upsampler, images, size, tap, chunk_queries, projection, dtype, with_tokens, pooled, global_kind
+        )
+    if images.device.type == "cuda":
+        torch.cuda.current_stream(images.device).synchronize()  # the async host copies are complete
+    return out, tokens
+
+
+def _project(x: torch.Tensor, comps: torch.Tensor, mean: torch.Tensor, layout: str) -> torch.Tensor:
+    """PCA projection in float32 whatever the autocast: ``(B, N, C)`` or ``(B, C, H, W)``."""
+    with torch.autocast(x.device.type, enabled=False):
+        if layout == "bnc":
+            return (x.float() - mean) @ comps.T
+        return torch.einsum("kc,bchw->bkhw", comps, x.float() - mean[:, None, None])
+
+
+def _dense_features(
+    upsampler: Upsampler,
+    images: torch.Tensor,
+    size: tuple[int, int],
+    tap: int | None,
+    chunk_queries: int | None,
+    projection: tuple[torch.Tensor, torch.Tensor] | None,
+    dtype: torch.dtype,
+    with_tokens: bool,
+    pooled: list[torch.Tensor] | None,
+    global_kind: str | None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     B = images.shape[0]
     device = images.device
+    pinned = device.type == "cuda"
     height, width = upsampler.token_grid if upsampler.native_resolution_only else size
     comps = mean = None
     if projection is not None:
         comps, mean = (t.to(device=device, dtype=torch.float32) for t in projection)
     channels = comps.shape[0] if comps is not None else upsampler.dim
-    out = torch.empty((B, channels, height, width), dtype=dtype)
+    out = torch.empty((B, channels, height, width), dtype=dtype, pin_memory=pinned)
     tokens = None
     if isinstance(upsampler, ViTUp):
         level = upsampler.level_of(tap)
@@ -184,16 +239,19 @@ def dense_features(
         for r0 in range(0, height, rows):
             r1 = min(height, r0 + rows)
             xy = xy_all[r0 * width : r1 * width].expand(B, -1, -1)
-            part = upsampler.decode(cache, xy, [level], chunk=xy.shape[1])[0]  # (B, n, C)
+            part = upsampler.decode(cache, xy, [level], chunk=xy.shape[1])[0].float()  # (B, n, C)
             if comps is not None:
-                part = (part - mean) @ comps.T
-            out[:, :, r0:r1].copy_(part.transpose(1, 2).reshape(B, channels, r1 - r0, width))  # cast on the way
+                part = _project(part, comps, mean, "bnc")
+            block = part.transpose(1, 2).reshape(B, channels, r1 - r0, width).to(dtype)
+            out[:, :, r0:r1].copy_(block, non_blocking=pinned)
         return out, tokens
     if hasattr(upsampler, "bands"):  # LoftUp: band by band, straight into the output (bounded memory)
         for r0, r1, part in upsampler.bands(images, (height, width), tap=tap):
             if comps is not None:
-                part = torch.einsum("kc,bchw->bkhw", comps, part.float() - mean[:, None, None])
-            out[:, :, r0:r1].copy_(part)
+                part = _project(part, comps, mean, "bchw")
+            out[:, :, r0:r1].copy_(part.to(dtype) if pinned else part, non_blocking=pinned)
+        if pooled is not None and global_kind:
+            pooled.append(_pooled(upsampler, tap, global_kind))
         if with_tokens:
             tokens = upsampler.tokens(images, tap).to("cpu", dtype)
         return out, tokens
@@ -206,8 +264,8 @@ def dense_features(
         if pooled is not None and global_kind:
             parts.append(_pooled(upsampler, tap, global_kind))
         if comps is not None:
-            feats = torch.einsum("kc,bchw->bkhw", comps, feats - mean[:, None, None])
-        out[b0:b1].copy_(feats)  # cast and copy to the host in one pass
+            feats = _project(feats, comps, mean, "bchw")
+        out[b0:b1].copy_(feats.to(dtype) if pinned else feats, non_blocking=pinned)  # cast + host copy
         del feats
     if parts and pooled is not None:
         pooled.append(torch.cat(parts))

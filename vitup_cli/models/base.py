@@ -27,10 +27,14 @@ def grid_xy(height: int, width: int, device: torch.device | str | None = None) -
 
 
 def sample_map(fmap: torch.Tensor, xy: torch.Tensor, mode: str = "bilinear") -> torch.Tensor:
-    """Sample ``(B, C, h, w)`` at ``xy`` ``(B, N, 2)`` -> ``(B, N, C)`` (border padding, pixel centres)."""
-    grid = (xy * 2 - 1).unsqueeze(1).to(fmap.dtype)  # (B, 1, N, 2)
-    out = F.grid_sample(fmap, grid, mode=mode, padding_mode="border", align_corners=False)
-    return out[:, :, 0].transpose(1, 2)
+    """Sample ``(B, C, h, w)`` at ``xy`` ``(B, N, 2)`` -> ``(B, N, C)`` (border padding, pixel centres).
+
+    Sampling runs in float32 whatever ``fmap``'s dtype: in bfloat16 a coordinate keeps 8 bits, and at a
+    448-px output only 353 of 448 columns would stay distinct. The result has ``fmap``'s dtype."""
+    grid = (xy.float() * 2 - 1).unsqueeze(1)  # (B, 1, N, 2)
+    with torch.autocast(fmap.device.type, enabled=False):
+        out = F.grid_sample(fmap.float(), grid, mode=mode, padding_mode="border", align_corners=False)
+    return out[:, :, 0].transpose(1, 2).to(fmap.dtype)
 
 
 def _as_size(size: int | tuple[int, int]) -> tuple[int, int]:

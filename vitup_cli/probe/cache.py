@@ -145,7 +145,7 @@ def prepare_targets(
 # feature stores
 # =================================================================================================
 def store_key(dataset: ProbeDataset, upsampler: Upsampler, *, res: int, dtype: str, tap: int,
-              teacher: bool = False, fit: str = "crop") -> dict[str, Any]:  # fmt: skip
+              teacher: bool = False, fit: str = "crop", precision: str = "fp32") -> dict[str, Any]:  # fmt: skip
     """What decides a probe store's content (its cache key); ``fit`` is extract's geometry (the linear
     probes crop; the correspondence probe squashes images it has already padded to a square)."""
     from vitup_cli.features import model_fingerprint
@@ -165,6 +165,7 @@ def store_key(dataset: ProbeDataset, upsampler: Upsampler, *, res: int, dtype: s
         "res": res,
         "fit": fit,
         "dtype": dtype,
+        **({"precision": precision} if precision != "fp32" else {}),  # absent: fp32 (stores made before bf16)
     }
 
 
@@ -181,11 +182,11 @@ class StoreEntry:
 
 
 def store_entry(dataset: ProbeDataset, upsampler: Upsampler, cache_dir: Path, *, res: int, dtype: str,
-                tap: int, teacher: bool = False, fit: str = "crop") -> StoreEntry:  # fmt: skip
+                tap: int, teacher: bool = False, fit: str = "crop", precision: str = "fp32") -> StoreEntry:  # fmt: skip
     """Where the store for ``(dataset split, upsampler, settings)`` lives; ``cached`` if it is complete."""
     from vitup_cli.stores import open_store, store_exists
 
-    key = store_key(dataset, upsampler, res=res, dtype=dtype, tap=tap, teacher=teacher, fit=fit)
+    key = store_key(dataset, upsampler, res=res, dtype=dtype, tap=tap, teacher=teacher, fit=fit, precision=precision)
     digest = _digest(key)[:16]
     folder = cache_dir / "stores"
     stem = f"{dataset.name}-{dataset.split}-{upsampler.name}-{digest}"
@@ -236,6 +237,7 @@ def ensure_store(
         fit=entry.key.get("fit", "crop"),
         resample="bilinear",
         dtype=dtype,
+        precision=entry.key.get("precision", "fp32"),
         resume=store_exists(entry.path),
         device=device,
         workers=workers,

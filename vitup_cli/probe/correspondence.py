@@ -37,6 +37,7 @@ import torch.nn.functional as F
 
 from vitup_cli import __version__
 from vitup_cli.errors import VitupError
+from vitup_cli.features import resolve_precision
 from vitup_cli.probe.spair import PAIR_READERS, KeypointPair, PairSet
 
 if TYPE_CHECKING:
@@ -321,6 +322,7 @@ class CorrespondenceConfig:
     out: str | Path | None = None
     overwrite: bool = False
     device: str = "auto"
+    precision: str = "auto"  # auto: bf16 autocast on CUDA, fp32 elsewhere
     workers: int | None = None
     seed: int = 0
     visualize: int = 4
@@ -703,7 +705,8 @@ def _run_one(
         )  # fmt: skip
         t0 = time.perf_counter()
         entry = _cache.store_entry(ds, upsampler, cache_dir, res=config.res, dtype=config.dtype, tap=tap,
-                                   teacher=teacher, fit="squash")  # fmt: skip
+                                   teacher=teacher, fit="squash",
+                                   precision=resolve_precision(config.precision, device))  # fmt: skip
         if entry.cached:
             reporter.info(f"{name} {cat}: reusing {entry.path}")
         else:

@@ -34,6 +34,7 @@ import torch
 
 from vitup_cli import __version__
 from vitup_cli.errors import VitupError
+from vitup_cli.features import resolve_precision
 from vitup_cli.models import CHECKPOINT_METHODS, UPSAMPLERS, Upsampler, build_upsampler
 from vitup_cli.probe import cache as _cache
 from vitup_cli.probe.datasets import DEFAULT_EPOCHS, DEPTH, DEPTH_EPOCHS, SEG, TASKS, ProbeDataset, open_splits
@@ -88,6 +89,7 @@ class ProbeConfig:
     overwrite: bool = False  # replace a report already in ``out``
     limit: int | None = None
     device: str = "auto"
+    precision: str = "auto"  # auto: bf16 autocast on CUDA, fp32 elsewhere
     workers: int | None = None
     seed: int = 0
     memory_budget: int | None = None
@@ -209,8 +211,7 @@ TRAINED = ("vitup", "uplift", "featsharp")
 
 def checkpoint_refs(config: ProbeConfig) -> dict[str, str]:
     """The checkpoints of ``config`` by the upsampler each holds (``vitup``, ``uplift``), in order."""
-    from vitup_cli.checkpoints import read_checkpoint_meta
-    from vitup_cli.weights import is_release_ref, release_for_file, resolve_weights
+    from vitup_cli.checkpoints import checkpoint_method
 
     given = config.checkpoint
     if given is None:
@@ -218,11 +219,7 @@ def checkpoint_refs(config: ProbeConfig) -> dict[str, str]:
     refs = [given] if isinstance(given, (str, Path)) else list(given)
     out: dict[str, str] = {}
     for ref in (str(r) for r in refs):
-        if is_release_ref(ref) or (not Path(ref).with_suffix(".json").is_file() and release_for_file(ref)):
-            release = resolve_weights(ref).release if is_release_ref(ref) else release_for_file(ref)
-            name = release.method if release is not None else "?"
-        else:
-            name = read_checkpoint_meta(ref).get("upsampler", "vitup")
+        name = checkpoint_method(ref)
         if name in out:
             raise VitupError(f"--checkpoint {ref}: a second {name} checkpoint (after {out[name]}); give one per method")
         out[name] = ref
@@ -246,6 +243,11 @@ def _names(config: ProbeConfig) -> list[str]:
             "--upsampler uplift needs --checkpoint uplift:dinov3_splus (published weights) or a "
             "`vitup train --method uplift` checkpoint (--checkpoint may be given once per method)"
         )
+    if needing and refs:
+        held = ", ".join(f"{ref} holds a {name} upsampler" for name, ref in refs.items())
+        raise VitupError(
+            f"--upsampler {needing[0]} needs its own --checkpoint ({held}; --checkpoint may be given once per method)"
+        )
     if needing:
         how = "`vitup train`" if needing[0] == "vitup" else f"`vitup train --method {needing[0]}`"
         raise VitupError(
@@ -256,6 +258,7 @@ def _names(config: ProbeConfig) -> list[str]:
 
 
 def _validate(config: ProbeConfig) -> None:
+    resolve_precision(config.precision, "cpu")  # a bad value is one line before anything loads
     if config.out is not None and (Path(config.out) / "report.json").exists() and not config.overwrite:
         raise VitupError(
             f"--out {config.out} already holds a probe report; nothing was changed. Pass --overwrite to "
@@ -289,13 +292,19 @@ def build_upsamplers(config: ProbeConfig) -> list[tuple[Upsampler, bool]]:
     out: list[tuple[Upsampler, bool]] = []
     refs = checkpoint_refs(config)
     if refs:
-        trained = {
-            name: load_trained(ref, weights=config.weights, pretrained=config.pretrained).eval()
-            for name, ref in refs.items()
-        }
+
+        def load(name: str, ref: str) -> Upsampler:
+            if name == "loftup":  # LoftUp runs at any input size, over --backbone for a local file
+                return load_loftup(
+                    ref, backbone=config.backbone, weights=config.weights, pretrained=config.pretrained,
+                    overrides=config.backbone_args, input_size=config.input_size,
+                )  # fmt: skip
+            return load_trained(ref, weights=config.weights, pretrained=config.pretrained)
+
+        trained = {name: load(name, ref).eval() for name, ref in refs.items()}
         first = next(iter(trained.values()))
         for name, model in trained.items():
-            if config.input_size not in (None, model.input_size):
+            if name != "loftup" and config.input_size not in (None, model.input_size):
                 raise VitupError(
                     f"--input-size {config.input_size}: this {name} checkpoint was trained at {model.input_size}; "
                     "drop the flag"
@@ -371,6 +380,7 @@ def run_probe(config: ProbeConfig, reporter: Any = None) -> ProbeReport:
     _validate(config)
     reporter = _reporter(reporter)
     device = _resolve_device(config.device)
+    precision = resolve_precision(config.precision, device)
     train_ds, val_ds = open_splits(
         config.dataset, config.root, config.task, limit=config.limit, depth_scale=config.depth_scale
     )
@@ -410,14 +420,17 @@ def run_probe(config: ProbeConfig, reporter: Any = None) -> ProbeReport:
         if config.no_cache:
             reporter.info(f"{name}: --no-cache, features computed from the images at every epoch (nothing written)")
             for ds in (train_ds, val_ds):
-                sources[ds.split] = LiveFeatures(upsampler, ds.images, (config.res, config.res), workers=workers)
+                sources[ds.split] = LiveFeatures(
+                    upsampler, ds.images, (config.res, config.res), workers=workers, precision=precision
+                )
                 entries[ds.split] = None
                 res_info.stores[ds.split], res_info.cached[ds.split] = None, False
         else:
             for ds in (train_ds, val_ds):
                 entry = _cache.store_entry(
-                    ds, upsampler, cache_dir, res=config.res, dtype=config.dtype, tap=tap, teacher=teacher
-                )
+                    ds, upsampler, cache_dir, res=config.res, dtype=config.dtype, tap=tap, teacher=teacher,
+                    precision=precision,
+                )  # fmt: skip
                 if entry.cached:
                     reporter.info(f"{name} {ds.split}: reusing {entry.path}")
                 else:

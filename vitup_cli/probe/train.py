@@ -113,8 +113,11 @@ class LiveFeatures(FeatureSource):
     """Features computed from the images at every read (``--no-cache``): decode, ``extract``'s centre
     crop to the upsampler's input size, mirror (the image itself), then the upsampler at ``grid``."""
 
-    def __init__(self, upsampler: Any, files: Sequence[Path], grid: tuple[int, int], workers: int = 4) -> None:
+    def __init__(
+        self, upsampler: Any, files: Sequence[Path], grid: tuple[int, int], workers: int = 4, precision: str = "fp32"
+    ) -> None:
         self.upsampler = upsampler
+        self.precision = precision
         self.files = [Path(f) for f in files]
         self.grid = upsampler.token_grid if upsampler.native_resolution_only else tuple(grid)
         self.channels = upsampler.dim
@@ -136,7 +139,9 @@ class LiveFeatures(FeatureSource):
         x = torch.stack(list(self._pool.map(self._load, [int(i) for i in indices])))
         x = _mirror(x, flip)
         device = next(self.upsampler.parameters()).device
-        feats, _ = dense_features(self.upsampler, x.to(device), self.grid, dtype=torch.float32)
+        feats, _ = dense_features(
+            self.upsampler, x.to(device), self.grid, dtype=torch.float32, precision=self.precision
+        )
         self.images_computed += len(indices)
         return feats
 

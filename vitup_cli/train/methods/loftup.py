@@ -54,7 +54,7 @@ from vitup_cli.train.config import CommonConfig, check_common
 from vitup_cli.train.data import TRAIN_STREAM, PositionDataset
 from vitup_cli.train.methods.base import TrainMethod
 
-CHECKPOINT_FORMAT = "vitup-checkpoint/1"
+CHECKPOINT_FORMAT = "vitup-checkpoint/2"  # the format of every vitup checkpoint (checkpoints.FORMAT)
 
 
 @dataclass
