@@ -258,26 +258,31 @@ def _child(args: argparse.Namespace, impl: str, res: int) -> dict[str, Any]:
         xy = _grid(res)
         decode(xy[:, : args.chunk])  # warm-up: one chunk
         base = _rss()
-        times = []
+        times, cpu_times = [], []
         with _RssSampler() as sampler:
             for i in range(args.repeats):
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.process_time()
                 out = decode(xy)
                 times.append(time.perf_counter() - t0)
+                cpu_times.append(time.process_time() - c0)
                 if i < args.repeats - 1:
                     del out  # each run's output is part of its own peak, not the next run's
         save_file({"out": out[0, :: args.stride].contiguous()}, str(work / f"out_{impl}_{res}.safetensors"))
-    return {
+    cell = {
         "impl": impl,
         "res": res,
         "queries": res * res,
         "times_s": times,
         "median_ms": 1000 * statistics.median(times),
+        "cpu_times_s": cpu_times,
+        "cpu_median_ms": 1000 * statistics.median(cpu_times),
         "rss_setup_mib": base / MIB,
         "peak_rss_mib": sampler.peak / MIB,
         "peak_growth_mib": (sampler.peak - base) / MIB,
         "threads": torch.get_num_threads(),
     }
+    (work / f"cell_{impl}_{res}.json").write_text(json.dumps(cell))
+    return cell
 
 
 # -- parent ---------------------------------------------------------------------------------------------
@@ -356,15 +361,16 @@ def _machine(threads: int) -> dict[str, Any]:
 
 def _table(results: dict[int, dict[str, dict[str, Any]]], agree: dict[int, float]) -> list[str]:
     lines = [
-        f"{'R':>5} {'queries':>8} {'vitup ms':>10} {'ref ms':>10} {'ratio':>6}  "
-        f"{'vitup MiB':>9} {'ref MiB':>9} {'ratio':>6}  {'vitup tot':>9} {'ref tot':>9}  {'max|diff|':>9}"
+        f"{'R':>5} {'queries':>7} {'vitup ms':>9} {'ref ms':>9} {'ratio':>5}  {'vitup cpu':>9} {'ref cpu':>9} "
+        f"{'ratio':>5}  {'vitup MiB':>9} {'ref MiB':>8} {'ratio':>5}  {'vitup tot':>9} {'ref tot':>7}  {'max|diff|':>9}"
     ]
     for res, cell in results.items():
         v, r = cell["vitup"], cell["reference"]
         lines.append(
-            f"{res:>5} {res * res:>8} {v['median_ms']:10.0f} {r['median_ms']:10.0f} "
-            f"{v['median_ms'] / r['median_ms']:6.2f}  {v['peak_growth_mib']:9.0f} {r['peak_growth_mib']:9.0f} "
-            f"{v['peak_growth_mib'] / r['peak_growth_mib']:6.2f}  {v['peak_rss_mib']:9.0f} {r['peak_rss_mib']:9.0f}  "
+            f"{res:>5} {res * res:>7} {v['median_ms']:9.0f} {r['median_ms']:9.0f} "
+            f"{v['median_ms'] / r['median_ms']:5.2f}  {v['cpu_median_ms']:9.0f} {r['cpu_median_ms']:9.0f} "
+            f"{v['cpu_median_ms'] / r['cpu_median_ms']:5.2f}  {v['peak_growth_mib']:9.0f} {r['peak_growth_mib']:8.0f} "
+            f"{v['peak_growth_mib'] / r['peak_growth_mib']:5.2f}  {v['peak_rss_mib']:9.0f} {r['peak_rss_mib']:7.0f}  "
             f"{agree[res]:9.1e}"
         )
     return lines
@@ -415,29 +421,40 @@ def main() -> None:
             results[res] = {}
             for impl in ("vitup", "reference"):
                 results[res][impl] = cell = _run_cell(args, work, impl, res)
-                print(f"  {impl:9} R={res}: {cell['median_ms']:.0f} ms, +{cell['peak_growth_mib']:.0f} MiB", flush=True)
+                print(
+                    f"  {impl:9} R={res}: {cell['median_ms']:.0f} ms wall, {cell['cpu_median_ms']:.0f} ms CPU, "
+                    f"+{cell['peak_growth_mib']:.0f} MiB",
+                    flush=True,
+                )
+                _report(args, meta, results, agree, outputs, complete=False)
             a = load_file(str(work / f"out_vitup_{res}.safetensors"))["out"]
             b = load_file(str(work / f"out_reference_{res}.safetensors"))["out"]
             agree[res] = float((a - b).abs().max())
+            _report(args, meta, results, agree, outputs, complete=False)
 
-    print(
-        f"ViT-Up decode, vitup vs reference: {args.backbone} shape (random init), {args.input_size} input "
-        f"({meta['tokens'][0]}x{meta['tokens'][1]} tokens), chunk {args.chunk}, {args.threads} thread(s), "
-        f"median of {args.repeats} after a one-chunk warm-up; MiB = peak RSS growth over setup, tot = peak RSS"
-    )
-    for line in _table(results, agree):
-        print(line)
+    _report(args, meta, results, agree, outputs, complete=True)
+
+
+def _report(
+    args: argparse.Namespace,
+    meta: dict[str, Any],
+    results: dict[int, dict[str, dict[str, Any]]],
+    agree: dict[int, float],
+    outputs: list[int],
+    complete: bool,
+) -> None:
+    """Write the JSON (after every cell, so an interrupted run keeps what it measured); the table at the end."""
+    paired = [res for res in outputs if res in agree]  # both implementations measured and compared
     base = outputs[0]
     memory_ratio = {}
-    for res in outputs[1:]:
+    for res in paired[1:] if base in agree else []:
         for impl in ("vitup", "reference"):
             growth = results[res][impl]["peak_growth_mib"] / results[base][impl]["peak_growth_mib"]
             total = results[res][impl]["peak_rss_mib"] / results[base][impl]["peak_rss_mib"]
             memory_ratio[f"{impl}_{res}/{base}"] = {"peak_growth": growth, "peak_rss": total}
-            print(f"{impl} memory R={res} / R={base}: growth {growth:.2f}x, total peak RSS {total:.2f}x (goal <= 1.3)")
-
     report = {
         "benchmark": "ViT-Up decode only, vitup vs the reference implementation, same weights and cache",
+        "complete": complete,
         "weights": "random init (time does not depend on values); FiLM output and LoRA B moved off zero",
         "backbone": args.backbone,
         "backbone_args": args.backbone_args,
@@ -449,28 +466,55 @@ def main() -> None:
         "chunk": args.chunk,
         "repeats": args.repeats,
         "warmup": "one chunk per child",
+        "timing": "wall-clock median_ms and process CPU time cpu_median_ms (with 1 thread, the CPU time is the "
+        "work done; the wall time also counts waiting for the CPU on a shared machine)",
         "memory": "peak RSS sampled every 20 ms during the timed runs, per fresh child process; growth = over "
-        "the RSS after setup (model, cache, query coordinates); the outputs (R*R x width float32) are included",
+        "the RSS after setup (model, cache, query coordinates); the outputs (R*R x width float32) are included. "
+        "Total peak RSS is not comparable across implementations: vitup's child also holds the random-init "
+        "backbone its ViTUp is built on, the reference's only the upsampler modules",
         "machine": _machine(args.threads),
         "reference": {"src": "github.com/krispinwandel/vit-up", "commit": _reference_commit(args.reference_src)},
         "precheck": {"queries": meta["precheck_queries"], "max_abs_diff": meta["precheck_max_abs_diff"]},
         "results": [
-            {**cell, "max_abs_diff_vs_reference": agree[res], "compared_queries": len(range(0, res * res, args.stride))}
-            for res in outputs
+            {
+                **cell,
+                "max_abs_diff_vs_reference": agree.get(res),
+                "compared_queries": len(range(0, res * res, args.stride)),
+            }
+            for res in results
             for cell in results[res].values()
         ],
         "ratios": {
             str(res): {
                 "time_vitup/reference": results[res]["vitup"]["median_ms"] / results[res]["reference"]["median_ms"],
+                "cpu_time_vitup/reference": results[res]["vitup"]["cpu_median_ms"]
+                / results[res]["reference"]["cpu_median_ms"],
                 "memory_growth_vitup/reference": results[res]["vitup"]["peak_growth_mib"]
                 / results[res]["reference"]["peak_growth_mib"],
             }
-            for res in outputs
+            for res in paired
         },
         "memory_vs_base_output": memory_ratio,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
+    if not complete:
+        return
+    print(
+        f"ViT-Up decode, vitup vs reference: {args.backbone} shape (random init), {args.input_size} input "
+        f"({meta['tokens'][0]}x{meta['tokens'][1]} tokens), chunk {args.chunk}, {args.threads} thread(s), "
+        f"median of {args.repeats} after a one-chunk warm-up; ms = wall, cpu = process CPU time (steadier on a "
+        "shared box); MiB = peak RSS growth over setup, tot = peak RSS"
+    )
+    for line in _table({res: results[res] for res in paired}, agree):
+        print(line)
+    for key, ratio in memory_ratio.items():
+        impl, sizes = key.split("_", 1)
+        res, base = sizes.split("/")
+        print(
+            f"{impl} memory at R={res} / R={base}: growth {ratio['peak_growth']:.2f}x, "
+            f"total peak RSS {ratio['peak_rss']:.2f}x (goal <= 1.3)"
+        )
     print(f"wrote {args.out}")
 
 
