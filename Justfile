@@ -49,6 +49,10 @@ bench-loftup *args:
 bench-probe *args:
     python benchmarks/probe_streaming.py {{args}}
 
+# ViT-Up decode, vitup vs the reference on the same weights (src: your clone of krispinwandel/vit-up)
+bench-reference src *args:
+    OMP_NUM_THREADS=1 python benchmarks/decode_vs_reference.py --reference-src {{src}} {{args}}
+
 # What CI runs, in a fresh virtual environment
 ci:
     bash .ci/run
