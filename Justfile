@@ -45,6 +45,10 @@ bench-faithfulness *args:
 bench-loftup *args:
     python benchmarks/loftup_memory.py {{args}}
 
+# Runtime and memory of every upsampler at 56-448 outputs (Table 9 style; JSON in benchmarks/results)
+bench-runtime *args:
+    python benchmarks/runtime.py {{args}}
+
 # Probe training streamed from a store vs held in memory
 bench-probe *args:
     python benchmarks/probe_streaming.py {{args}}

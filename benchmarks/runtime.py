@@ -98,12 +98,20 @@ def _build(name: str, variant: dict[str, Any], args: argparse.Namespace):
         config = ViTUpConfig(chunk_queries=chunk or 10**9)
         backbone.add_lora()
         model: Any = ViTUp(backbone, config)
+    elif name == "featsharp":
+        from vitup_cli.models import FeatSharp, FeatSharpConfig
+
+        tokens = args.input_size // backbone.patch_size
+        model = FeatSharp(backbone, FeatSharpConfig(factor=variant["factor"], input_tokens=tokens))
+        gen = torch.Generator().manual_seed(0)
+        model.fit_statistics([torch.rand(2, 3, model.input_size, model.input_size, generator=gen)])
+        notes.append("PHI-S statistics fitted on 2 random images (values do not change the time)")
+        notes.append(
+            f"the global view at {args.input_size} px plus {variant['factor']}^2 tiles: images at "
+            f"{model.input_size} px; backbone_ms is one pass at that size, upsampler_ms not split"
+        )
     else:
-        factory = UPSAMPLERS[name]
-        model = factory(backbone, input_size=args.input_size, **variant)
-        prepare = getattr(model, "benchmark_prepare", None)
-        if callable(prepare):  # e.g. statistics a model cannot run without; synthetic values
-            notes.append(prepare())
+        model = UPSAMPLERS[name](backbone, input_size=args.input_size, **variant)
     return model.to(args.device).eval(), notes, torch
 
 
@@ -131,7 +139,7 @@ def _measure(args: argparse.Namespace) -> dict[str, Any]:
     model, notes, torch = _build(name, variant, args)
     device = args.device
     torch.manual_seed(0)
-    image = torch.rand(1, 3, args.input_size, args.input_size, device=device)
+    image = torch.rand(1, 3, model.input_size, model.input_size, device=device)
     size = args.output
     autocast = (
         torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16)
@@ -178,8 +186,11 @@ def _measure(args: argparse.Namespace) -> dict[str, Any]:
             with torch.inference_mode(), autocast:
                 return model.decode(cache, xy, level)
 
-        out["upsampler_ms"] = _median_ms(decode, torch, device, 1, args.repeats)
+        out["upsampler_ms"] = _median_ms(decode, torch, device, args.warmup, args.repeats)
         out["upsampler_how"] = "timed (decode on a cached encode)"
+    elif name == "featsharp":  # the 1 + u^2 backbone passes are part of the method
+        out["upsampler_ms"] = None
+        out["upsampler_how"] = "not split (FeatSharp runs the backbone on its tiles)"
     else:
         out["upsampler_ms"] = max(0.0, out["total_ms"] - out["backbone_ms"])
         out["upsampler_how"] = "total - backbone"
@@ -270,6 +281,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--cell-timeout", type=float, default=1800)
+    p.add_argument("--skip", default="", help="cells to leave out, as LABEL@OUTPUT,... (e.g. 'vitup no chunk@448')")
     p.add_argument("--out", type=Path, default=None)
     # one cell in a child process
     p.add_argument("--_cell", action="store_true", help=argparse.SUPPRESS)
@@ -290,9 +302,12 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         p.error(f"unknown upsampler(s) {', '.join(unknown)}; the registry has {', '.join(UPSAMPLERS)}")
     outputs = [int(o) for o in args.outputs.split(",")]
+    skip = {c.strip() for c in args.skip.split(",") if c.strip()}
     cells = []
     for name, label, variant in _rows(names):
         for output in outputs:
+            if f"{label}@{output}" in skip:
+                continue
             cell = _child(args, name, label, variant, output)
             cells.append(cell)
             print(f"  {label} @ {output}: {cell.get('status')} {_fmt(cell.get('total_ms'))} ms", file=sys.stderr)
