@@ -79,18 +79,27 @@ def _state(model: Upsampler) -> dict[str, torch.Tensor]:
 
 def save_checkpoint(path: str | Path, model: Upsampler, extra: dict[str, Any] | None = None) -> Path:
     """Write ``path.safetensors`` and ``path.json`` atomically; returns the weights path."""
+    return write_checkpoint(path, model, _state(model), extra)
+
+
+def write_checkpoint(
+    path: str | Path, model: Upsampler, tensors: dict[str, torch.Tensor], extra: dict[str, Any] | None = None
+) -> Path:
+    """``tensors`` to ``path.safetensors`` beside the JSON that rebuilds ``model`` (method, backbone, config,
+    sizes, versions), both written atomically; returns the weights path. Every method's checkpoints go
+    through here, whatever key layout its tensors use."""
     import timm
     from safetensors.torch import save
 
     weights_path, meta_path = checkpoint_paths(path)
-    blob = save(_state(model), metadata={"format": FORMAT})
+    blob = save({k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}, metadata={"format": FORMAT})
     meta = {
         "format": FORMAT,
         "vitup_version": __version__,
         "upsampler": model.name,
         "backbone": model.backbone.describe(),
         "backbone_included": model.backbone.random_init,
-        "model": asdict(model.config),
+        "model": {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(model.config).items()},
         "input_size": model.input_size,
         "weights_sha256": hashlib.sha256(blob).hexdigest(),
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),

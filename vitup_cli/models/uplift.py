@@ -409,38 +409,12 @@ PUBLISHED_INPUT_SIZE = 448
 def save_uplift_checkpoint(path: str | Path, model: UPLiFT, extra: dict[str, Any] | None = None) -> Path:
     """``path.safetensors`` (the net in the published key layout, so the reference code loads it too;
     plus ``backbone.*`` when the backbone was randomly initialised) and ``path.json``; atomic."""
-    import datetime as _dt
-    import hashlib
-    import json
-    from dataclasses import asdict
+    from vitup_cli.checkpoints import write_checkpoint
 
-    import timm
-    from safetensors.torch import save
-
-    from vitup_cli import __version__
-    from vitup_cli.checkpoints import FORMAT, atomic_write_bytes, checkpoint_paths
-
-    weights_path, meta_path = checkpoint_paths(path)
     tensors = dict(model.net.state_dict())
     if model.backbone.random_init:
         tensors.update({f"backbone.{k}": v for k, v in model.backbone.model.state_dict().items()})
-    blob = save({k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}, metadata={"format": FORMAT})
-    meta = {
-        "format": FORMAT,
-        "vitup_version": __version__,
-        "upsampler": model.name,
-        "backbone": model.backbone.describe(),
-        "backbone_included": model.backbone.random_init,
-        "model": {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(model.config).items()},
-        "input_size": model.input_size,
-        "weights_sha256": hashlib.sha256(blob).hexdigest(),
-        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "versions": {"torch": torch.__version__, "timm": timm.__version__},
-        **(extra or {}),
-    }
-    atomic_write_bytes(weights_path, blob)
-    atomic_write_bytes(meta_path, (json.dumps(meta, indent=2, sort_keys=True) + "\n").encode())
-    return weights_path
+    return write_checkpoint(path, model, tensors, extra)
 
 
 def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
