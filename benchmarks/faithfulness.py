@@ -6,7 +6,8 @@ Per (teacher, seed): train ViT-Up (``--method vitup``) and UPLiFT (``--method up
 steps, over a shrunk randomly initialised DINOv3-layout backbone (each seed draws its own backbone, inits,
 data order, crops and noise). UPLiFT trains with its own recipe (summed MSE over its depths 1, 2 against
 the frozen backbone on an image pyramid whose top is ``--uplift-top`` x the student's input), scaled
-down like ViT-Up's.
+down like ViT-Up's. ``--featsharp-steps N`` also trains FeatSharp (``--method featsharp``) at u=2 and
+u=4, each scored at its own factor only (it takes the image at u x the student's pixels: its tiles).
 Then, on held-out images
 never seen in training, the student sees each image at its input size (``g x g`` tokens) and every
 upsampler predicts features on a ``2g`` and a ``4g`` grid; the target is the teacher (the same backbone,
