@@ -6,7 +6,8 @@ Per (teacher, seed): train ViT-Up (``--method vitup``) and UPLiFT (``--method up
 steps, over a shrunk randomly initialised DINOv3-layout backbone (each seed draws its own backbone, inits,
 data order, crops and noise). UPLiFT trains with its own recipe (summed MSE over its depths 1, 2 against
 the frozen backbone on an image pyramid whose top is ``--uplift-top`` x the student's input), scaled
-down like ViT-Up's.
+down like ViT-Up's. ``--featsharp-steps N`` also trains FeatSharp (``--method featsharp``) at u=2 and
+u=4, each scored at its own factor only (it takes the image at u x the student's pixels: its tiles).
 Then, on held-out images
 never seen in training, the student sees each image at its input size (``g x g`` tokens) and every
 upsampler predicts features on a ``2g`` and a ``4g`` grid; the target is the teacher (the same backbone,
@@ -62,8 +63,8 @@ from vitup_cli.train import TrainConfig, build_config  # noqa: E402
 from vitup_cli.train.config import coerce  # noqa: E402
 from vitup_cli.train.loop import train  # noqa: E402
 
-UPSAMPLERS = ("vitup", "uplift", "bilinear", "nearest")
-TRAINED = ("vitup", "uplift")
+UPSAMPLERS = ("vitup", "uplift", "featsharp", "bilinear", "nearest")
+TRAINED = ("vitup", "uplift", "featsharp")
 METRICS = ("cosine", "nl2", "fidelity")  # higher, lower, higher is better
 HIGHER_IS_BETTER = {"cosine": True, "nl2": False, "fidelity": True}
 
@@ -308,6 +309,64 @@ def run_loftup(args: argparse.Namespace, teacher: str, seed: int, work: Path, we
             "loss_last_10_steps": losses[-1], "scores": scores}  # fmt: skip
 
 
+def evaluate_featsharp(checkpoint: Path, teacher: Path, images: list[Path], input_tokens: int) -> dict:
+    """One FeatSharp (factor u) vs the teacher's real last-layer map at ``u x`` the student's grid, in the
+    backbone's raw space (FeatSharp denormalises its PHI-S output). FeatSharp takes the image at ``u x`` the
+    student's pixels (its global view at the student's size plus ``u x u`` tiles): that is the method."""
+    fs = load_trained(checkpoint, weights=teacher).eval()
+    backbone = fs.backbone
+    u, patch = fs.factor, backbone.patch_size
+    assert fs.backbone_size == input_tokens * patch
+    grid = input_tokens * u
+    sums: dict = {}
+    with torch.no_grad():
+        for path in images:
+            img = torch.from_numpy(np.asarray(Image.open(path).convert("RGB"), dtype=np.float32) / 255)
+            img = img.permute(2, 0, 1)[None]
+            hi = F.interpolate(img, size=(grid * patch,) * 2, mode="bilinear", antialias=True, align_corners=False)
+            with backbone.adapters_disabled():
+                target = backbone.hidden_states(backbone.normalize(hi), [backbone.depth])[0][0]
+            for metric, value in metrics(fs.features(hi, grid)[0], target).items():
+                sums[metric] = sums.get(metric, 0.0) + value
+    last = (
+        f"tap{backbone.taps[-1]}" if backbone.taps.count(backbone.taps[-1]) == 1 else f"level{len(backbone.taps) - 1}"
+    )
+    scores = {metric: total / len(images) for metric, total in sums.items()}
+    return {**scores, "per_tap": {last: dict(scores)}}
+
+
+def run_featsharp(args: argparse.Namespace, teacher: str, seed: int, work: Path, weights: Path) -> dict:
+    """FeatSharp (the `vitup train --method featsharp` core) at its native factors 2 and 4, one run each,
+    on the same training images; each scored at its own factor."""
+    out: dict = {"steps": args.featsharp_steps, "lr": args.featsharp_lr, "jitters": args.featsharp_jitters}
+    for u in (2, 4):
+        cfg = build_config(
+            None,
+            {
+                "method": "featsharp", "data": str(work / "train"),
+                "out": str(work / f"run-featsharp{u}-{teacher}-seed{seed}"),
+                "backbone": "dinov3_s", "weights": str(weights), "backbone_args": backbone_overrides(args, teacher),
+                "factor": u, "input_tokens": args.tokens, "jitters": args.featsharp_jitters,
+                "steps": args.featsharp_steps, "batch_size": args.batch, "lr": args.featsharp_lr, "workers": 0,
+                "seed": seed, "log_every": 10, "save_every": args.featsharp_steps, "tensorboard": False,
+            },
+        )  # fmt: skip
+        shutil.rmtree(cfg.out, ignore_errors=True)
+        t0 = time.monotonic()
+        result = train(cfg, reporter=Reporter(interval=120))
+        train_s = time.monotonic() - t0
+        losses = _losses(Path(cfg.out))
+        test_images = sorted((work / "heldout").glob("*.png"))
+        out[f"{u}x"] = {
+            "train_seconds": round(train_s, 1),
+            "seconds_per_step": round(train_s / cfg.steps, 3),
+            "loss_first_10_steps": losses[0],
+            "loss_last_10_steps": losses[-1],
+            "scores": evaluate_featsharp(result.last_checkpoint, weights, test_images, args.tokens),
+        }
+    return out
+
+
 # -- the benchmark ----------------------------------------------------------------------------------
 def train_config(args: argparse.Namespace, teacher: str, seed: int, work: Path) -> TrainConfig:
     steps = args.steps if teacher == "deep" else args.patch_steps
@@ -398,10 +457,15 @@ def run_one(args: argparse.Namespace, teacher: str, seed: int, work: Path) -> di
         shutil.rmtree(dest, ignore_errors=True)
         shutil.copytree(cfg.out, dest, ignore=shutil.ignore_patterns("*.safetensors"))
     loftup = run_loftup(args, teacher, seed, work, Path(cfg.weights)) if args.loftup_steps else None
+    featsharp = run_featsharp(args, teacher, seed, work, Path(cfg.weights)) if args.featsharp_steps else None
+    if featsharp:  # raw space, last tap: scored beside the others at its native factors
+        for scale in ("2x", "4x"):
+            scores[scale]["featsharp"] = featsharp[scale].pop("scores")
     return {
         "teacher": teacher,
         "seed": seed,
         **({"loftup": loftup} if loftup else {}),
+        **({"featsharp": featsharp} if featsharp else {}),
         "steps": cfg.steps,
         "train_seconds": round(train_s, 1),
         "eval_seconds": round(time.monotonic() - t0, 1),
@@ -532,6 +596,24 @@ def run(args: argparse.Namespace) -> dict:
                 }
                 if args.loftup_steps
                 else "not run (--loftup-steps 0)"
+            ),
+            "featsharp": (
+                {
+                    "what": "FeatSharp (vitup train --method featsharp) at factors 2 and 4, one model each, on the "
+                    "same training images; the factor-u model is scored at the u x grid only, last tap, raw space",
+                    "input": "FeatSharp takes the image at u x the student's pixels (its global view at the "
+                    "student's size plus u x u backbone tiles of the larger image), as the method does",
+                    "steps": args.featsharp_steps,
+                    "batch_size": args.batch,
+                    "lr": args.featsharp_lr,
+                    "jitters": args.featsharp_jitters,
+                    "other settings": "the paper's recipe (multi-view consistency, attention downsampler, seam "
+                    "weighting, uncertainty term, NAdam, warm-up and cosine); deviations: few steps, batch "
+                    f"{args.batch}, {args.featsharp_jitters} jittered views (CPU budget); PHI-S fitted on the "
+                    "training images",
+                }
+                if args.featsharp_steps
+                else "not run (--featsharp-steps 0)"
             ),
         },
         "runs": per_run,
@@ -672,6 +754,11 @@ def main() -> None:
         "--loftup-steps", type=int, default=0, help="also train LoftUp stage 1 this many steps per run (0: off)"
     )
     parser.add_argument("--loftup-lr", type=float, default=1e-4, help="LoftUp stage-1 lr (released code: 1e-4)")
+    parser.add_argument(
+        "--featsharp-steps", type=int, default=0, help="also train FeatSharp at u=2 and u=4, N steps each (0: off)"
+    )
+    parser.add_argument("--featsharp-lr", type=float, default=1e-4, help="FeatSharp's NAdam lr (the paper's)")
+    parser.add_argument("--featsharp-jitters", type=int, default=5, help="FeatSharp's jittered views (paper: 5)")
     parser.add_argument("--workdir", default=None, help="keep generated images and runs here")
     parser.add_argument("--keep-runs", default=None, help="copy each run's metrics/plots (no weights) here")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "faithfulness.json"))

@@ -330,3 +330,30 @@ def test_probe_featsharp_beside_bilinear(tmp_path, featsharp_checkpoint):
     assert all(np.isfinite(r["metrics"]["miou"]) for r in report["results"])
     bad = runner.invoke(app, [*args[:7], "vitup,bilinear", *args[8:], "--overwrite"])
     assert bad.exit_code == 2 and "holds a featsharp upsampler" in bad.stderr
+
+
+@pytest.mark.slow
+def test_probe_runs_vitup_featsharp_and_bilinear_side_by_side(tmp_path):
+    """One command, two checkpoints (ViT-Up, FeatSharp) over the same random-init backbone, plus bilinear."""
+    from conftest import tiny_vitup
+    from probe_fixtures import make_folder
+
+    vit = save_checkpoint(tmp_path / "vit" / "last", tiny_vitup(seed=0), extra={"step": 1})
+    fs = save_checkpoint(tmp_path / "fs" / "last", _perturb(tiny_featsharp(seed=0)), extra={"step": 1})
+    make_folder(tmp_path / "data", n_train=4, n_val=2)
+    args = ["probe", "folder", "--root", str(tmp_path / "data"), "--checkpoint", str(vit), "--checkpoint", str(fs),
+            "--upsampler", "vitup,featsharp,bilinear", "--res", "16", "--crop", "32", "--workers", "0", "--device",
+            "cpu", "--epochs", "1", "--cache", str(tmp_path / "cache"), "--out", str(tmp_path / "rep")]  # fmt: skip
+    result = runner.invoke(app, args, env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "rep" / "report.json").read_text())
+    results = {r["name"]: r for r in report["results"]}
+    assert list(results) == ["vitup", "featsharp", "bilinear"]
+    assert len(report["protocol"]["checkpoint"]) == 2
+    assert results["vitup"]["input_size"] == 64 and results["featsharp"]["input_size"] == 128
+    assert results["bilinear"]["input_size"] == 64  # over the shared backbone at FeatSharp's global view
+    assert all(np.isfinite(r["metrics"]["miou"]) for r in report["results"])
+    other = save_checkpoint(tmp_path / "fs7" / "last", _perturb(tiny_featsharp(seed=7)), extra={"step": 1})
+    swapped = [str(other) if a == str(fs) else a for a in args[:-1]]  # FeatSharp over another backbone
+    mixed = runner.invoke(app, [*swapped, str(tmp_path / "rep2")])
+    assert mixed.exit_code == 2 and "side-by-side probes need the same backbone" in mixed.output

@@ -279,6 +279,28 @@ def _validate(config: ProbeConfig) -> None:
         raise VitupError(f"--dtype {config.dtype}: use float16 or float32")
 
 
+def _base_weights(backbone: Any) -> dict[str, torch.Tensor]:
+    """The backbone's own tensors, LoRA factors left out, peft's ``base_layer`` names unwrapped and ViT-Up's
+    split ``q_proj`` / ``k_proj`` / ``v_proj`` joined back into timm's ``qkv``."""
+    out = {k.replace(".base_layer", ""): v for k, v in backbone.model.state_dict().items() if ".lora_" not in k}
+    for key in [k for k in out if ".q_proj." in k]:
+        parts = [out.pop(key.replace(".q_proj.", f".{x}_proj.")) for x in "qkv"]
+        out[key.replace(".q_proj.", ".qkv.")] = torch.cat(parts)
+    return out
+
+
+def _same_backbone(a: Any, b: Any) -> bool:
+    """Same timm model, weights and overrides; random-init backbones (stored in their checkpoints, all with
+    the same weights id) by their tensors."""
+    keys = ("timm_name", "weights_id", "overrides")
+    if [a.describe()[k] for k in keys] != [b.describe()[k] for k in keys]:
+        return False
+    if not a.random_init:
+        return True
+    wa, wb = _base_weights(a), _base_weights(b)
+    return wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
 def build_upsamplers(config: ProbeConfig) -> list[tuple[Upsampler, bool]]:
     """``(upsampler, teacher)`` per name: trained ones (``vitup``, ``uplift``) from their checkpoints; the
     others over the first checkpoint's backbone with its adapters off (``teacher``), or over
@@ -309,7 +331,7 @@ def build_upsamplers(config: ProbeConfig) -> list[tuple[Upsampler, bool]]:
                     f"--input-size {config.input_size}: this {name} checkpoint was trained at {model.input_size}; "
                     "drop the flag"
                 )
-            if (model.backbone.weights_id, model.backbone_size) != (first.backbone.weights_id, first.backbone_size):
+            if not _same_backbone(model.backbone, first.backbone) or model.backbone_size != first.backbone_size:
                 raise VitupError(
                     f"--checkpoint {refs[name]}: its backbone/input ({model.backbone.weights_id}, "
                     f"{model.backbone_size} px) differs from {first.name}'s ({first.backbone.weights_id}, "
