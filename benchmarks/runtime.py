@@ -303,7 +303,9 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"unknown upsampler(s) {', '.join(unknown)}; the registry has {', '.join(UPSAMPLERS)}")
     outputs = [int(o) for o in args.outputs.split(",")]
     skip = {c.strip() for c in args.skip.split(",") if c.strip()}
-    cells = []
+    out = args.out or RESULTS / f"runtime_{args.device.split(':')[0]}_{args.precision}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    cells: list[dict[str, Any]] = []
     for name, label, variant in _rows(names):
         for output in outputs:
             if f"{label}@{output}" in skip:
@@ -311,6 +313,14 @@ def main(argv: list[str] | None = None) -> int:
             cell = _child(args, name, label, variant, output)
             cells.append(cell)
             print(f"  {label} @ {output}: {cell.get('status')} {_fmt(cell.get('total_ms'))} ms", file=sys.stderr)
+            _write(out, args, cells, complete=False)  # an interrupted run keeps what it measured
+    _write(out, args, cells, complete=True)
+    print_table(cells, args.device)
+    print(f"wrote {out}")
+    return 0
+
+
+def _write(out: Path, args: argparse.Namespace, cells: list[dict[str, Any]], complete: bool) -> None:
     result = {
         "benchmark": "runtime",
         "settings": {
@@ -323,16 +333,14 @@ def main(argv: list[str] | None = None) -> int:
             "warmup": args.warmup,
             "repeats": args.repeats,
             "weights": "random init (time and memory do not depend on weight values)",
+            "threads": os.environ.get("OMP_NUM_THREADS"),
         },
         "machine": _machine(args.device),
+        "skipped_cells": sorted(c.strip() for c in args.skip.split(",") if c.strip()),
+        "complete": complete,
         "cells": cells,
     }
-    out = args.out or RESULTS / f"runtime_{args.device.split(':')[0]}_{args.precision}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1) + "\n")
-    print_table(cells, args.device)
-    print(f"wrote {out}")
-    return 0
 
 
 if __name__ == "__main__":

@@ -1,3 +1,5 @@
+import contextlib
+
 import pytest
 import torch
 
@@ -24,3 +26,15 @@ def tiny_vitup(name: str = "dinov3_s", seed: int = 0, lora: bool = True, **confi
 @pytest.fixture
 def images():
     return torch.rand(2, 3, 72, 88, generator=torch.Generator().manual_seed(0))
+
+
+@contextlib.contextmanager
+def single_thread():
+    """torch on one thread, as ``torchrun`` runs each worker (OMP_NUM_THREADS=1): a 1-process reference
+    run then sums in the same order as each rank, so weights compare at float tolerance."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)

@@ -65,7 +65,9 @@ def test_a_killed_part_resumes_and_the_store_equals_one_run(tmp_path):
     assert create.exit_code == 0 and f"ready for {n} images" in create.stderr
     assert (store_status(parts) == 0).all()
     victim = _part(images, parts, 2)
-    mine = [k for k in range(n) if k % 3 == 1]  # shards of one image, whole groups round-robin over parts
+    with open_store(parts) as store:  # shards of one image; whole groups of them go round-robin over parts
+        group = store.attrs["layout"]["group_shards"]
+    mine = [k for k in range(n) if (k // group) % 3 == 1]
     deadline = time.time() + 120
     while victim.poll() is None and time.time() < deadline:
         if int((store_status(parts)[mine] != 0).sum()) >= 2:

@@ -104,6 +104,7 @@ def test_resume_over_a_bucket_reads_status_and_never_lists(s3, tmp_path, monkeyp
     config = ExtractConfig(
         images, "s3://feats/resume.zarr", res=(8, 8), backbone="dinov3_s", pretrained="none",
         backbone_args={"depth": 2, "embed_dim": 64, "num_heads": 1}, input_size=64, workers=0, batch_size=2,
+        upsampler="bilinear",
     )  # fmt: skip
     run_extract(config, reporter=SilentReporter())
     listed = []
