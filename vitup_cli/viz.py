@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from vitup_cli.errors import VitupError
+from vitup_cli.models import CHECKPOINT_ONLY as _TRAINED
 
 #: Figure layout, in inches: a title strip above every row, a legend strip below it, a title on top.
 TITLE_H = 0.5
@@ -482,10 +483,6 @@ class ModelOptions:
     seed: int = 0  # seeds a random-init backbone (pretrained="none"), so demo pictures are reproducible
 
 
-#: upsamplers that come from ``--checkpoint`` (drawn from it, never built untrained)
-_TRAINED = ("vitup", "uplift", "featsharp")
-
-
 def trained_method(checkpoint: Path | str | None) -> str | None:
     """The trained method a ``--checkpoint`` holds (``vitup``, ``uplift``, ``featsharp``, ...), or None."""
     if checkpoint is None:
@@ -509,7 +506,7 @@ def methods_to_draw(names: Sequence[str] | None, has_checkpoint: bool | str | No
     """Validated upsampler names, in order, without duplicates and without ``lowres`` (the low-res token
     panel is always drawn once). ``has_checkpoint``: the checkpoint's method name (``True`` = ``vitup``).
     Default: that method and ``bilinear`` with a checkpoint, else ``bilinear,nearest``."""
-    from vitup_cli.models import CHECKPOINT_METHODS, UPSAMPLERS
+    from vitup_cli.models import UPSAMPLERS
 
     trained = "vitup" if has_checkpoint is True else (has_checkpoint or None)
     if names is None:
@@ -518,7 +515,7 @@ def methods_to_draw(names: Sequence[str] | None, has_checkpoint: bool | str | No
         if name not in UPSAMPLERS:
             raise VitupError(f"--compare: unknown method '{name}': use some of {', '.join(UPSAMPLERS)}")
     for name in names:
-        if name in (*CHECKPOINT_METHODS, *_TRAINED) and name != trained:
+        if name in _TRAINED and name != trained:
             if trained is None:
                 raise VitupError(f"--compare {name} needs --checkpoint (a {name} trained with `vitup train`)")
             raise VitupError(f"--compare {name}: the checkpoint holds a {trained} upsampler, not {name}")

@@ -25,6 +25,8 @@ UPSAMPLERS: dict[str, Callable[..., Upsampler]] = {
 }
 #: Upsamplers with learned weights: opened with --checkpoint (``loftup`` also from its published releases).
 TRAINED = ("vitup", "uplift", "loftup", "featsharp")
+#: trained upsamplers that exist only through --checkpoint (LoftUp also loads its release for a backbone)
+CHECKPOINT_ONLY = ("vitup", "uplift", "featsharp")
 TRAINING_FREE = ("bilinear", "nearest", "lowres")
 #: trained methods a vitup checkpoint can hold (its JSON records which): name -> (model class, config class)
 CHECKPOINT_METHODS: dict[str, tuple[type[Upsampler], type]] = {
@@ -42,6 +44,7 @@ def build_upsampler(name: str, backbone: Backbone, **kwargs: Any) -> Upsampler:
 
 __all__ = [
     "CHECKPOINT_METHODS",
+    "CHECKPOINT_ONLY",
     "TRAINED",
     "TRAINING_FREE",
     "UPSAMPLERS",

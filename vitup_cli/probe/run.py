@@ -35,7 +35,7 @@ import torch
 from vitup_cli import __version__
 from vitup_cli.errors import VitupError
 from vitup_cli.features import resolve_precision
-from vitup_cli.models import CHECKPOINT_METHODS, UPSAMPLERS, Upsampler, build_upsampler
+from vitup_cli.models import CHECKPOINT_ONLY, UPSAMPLERS, Upsampler, build_upsampler
 from vitup_cli.probe import cache as _cache
 from vitup_cli.probe.datasets import DEFAULT_EPOCHS, DEPTH, DEPTH_EPOCHS, SEG, TASKS, ProbeDataset, open_splits
 from vitup_cli.probe.heads import SCHEDULES
@@ -205,10 +205,6 @@ def _default_budget() -> int:
         return 4 << 30
 
 
-#: upsamplers that only come from a checkpoint (``--checkpoint``), never built untrained
-TRAINED = ("vitup", "uplift", "featsharp")
-
-
 def checkpoint_refs(config: ProbeConfig) -> dict[str, str]:
     """The checkpoints of ``config`` by the upsampler each holds (``vitup``, ``uplift``), in order."""
     from vitup_cli.checkpoints import checkpoint_method
@@ -237,7 +233,7 @@ def _names(config: ProbeConfig) -> list[str]:
     unknown = [n for n in names if n not in UPSAMPLERS]
     if unknown:
         raise VitupError(f"--upsampler {unknown[0]}: unknown; use one of {', '.join(UPSAMPLERS)}")
-    needing = [n for n in names if (n in TRAINED or n in CHECKPOINT_METHODS) and n not in refs]
+    needing = [n for n in names if n in CHECKPOINT_ONLY and n not in refs]
     if needing == ["uplift"]:
         raise VitupError(
             "--upsampler uplift needs --checkpoint uplift:dinov3_splus (published weights) or a "
