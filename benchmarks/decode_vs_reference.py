@@ -19,6 +19,8 @@ the modules used here, not its omegaconf/cv2/lightning wrapper). The steps:
    112^2 queries for both (the reference's chunk loop is that of its ``ViTUpPL.forward``), repeated;
    the median is reported. Peak resident memory is sampled during the timed runs: the growth over the
    child's resident memory after setup (model, cache and query coordinates in memory), and the total.
+5. ``--allocator tuned`` applies ``vitup_cli.allocator.tune_malloc`` (what the ``vitup`` command does at
+   start) in both children alike; the default measures glibc's malloc as it comes.
 
     python benchmarks/decode_vs_reference.py --reference-src ~/src/vit-up
     python benchmarks/decode_vs_reference.py --reference-src ~/src/vit-up --outputs 224,448 --repeats 5 \\
@@ -245,6 +247,11 @@ def _grid(res: int) -> Any:
 
 # -- child: one (implementation, output) cell -----------------------------------------------------------
 def _child(args: argparse.Namespace, impl: str, res: int) -> dict[str, Any]:
+    if args.allocator == "tuned":
+        from vitup_cli.allocator import tune_malloc
+
+        if not tune_malloc():
+            sys.exit("--allocator tuned: glibc's mallopt is not available here")
     import torch
     from safetensors.torch import load_file, save_file
 
@@ -332,7 +339,7 @@ def _prepare(args: argparse.Namespace, work: Path) -> dict[str, Any]:
 
 def _run_cell(args: argparse.Namespace, work: Path, impl: str, res: int) -> dict[str, Any]:
     cmd = [sys.executable, __file__, "--child", f"{impl}:{res}", "--workdir", str(work)]
-    for key in ("reference_src", "backbone", "backbone_args", "input_size", "repeats", "threads", "chunk"):
+    for key in ("reference_src", "backbone", "backbone_args", "input_size", "repeats", "threads", "chunk", "allocator"):
         value = getattr(args, key)
         if value is not None:
             cmd += [f"--{key.replace('_', '-')}", str(value)]
@@ -386,6 +393,12 @@ def main() -> None:
     p.add_argument("--backbone-args", default=None, help="shape overrides, e.g. 'depth=6,embed_dim=192,num_heads=3'")
     p.add_argument("--input-size", type=int, default=448)
     p.add_argument("--chunk", type=int, default=112 * 112, help="queries per chunk, both implementations")
+    p.add_argument(
+        "--allocator",
+        choices=("default", "tuned"),
+        default="default",
+        help="glibc malloc as it comes, or raised mmap/trim thresholds (what the vitup command sets) in both children",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--stride", type=int, default=97, help="compare every N-th query of the timed outputs")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="the JSON written")
@@ -464,6 +477,10 @@ def _report(
         "heads": meta["heads"],
         "taps": meta["taps"],
         "chunk": args.chunk,
+        "allocator": {
+            "default": "glibc malloc as it comes (large blocks mmap'd afresh on every allocation)",
+            "tuned": "vitup_cli.allocator.tune_malloc() in both children, as the vitup command does at start",
+        }[args.allocator],
         "repeats": args.repeats,
         "warmup": "one chunk per child",
         "timing": "wall-clock median_ms and process CPU time cpu_median_ms (with 1 thread, the CPU time is the "

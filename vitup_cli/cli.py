@@ -1119,4 +1119,7 @@ def visualize_cmd(
 
 
 def main() -> None:
+    from vitup_cli.allocator import tune_malloc
+
+    tune_malloc()  # large per-chunk buffers reused, not page-faulted in again (vitup_cli/allocator.py)
     app()

@@ -86,7 +86,13 @@ def rope_angles(pos: torch.Tensor, head_dim: int, base: float = 100.0) -> torch.
 def apply_rope(t: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
     """Rotate ``t`` ``(B, heads, N, D)`` by ``angles`` ``(B, 1, N, D/2)``: pair ``i`` is channels
     ``(2i, 2i + 1)`` (adjacent pairs, so x occupies the first half of each head, y the second)."""
-    cos, sin = angles.cos().to(t.dtype), angles.sin().to(t.dtype)
+    return rotate_pairs(t, angles.cos(), angles.sin())
+
+
+def rotate_pairs(t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """``apply_rope`` with the angles' ``cos`` and ``sin`` computed once (the decoder shares them
+    between its blocks)."""
+    cos, sin = cos.to(t.dtype), sin.to(t.dtype)
     even, odd = t[..., 0::2], t[..., 1::2]
     return torch.stack([even * cos - odd * sin, even * sin + odd * cos], dim=-1).flatten(-2)
 
@@ -129,6 +135,14 @@ def _window_index(h: int, w: int, window: int, device: str) -> torch.Tensor:
     return idx.reshape(h * w, wy * wx)
 
 
+def _accumulate(fresh: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
+    """``fresh + other``, in place on ``fresh`` (a new output no one else holds) when the sum keeps its
+    dtype and shape; otherwise (autocast mixing bf16 and float32, say) out of place, promoting as ``+`` does."""
+    if fresh.shape == other.shape and fresh.dtype == torch.result_type(fresh, other):
+        return fresh.add_(other)
+    return fresh + other
+
+
 def _mlp(dim: int, hidden: int, out: int | None = None) -> nn.Sequential:
     return nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, out or dim))
 
@@ -153,6 +167,11 @@ class CrossAttention(nn.Module):
         B, N, _ = x.shape
         return x.reshape(B, N, self.num_heads, self.head_dim).transpose(1, 2)
 
+    def query_rotation(self, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """RoPE (cos, sin) ``(B, 1, N, D/2)`` for queries at ``pos`` ``(B, N, 2)`` in token units."""
+        angles = rope_angles(pos, self.head_dim, self.rope_base)[:, None]
+        return angles.cos(), angles.sin()
+
     def keys_values(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(B, C, h, w)`` -> RoPE'd keys and values ``(B, heads, h*w, D)``, once per image."""
         h, w = tokens.shape[-2:]
@@ -164,14 +183,15 @@ class CrossAttention(nn.Module):
     def forward(
         self,
         x: torch.Tensor,
-        pos: torch.Tensor,
+        rotation: tuple[torch.Tensor, torch.Tensor],
         kv: tuple[torch.Tensor, torch.Tensor],
         nearest: torch.Tensor,
         grid: tuple[int, int],
     ) -> torch.Tensor:
-        """x ``(B, N, C)`` at ``pos`` ``(B, N, 2)`` (token units); ``nearest`` ``(B, N)`` flat token ids."""
+        """x ``(B, N, C)``; ``rotation`` the (cos, sin) of ``query_rotation`` at the queries' positions;
+        ``nearest`` ``(B, N)`` flat token ids."""
         B, N, C = x.shape
-        q = apply_rope(self._heads(self.q(self.norm_q(x))), rope_angles(pos, self.head_dim, self.rope_base)[:, None])
+        q = rotate_pairs(self._heads(self.q(self.norm_q(x))), *rotation)
         k, v = kv
         h, w = grid
         if self.window is None or (self.window >= h and self.window >= w):
@@ -248,19 +268,21 @@ class ViTUpBlock(nn.Module):
     def forward(
         self,
         q: torch.Tensor,
-        pos: torch.Tensor,
+        rotation: tuple[torch.Tensor, torch.Tensor],
         code: torch.Tensor,
         nearest: torch.Tensor,
         kv: tuple[torch.Tensor, torch.Tensor],
         tokens: torch.Tensor,
         grid: tuple[int, int],
     ) -> torch.Tensor:
-        """q ``(B, N, C)`` -> ``(B, N, C)``; ``tokens`` ``(B, h*w, C)``: this block's tap, ``featx.norm_in``'d."""
-        x = q + self.transition(self.norm_transition(q))
-        x_attn = self.attn(x, pos, kv, nearest, grid)
+        """q ``(B, N, C)`` -> ``(B, N, C)``; ``tokens`` ``(B, h*w, C)``: this block's tap, ``featx.norm_in``'d.
+
+        The residual sums are taken in place on fresh outputs (same values, the same order of additions):
+        at 112^2 queries each new ``(N, C)`` buffer is page-faulted in again, which costs more than the add."""
+        x = _accumulate(self.transition(self.norm_transition(q)), q)
         token = torch.gather(tokens, 1, nearest.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]))
-        fused = x + x_attn + self.featx(token, code)
-        return fused + self.fusion(self.norm_fusion(fused))
+        fused = _accumulate(_accumulate(self.attn(x, rotation, kv, nearest, grid), x), self.featx(token, code))
+        return _accumulate(self.fusion(self.norm_fusion(fused)), fused)
 
 
 @dataclass
@@ -348,12 +370,12 @@ class ViTUp(Upsampler):
         for start in range(0, xy.shape[1], chunk):
             part = xy[:, start : start + chunk]
             q = sample_map(cache.query_grid, part)
-            pos = part * part.new_tensor([w, h])
+            rotation = self.blocks[0].attn.query_rotation(part * part.new_tensor([w, h])) if depth else None
             nearest, offset = nearest_token(part, h, w)
             code = fourier_code(offset, self.fourier_freqs)
             decoded = {0: self.decoders[0](q)} if 0 in levels else {}
             for t in range(1, depth + 1):
-                q = self.blocks[t - 1](q, pos, code, nearest, kv[t - 1], normed[t - 1], (h, w))
+                q = self.blocks[t - 1](q, rotation, code, nearest, kv[t - 1], normed[t - 1], (h, w))
                 if t in levels:
                     decoded[t] = self.decoders[t](q)
             for i, level in enumerate(levels):
