@@ -41,9 +41,7 @@ def _glibc() -> ctypes.CDLL | None:
         return None
 
 
-def tune_malloc(
-    mmap_threshold: int = DEFAULT_MMAP_THRESHOLD, trim_threshold: int = DEFAULT_TRIM_THRESHOLD
-) -> bool:
+def tune_malloc(mmap_threshold: int = DEFAULT_MMAP_THRESHOLD, trim_threshold: int = DEFAULT_TRIM_THRESHOLD) -> bool:
     """Raise glibc's mmap and trim thresholds for this process; ``True`` when both were set.
 
     A no-op (``False``) without glibc or with ``VITUP_MALLOC=default`` in the environment."""
