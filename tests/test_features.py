@@ -100,3 +100,102 @@ def test_extract_records_precision_and_bf16_stays_within_tolerance(tmp_path):
     assert _cosines(ref[None], low[None]).min().item() >= BF16_MIN_COSINE
     bad = runner.invoke(app, [*base, "--out", str(tmp_path / "x.zarr"), "--precision", "fp8"])
     assert bad.exit_code == 2 and "--precision fp8" in bad.output
+
+
+# -- --compile ------------------------------------------------------------------------------------------
+def _registry_model(name: str):
+    from vitup_cli.models import build_upsampler
+
+    backbone = _backbone()
+    if name == "vitup":
+        return ViTUp(backbone, ViTUpConfig(num_blocks=2, input_tokens=7, query_grid=28, chunk_queries=500))
+    return build_upsampler(name, backbone)
+
+
+@pytest.mark.parametrize("name", ["vitup", "uplift", "loftup", "featsharp", "bilinear", "nearest", "lowres"])
+def test_compile_targets_are_the_backbone_blocks_and_the_upsamplers_own_parts(name, monkeypatch):
+    from vitup_cli.features import compile_upsampler
+    from vitup_cli.models import UPSAMPLERS
+
+    assert set(UPSAMPLERS) == {"vitup", "uplift", "loftup", "featsharp", "bilinear", "nearest", "lowres"}
+    model = _registry_model(name)
+    compiled = []
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, *a, **k: compiled.append(self))
+    assert compile_upsampler(model) == len(compiled) == len(model.compile_targets())
+    blocks = list(model.backbone.model.blocks)
+    assert compiled[: len(blocks)] == blocks
+    own = compiled[len(blocks) :]
+    assert all(not any(m is p for p in model.backbone.modules()) for m in own)
+    expected = {"vitup": 5, "uplift": 2, "loftup": 3, "featsharp": 2}.get(name, 0)  # ViT-Up: 2 blocks, 3 decoders
+    assert len(own) == expected and len({id(m) for m in own}) == expected
+
+
+def test_probe_compile_flag_compiles_each_upsampler(tmp_path, monkeypatch):
+    from probe_fixtures import make_voc
+    from typer.testing import CliRunner
+
+    import vitup_cli.probe.run as probe_run
+    from vitup_cli.cli import app
+
+    seen = []
+    monkeypatch.setattr(probe_run, "compile_upsampler", lambda u: seen.append(u.name) or 0)
+    make_voc(tmp_path / "voc")
+    args = ["probe", "voc", "--root", str(tmp_path / "voc"), "--backbone", "dinov3_s", "--pretrained", "none",
+            "--backbone-args", "depth=2,embed_dim=64,num_heads=1", "--input-size", "64", "--res", "16",
+            "--crop", "32", "--workers", "0", "--device", "cpu", "--epochs", "1", "--limit", "2",
+            "--upsampler", "bilinear,nearest", "--cache", str(tmp_path / "cache"), "--out", str(tmp_path / "rep")]  # fmt: skip
+    result = CliRunner().invoke(app, [*args, "--compile"])
+    assert result.exit_code == 0, result.output
+    assert seen == ["bilinear", "nearest"]
+
+
+@pytest.mark.slow
+def test_compiled_vitup_matches_eager():
+    """A real torch.compile (inductor, C++ on CPU) of a small ViT-Up: the same features up to float
+    reassociation, at a full chunk size and at a smaller one (the recompile with dynamic shapes)."""
+    from vitup_cli.features import compile_upsampler
+
+    model = _registry_model("vitup")
+    model.backbone.add_lora()
+    for p in model.parameters():
+        if p.dim() > 1 and not p.abs().sum():
+            torch.nn.init.normal_(p, std=0.02)
+    model.eval()
+    torch.manual_seed(1)
+    images = torch.rand(2, 3, model.input_size, model.input_size)
+    with torch.no_grad():
+        eager = [dense_features(model, images, size, dtype=torch.float32)[0] for size in ((40, 40), (17, 23))]
+        assert compile_upsampler(model) == len(model.backbone.model.blocks) + 5
+        compiled = [dense_features(model, images, size, dtype=torch.float32)[0] for size in ((40, 40), (17, 23))]
+    for a, b in zip(eager, compiled, strict=True):
+        assert a.shape == b.shape
+        assert (a - b).abs().max().item() < 1e-4
+
+
+@pytest.mark.slow
+def test_extract_compile_matches_eager(tmp_path):
+    import numpy as np
+    from PIL import Image
+    from typer.testing import CliRunner
+
+    from vitup_cli.cli import app
+    from vitup_cli.stores import open_store
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        Image.fromarray(rng.integers(0, 255, (40, 60, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    base = [
+        "extract", str(folder), "--backbone", "dinov3_s", "--pretrained", "none", "--backbone-args",
+        "depth=2,embed_dim=64,num_heads=1", "--upsampler", "bilinear", "--input-size", "64", "--workers", "0",
+        "--res", "16", "--dtype", "float32", "--batch-size", "2",
+    ]  # fmt: skip
+    runner = CliRunner()
+    eager = runner.invoke(app, [*base, "--out", str(tmp_path / "eager.zarr")])
+    compiled = runner.invoke(app, [*base, "--out", str(tmp_path / "compiled.zarr"), "--compile"])
+    assert eager.exit_code == 0, eager.output
+    assert compiled.exit_code == 0 and "--compile: 2 modules compiled" in compiled.output, compiled.output
+    with open_store(tmp_path / "eager.zarr") as a, open_store(tmp_path / "compiled.zarr") as b:
+        for i in range(3):
+            assert np.abs(np.asarray(a[i]) - np.asarray(b[i])).max() < 1e-4

@@ -507,6 +507,15 @@ def extract_cmd(
             help="Model arithmetic: auto (bf16 autocast on CUDA, fp32 on CPU), bf16 or fp32; recorded in the store.",
         ),
     ] = "auto",
+    compile_: Annotated[
+        bool,
+        typer.Option(
+            "--compile",
+            rich_help_panel=_EX_RUN,
+            help="torch.compile the backbone's blocks and the upsampler's heavy modules (the first batch waits for it; "
+            "a C++ compiler is needed on CPU).",
+        ),
+    ] = False,
     chunk_queries: Annotated[
         int | None,
         typer.Option("--chunk-queries", rich_help_panel=_EX_RUN, help="ViT-Up queries per chunk (bounds memory)."),
@@ -610,6 +619,7 @@ def extract_cmd(
         workers=workers,
         device=device,
         precision=precision,
+        compile=compile_,
         chunk_queries=chunk_queries,
         minmax=minmax,
         overwrite=overwrite,
@@ -804,6 +814,14 @@ def probe_cmd(
             help="Feature arithmetic: auto (bf16 autocast on CUDA, fp32 on CPU), bf16 or fp32 (part of the cache key).",
         ),
     ] = "auto",
+    compile_: Annotated[
+        bool,
+        typer.Option(
+            "--compile",
+            rich_help_panel=_PR_RUN,
+            help="torch.compile the backbone's blocks and the upsampler's heavy modules while extracting features.",
+        ),
+    ] = False,
     workers: Annotated[
         int | None,
         typer.Option("--workers", "-j", rich_help_panel=_PR_RUN, help="Image decoding workers (default: auto)."),
@@ -868,7 +886,7 @@ def probe_cmd(
             backbone_args=backbone_args, input_size=input_size, res=res or 448, alpha=alpha,
             padding="exclude" if exclude_padding else "include", map_back=map_back, source_sampling=source_sampling,
             dtype=dtype, cache=cache, out=out, overwrite=overwrite, device=device, workers=workers, seed=seed,
-            precision=precision,
+            precision=precision, compile=compile_,
         )  # fmt: skip
         return
 
@@ -904,6 +922,7 @@ def probe_cmd(
         limit=limit,
         device=device,
         precision=precision,
+        compile=compile_,
         workers=workers,
         seed=seed,
         memory_budget=None if memory is None else int(memory * (1 << 30)),

@@ -53,6 +53,7 @@ from vitup_cli.features import (  # noqa: F401 - re-exported for existing caller
     fill_colour,
     fit_image,
     model_fingerprint,
+    compile_upsampler,
     resolve_precision,
 )
 from vitup_cli.models import Upsampler, ViTUp
@@ -172,6 +173,7 @@ class ExtractConfig:
     workers: int | None = None
     device: str = "auto"
     precision: str = "auto"  # auto: bf16 autocast on CUDA, fp32 elsewhere (features.resolve_precision)
+    compile: bool = False  # torch.compile the heavy modules (features.compile_upsampler)
     chunk_queries: int | None = None
     minmax: str = "image"  # LoftUp's guidance-image scaling: per image, or per batch (the reference)
     overwrite: bool = False
@@ -684,6 +686,8 @@ def _run(
             config = replace(config, checkpoint=release)
         upsampler = _build_upsampler(config, device, reporter.info) if upsampler is None else upsampler.to(device)
         upsampler.eval()
+        if config.compile:
+            reporter.info(f"--compile: {compile_upsampler(upsampler)} modules compiled (the first batch waits for it)")
         if upsampler.backbone.random_init:
             reporter.info(
                 "backbone: random init (--pretrained none), recorded in the store: a pipeline check, not features"

@@ -51,6 +51,21 @@ def autocast(precision: str, device: torch.device | str) -> Iterator[None]:
         yield
 
 
+def compile_upsampler(upsampler: Upsampler) -> int:
+    """``--compile``: ``torch.compile`` the upsampler's ``compile_targets`` in place (the backbone's blocks
+    and the upsampler's own heavy modules); returns how many modules. Values stay those of eager mode up to
+    float reassociation (tested within 1e-4). The first batch pays the compilation (tens of seconds on
+    CPU; a C++ compiler is needed there); a smaller last chunk or batch compiles once more, with dynamic
+    shapes. Where it helps: on CUDA, by fusing the element-wise work around the matrix products
+    (``benchmarks/runtime.py --compile`` measures it)."""
+    if not hasattr(torch, "compile"):
+        raise VitupError("--compile needs torch.compile (PyTorch 2.0 or newer)")
+    targets = upsampler.compile_targets()
+    for module in targets:
+        module.compile()
+    return len(targets)
+
+
 # =================================================================================================
 # geometry
 # =================================================================================================

@@ -51,6 +51,9 @@ class Upsampler(nn.Module, ABC):
     name: str = "upsampler"
     #: True when ``features`` ignores ``size`` and returns the native token grid.
     native_resolution_only: bool = False
+    #: dotted paths of the upsampler's own compute-heavy modules, compiled by ``--compile``
+    #: (``compile_targets``); a ModuleList stands for each of its members
+    compile_parts: tuple[str, ...] = ()
 
     def __init__(self, backbone: Backbone, input_size: int | None = None) -> None:
         super().__init__()
@@ -62,6 +65,17 @@ class Upsampler(nn.Module, ABC):
     @property
     def dim(self) -> int:
         return self.backbone.embed_dim
+
+    def compile_targets(self) -> list[nn.Module]:
+        """The modules ``torch.compile`` helps: the backbone's transformer blocks and ``compile_parts``.
+
+        Whole upsamplers are not compiled: their entry points (``encode``/``decode``, banded loops) are not
+        ``forward``, and their Python-level chunking is what keeps memory bounded."""
+        targets = list(self.backbone.model.blocks)
+        for path in self.compile_parts:
+            module = self.get_submodule(path)
+            targets.extend(module if isinstance(module, nn.ModuleList) else [module])
+        return targets
 
     def trained_tensors(self) -> dict[str, torch.Tensor]:
         """Learned weights that no backbone name identifies (for store fingerprints); none by default."""

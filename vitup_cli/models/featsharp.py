@@ -473,6 +473,7 @@ class FeatSharp(Upsampler):
     on the global view at ``r`` (``backbone_size``) and on ``u x u`` tiles; native output ``u h x u h``."""
 
     name = "featsharp"
+    compile_parts = ("head.jbu", "head.block")
 
     def __init__(self, backbone: Backbone, config: FeatSharpConfig | None = None) -> None:
         config = config or FeatSharpConfig()

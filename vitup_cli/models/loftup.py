@@ -403,6 +403,7 @@ class LoftUp(Upsampler):
     """
 
     name = "loftup"
+    compile_parts = ("net.upsampler.first_conv", "net.upsampler.ca_transformer", "net.upsampler.final_conv")
 
     def __init__(
         self,

@@ -246,6 +246,7 @@ class UPLiFT(Upsampler):
     """
 
     name = "uplift"
+    compile_parts = ("net.encoder", "net.decoder")
 
     def __init__(
         self,

@@ -299,6 +299,7 @@ class ViTUp(Upsampler):
     level 0 decodes ``q0``, level t decodes block t's output."""
 
     name = "vitup"
+    compile_parts = ("blocks", "decoders")
 
     def __init__(self, backbone: Backbone, config: ViTUpConfig | None = None) -> None:
         config = config or ViTUpConfig()

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 
 from vitup_cli import __version__
 from vitup_cli.errors import VitupError
-from vitup_cli.features import resolve_precision
+from vitup_cli.features import compile_upsampler, resolve_precision
 from vitup_cli.probe.spair import PAIR_READERS, KeypointPair, PairSet
 
 if TYPE_CHECKING:
@@ -323,6 +323,7 @@ class CorrespondenceConfig:
     overwrite: bool = False
     device: str = "auto"
     precision: str = "auto"  # auto: bf16 autocast on CUDA, fp32 elsewhere
+    compile: bool = False  # torch.compile the heavy modules (features.compile_upsampler)
     workers: int | None = None
     seed: int = 0
     visualize: int = 4
@@ -621,6 +622,8 @@ def run_correspondence(config: CorrespondenceConfig, reporter: Any = None) -> Co
     all_preds: dict[str, list[np.ndarray | None]] = {}
     for (upsampler, teacher), name in zip(upsamplers, names, strict=True):
         upsampler.to(device).eval()
+        if config.compile:
+            reporter.info(f"{name}: --compile: {compile_upsampler(upsampler)} modules compiled")
         result, preds = _run_one(upsampler, teacher, name, config, pairset, by_cat, canvases, cache_dir, device,
                                  reporter)  # fmt: skip
         upsampler.to("cpu")

@@ -34,7 +34,7 @@ import torch
 
 from vitup_cli import __version__
 from vitup_cli.errors import VitupError
-from vitup_cli.features import resolve_precision
+from vitup_cli.features import compile_upsampler, resolve_precision
 from vitup_cli.models import CHECKPOINT_ONLY, UPSAMPLERS, Upsampler, build_upsampler
 from vitup_cli.probe import cache as _cache
 from vitup_cli.probe.datasets import DEFAULT_EPOCHS, DEPTH, DEPTH_EPOCHS, SEG, TASKS, ProbeDataset, open_splits
@@ -90,6 +90,7 @@ class ProbeConfig:
     limit: int | None = None
     device: str = "auto"
     precision: str = "auto"  # auto: bf16 autocast on CUDA, fp32 elsewhere
+    compile: bool = False  # torch.compile the heavy modules (features.compile_upsampler)
     workers: int | None = None
     seed: int = 0
     memory_budget: int | None = None
@@ -430,6 +431,8 @@ def run_probe(config: ProbeConfig, reporter: Any = None) -> ProbeReport:
     vis_rows: list[int] | None = None
     for (upsampler, teacher), name in zip(upsamplers, names, strict=True):
         upsampler.to(device).eval()
+        if config.compile:
+            reporter.info(f"{name}: --compile: {compile_upsampler(upsampler)} modules compiled")
         tap = upsampler.backbone.taps[-1]
         res_info = UpsamplerResult(name, {}, input_size=upsampler.input_size, channels=upsampler.dim)
         sources: dict[str, FeatureSource] = {}
