@@ -143,7 +143,8 @@ def test_probe_compile_flag_compiles_each_upsampler(tmp_path, monkeypatch):
     args = ["probe", "voc", "--root", str(tmp_path / "voc"), "--backbone", "dinov3_s", "--pretrained", "none",
             "--backbone-args", "depth=2,embed_dim=64,num_heads=1", "--input-size", "64", "--res", "16",
             "--crop", "32", "--workers", "0", "--device", "cpu", "--epochs", "1", "--limit", "2",
-            "--upsampler", "bilinear,nearest", "--cache", str(tmp_path / "cache"), "--out", str(tmp_path / "rep")]  # fmt: skip
+            "--upsampler", "bilinear,nearest", "--cache", str(tmp_path / "cache"),
+            "--out", str(tmp_path / "rep")]  # fmt: skip
     result = CliRunner().invoke(app, [*args, "--compile"])
     assert result.exit_code == 0, result.output
     assert seen == ["bilinear", "nearest"]

@@ -49,11 +49,11 @@ from vitup_cli.features import (  # noqa: F401 - re-exported for existing caller
     _fit_array,
     box_to_grid,
     check_global,
+    compile_upsampler,
     dense_features,
     fill_colour,
     fit_image,
     model_fingerprint,
-    compile_upsampler,
     resolve_precision,
 )
 from vitup_cli.models import Upsampler, ViTUp
