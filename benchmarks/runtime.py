@@ -18,6 +18,10 @@ need fitted statistics or a trained state to run at all are given synthetic ones
     python benchmarks/runtime.py                                   # CPU, fp32, every upsampler
     python benchmarks/runtime.py --device cuda --precision bf16    # the paper's setting
     python benchmarks/runtime.py --upsamplers vitup,bilinear --outputs 112,224
+    python benchmarks/runtime.py --device cuda --precision bf16 --compile   # torch.compile'd (first call apart)
+
+Each cell runs with the allocator the ``vitup`` command sets (``vitup_cli/allocator.py``; ``--allocator
+default`` for glibc's own).
 
 Writes ``benchmarks/results/runtime_<device>_<precision>.json`` (the machine described) and prints a table.
 """
@@ -136,8 +140,16 @@ def _median_ms(fn: Any, torch: Any, device: str, warmup: int, repeats: int) -> f
 def _measure(args: argparse.Namespace) -> dict[str, Any]:
     """One (upsampler, output) cell, in this process."""
     name, label, variant = args.name, args.label, json.loads(args.variant)
+    if args.allocator == "tuned":
+        from vitup_cli.allocator import tune_malloc
+
+        tune_malloc()
     model, notes, torch = _build(name, variant, args)
     device = args.device
+    if args.compile:
+        from vitup_cli.features import compile_upsampler
+
+        compile_upsampler(model)
     torch.manual_seed(0)
     image = torch.rand(1, 3, model.input_size, model.input_size, device=device)
     size = args.output
@@ -160,6 +172,11 @@ def _measure(args: argparse.Namespace) -> dict[str, Any]:
             return model.backbone.hidden_states(prepared, taps)
 
     out: dict[str, Any] = {"upsampler": name, "label": label, "output": size, "notes": notes}
+    if args.compile:  # the first call compiles: timed apart, then the usual warm-up
+        t0 = time.perf_counter()
+        total()
+        _sync(torch, device)
+        out["first_call_s"] = time.perf_counter() - t0
     if device.startswith("cuda"):
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
@@ -240,6 +257,9 @@ def _child(args: argparse.Namespace, name: str, label: str, variant: dict[str, A
         str(args.warmup),
         "--repeats",
         str(args.repeats),
+        "--allocator",
+        args.allocator,
+        *(["--compile"] if args.compile else []),
     ]
     if args.backbone_args:
         cmd += ["--backbone-args", args.backbone_args]
@@ -282,6 +302,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--cell-timeout", type=float, default=1800)
     p.add_argument("--skip", default="", help="cells to leave out, as LABEL@OUTPUT,... (e.g. 'vitup no chunk@448')")
+    p.add_argument("--compile", action="store_true", help="torch.compile as `vitup extract --compile` does")
+    p.add_argument(
+        "--allocator",
+        choices=("tuned", "default"),
+        default="tuned",
+        help="tuned: glibc malloc thresholds raised as the vitup command does (allocator.py); default: as it comes",
+    )
     p.add_argument("--out", type=Path, default=None)
     # one cell in a child process
     p.add_argument("--_cell", action="store_true", help=argparse.SUPPRESS)
@@ -303,7 +330,8 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"unknown upsampler(s) {', '.join(unknown)}; the registry has {', '.join(UPSAMPLERS)}")
     outputs = [int(o) for o in args.outputs.split(",")]
     skip = {c.strip() for c in args.skip.split(",") if c.strip()}
-    out = args.out or RESULTS / f"runtime_{args.device.split(':')[0]}_{args.precision}.json"
+    suffix = "_compile" if args.compile else ""
+    out = args.out or RESULTS / f"runtime_{args.device.split(':')[0]}_{args.precision}{suffix}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     cells: list[dict[str, Any]] = []
     for name, label, variant in _rows(names):
@@ -334,6 +362,8 @@ def _write(out: Path, args: argparse.Namespace, cells: list[dict[str, Any]], com
             "repeats": args.repeats,
             "weights": "random init (time and memory do not depend on weight values)",
             "threads": os.environ.get("OMP_NUM_THREADS"),
+            "compile": bool(args.compile),
+            "allocator": args.allocator,
         },
         "machine": _machine(args.device),
         "skipped_cells": sorted(c.strip() for c in args.skip.split(",") if c.strip()),
