@@ -296,7 +296,8 @@ def run_loftup(args: argparse.Namespace, teacher: str, seed: int, work: Path, we
     cfg = LoftUpTrainConfig(
         data=str(work / "train_masked"), out=str(out), backbone="dinov3_s", weights=str(weights),
         backbone_args=backbone_overrides(args, teacher), stage=1, image_size=16 * args.tokens,
-        steps=args.loftup_steps, batch_size=args.batch, lr=args.loftup_lr, workers=0, seed=seed, log_every=10,
+        steps=args.loftup_steps, batch_size=args.batch, lr=args.loftup_lr, jitters=args.loftup_jitters, workers=0,
+        seed=seed, log_every=10,
         save_every=args.loftup_steps, tensorboard=False,
     )  # fmt: skip
     t0 = time.monotonic()
@@ -305,8 +306,8 @@ def run_loftup(args: argparse.Namespace, teacher: str, seed: int, work: Path, we
     test_images = sorted((work / "heldout").glob("*.png"))
     scores = evaluate_loftup(result.last_checkpoint, weights, test_images, args.tokens, (2, 4))
     losses = [json.loads(x)["loss"] for x in (out / "metrics.jsonl").read_text().splitlines() if "loss" in x]
-    return {"steps": cfg.steps, "lr": cfg.lr, "train_seconds": round(train_s, 1), "loss_first_10_steps": losses[0],
-            "loss_last_10_steps": losses[-1], "scores": scores}  # fmt: skip
+    return {"steps": cfg.steps, "lr": cfg.lr, "jitters": cfg.jitters, "train_seconds": round(train_s, 1),
+            "loss_first_10_steps": losses[0], "loss_last_10_steps": losses[-1], "scores": scores}  # fmt: skip
 
 
 def evaluate_featsharp(checkpoint: Path, teacher: Path, images: list[Path], input_tokens: int) -> dict:
@@ -592,6 +593,7 @@ def run(args: argparse.Namespace) -> dict:
                     "are not comparable with the raw-space ViT-Up rows",
                     "steps": args.loftup_steps,
                     "lr": args.loftup_lr,
+                    "jitters": args.loftup_jitters,
                     "image_px": 16 * args.tokens,
                 }
                 if args.loftup_steps
@@ -754,6 +756,9 @@ def main() -> None:
         "--loftup-steps", type=int, default=0, help="also train LoftUp stage 1 this many steps per run (0: off)"
     )
     parser.add_argument("--loftup-lr", type=float, default=1e-4, help="LoftUp stage-1 lr (released code: 1e-4)")
+    parser.add_argument(
+        "--loftup-jitters", type=int, default=4, help="LoftUp stage-1 multi-view jitters (released code: 4)"
+    )
     parser.add_argument(
         "--featsharp-steps", type=int, default=0, help="also train FeatSharp at u=2 and u=4, N steps each (0: off)"
     )
