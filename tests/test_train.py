@@ -6,18 +6,14 @@ import contextlib
 import itertools
 import json
 import math
-import os
-import signal
-import subprocess
-import sys
-import time
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import single_thread
+from _train_helpers import assert_killed_run_resumes_bit_exact, torchrun_two_and_one
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -45,7 +41,6 @@ from vitup_cli.train.losses import (
 from vitup_cli.train.methods import vitup as vitup_method
 from vitup_cli.train.state import load_state
 
-REPO = Path(__file__).resolve().parents[1]
 TINY_ARGS = {"depth": 2, "embed_dim": 64, "num_heads": 1}
 
 
@@ -600,43 +595,13 @@ def test_cli_bad_input_is_one_line(args, message, tmp_path, monkeypatch):
 
 
 # -- processes: kill/resume, torchrun ---------------------------------------------------------------------
-def _env(threads: int = 1) -> dict[str, str]:
-    return {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": str(threads)}
-
-
 @pytest.mark.integration
 @pytest.mark.slow
 def test_killed_run_resumes_to_the_same_weights(image_dir, tmp_path):
     """SIGKILL a CLI run at an arbitrary moment after its first save; --resume ends where an
     uninterrupted run ends, bit for bit."""
     steps = ["--steps", "8", "--save-every", "1", "--lr", "1e-3"]
-    killed = tmp_path / "killed"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "vitup_cli", *_cli_args(image_dir, killed, *steps)],
-        env=_env(torch.get_num_threads()),  # same thread count as this process: same float reductions
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
-    deadline = time.monotonic() + 120
-    state = killed / "state.safetensors"
-    while time.monotonic() < deadline and proc.poll() is None:
-        if state.exists() and load_state(state).run.step >= 3:
-            break
-        time.sleep(0.05)
-    assert proc.poll() is None, "the run ended before it could be killed: " + proc.stderr.read().decode()[-2000:]
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    stopped_at = load_state(state).run.step
-    assert 3 <= stopped_at < 8
-    resumed = CliRunner().invoke(app, ["train", "--resume", str(killed)])
-    assert resumed.exit_code == 0, resumed.output
-    straight = tmp_path / "straight"
-    done = CliRunner().invoke(app, _cli_args(image_dir, straight, *steps))
-    assert done.exit_code == 0, done.output
-    a, b = load_state(straight / "state.safetensors"), load_state(state)
-    assert a.run.step == b.run.step == 8
-    for name in a.model:
-        assert torch.equal(a.model[name], b.model[name]), name
+    assert_killed_run_resumes_bit_exact(partial(_cli_args, image_dir), tmp_path, steps, deadline_s=120)
 
 
 @pytest.mark.integration
@@ -645,33 +610,9 @@ def test_torchrun_two_processes_match_one(image_dir, tmp_path):
     """2 gloo processes (1 image each per step) reach the weights of 1 process with the same global batch:
     per-rank shards of the same global batches, gradients averaged, rank 0 writes."""
     common = ["--steps", "3", "--save-every", "3", "--lora-dropout", "0", "--log-every", "1"]
-    ddp = tmp_path / "ddp"
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc-per-node",
-        "2",
-        "--master-port",
-        str(29500 + os.getpid() % 1000),
-        "-m",
-        "vitup_cli",
-        *_cli_args(image_dir, ddp, *common),
-    ]
-    proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stderr.count("finished at step 3") == 1  # rank 0 reports alone
-    single = tmp_path / "single"
-    with single_thread():  # as each torchrun worker
-        done = CliRunner().invoke(app, _cli_args(image_dir, single, *common))
-    assert done.exit_code == 0, done.output
-    a, b = load_state(single / "state.safetensors"), load_state(ddp / "state.safetensors")
-    assert len(b.rng) == 2 and b.run.world_size == 2
+    a, b = torchrun_two_and_one(partial(_cli_args, image_dir), tmp_path, common, port_base=29500, timeout=300)
     for name in a.model:
         assert torch.allclose(a.model[name], b.model[name], atol=1e-5, rtol=1e-4), name
-    la = [json.loads(x)["loss"] for x in (single / "metrics.jsonl").read_text().splitlines()]
-    lb = [json.loads(x)["loss"] for x in (ddp / "metrics.jsonl").read_text().splitlines()]
-    assert la == pytest.approx(lb, rel=1e-4)
 
 
 # -- methods ----------------------------------------------------------------------------------------------

@@ -3,17 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
+from functools import partial
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import single_thread
-from test_train import TINY_ARGS, _env, _textures
+from _train_helpers import assert_killed_run_resumes_bit_exact, torchrun_two_and_one
+from test_train import TINY_ARGS, _textures
 from typer.testing import CliRunner
 
 from vitup_cli.cli import app
@@ -242,33 +238,7 @@ def test_nan_loss_stops_the_run(image_dir, tmp_path, monkeypatch):
 @pytest.mark.slow
 def test_killed_run_resumes_to_the_same_weights(image_dir, tmp_path):
     steps = ["--steps", "8", "--save-every", "1"]
-    killed = tmp_path / "killed"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "vitup_cli", *_cli_args(image_dir, killed, *steps)],
-        env=_env(torch.get_num_threads()),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
-    deadline = time.monotonic() + 180
-    state = killed / "state.safetensors"
-    while time.monotonic() < deadline and proc.poll() is None:
-        if state.exists() and load_state(state).run.step >= 3:
-            break
-        time.sleep(0.05)
-    assert proc.poll() is None, "the run ended before it could be killed: " + proc.stderr.read().decode()[-2000:]
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    stopped_at = load_state(state).run.step
-    assert 3 <= stopped_at < 8
-    resumed = CliRunner().invoke(app, ["train", "--resume", str(killed)])
-    assert resumed.exit_code == 0, resumed.output
-    straight = tmp_path / "straight"
-    done = CliRunner().invoke(app, _cli_args(image_dir, straight, *steps))
-    assert done.exit_code == 0, done.output
-    a, b = load_state(straight / "state.safetensors"), load_state(state)
-    assert a.run.step == b.run.step == 8
-    for name in a.model:
-        assert torch.equal(a.model[name], b.model[name]), name
+    assert_killed_run_resumes_bit_exact(partial(_cli_args, image_dir), tmp_path, steps, deadline_s=180)
 
 
 @pytest.mark.integration
@@ -279,32 +249,15 @@ def test_torchrun_two_processes_match_one(image_dir, tmp_path):
     running statistics follow rank 0 under DDP (on CPU there is no SyncBatchNorm), so those buffers are
     not compared."""
     common = ["--steps", "3", "--save-every", "3", "--log-every", "1"]
-    ddp = tmp_path / "ddp"
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc-per-node",
-        "2",
-        "--master-port",
-        str(30500 + os.getpid() % 1000),
-        "-m",
-        "vitup_cli",
-        *_cli_args(image_dir, ddp, *common, size=128),
-    ]
-    proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=400)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stderr.count("finished at step 3") == 1
-    single = tmp_path / "single"
-    with single_thread():  # as each torchrun worker
-        done = CliRunner().invoke(app, _cli_args(image_dir, single, *common, "--accum", "2", size=128))
-    assert done.exit_code == 0, done.output
-    a, b = load_state(single / "state.safetensors"), load_state(ddp / "state.safetensors")
-    assert len(b.rng) == 2 and b.run.world_size == 2
+    a, b = torchrun_two_and_one(
+        partial(_cli_args, image_dir, size=128),
+        tmp_path,
+        common,
+        port_base=30500,
+        timeout=400,
+        single_extra=["--accum", "2"],
+    )
     compared = [n for n in a.model if not n.endswith(("running_mean", "running_var", "num_batches_tracked"))]
     assert any("attender" in n for n in compared)
     for name in compared:
         assert torch.allclose(a.model[name], b.model[name], atol=1e-5, rtol=1e-4), name
-    la = [json.loads(x)["loss"] for x in (single / "metrics.jsonl").read_text().splitlines()]
-    lb = [json.loads(x)["loss"] for x in (ddp / "metrics.jsonl").read_text().splitlines()]
-    assert la == pytest.approx(lb, rel=1e-4)
