@@ -54,6 +54,22 @@ def _place_in_cache(cache: Path, repo_id: str, filename: str, data: bytes = b"x"
     return target
 
 
+@pytest.fixture
+def pca_spy(monkeypatch) -> list[list[torch.Tensor]]:
+    """Copies of the maps of every ``viz.fit_joint_pca`` call (which still runs), in call order."""
+    from vitup_cli import viz
+
+    calls = []
+    real = viz.fit_joint_pca
+
+    def spy(maps, **kw):
+        calls.append([m.clone() for m in maps])
+        return real(maps, **kw)
+
+    monkeypatch.setattr(viz, "fit_joint_pca", spy)
+    return calls
+
+
 @contextlib.contextmanager
 def single_thread():
     """torch on one thread, as ``torchrun`` runs each worker (OMP_NUM_THREADS=1): a 1-process reference
