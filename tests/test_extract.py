@@ -10,7 +10,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from conftest import TINY, tiny_vitup
+from conftest import TINY, single_thread, tiny_vitup
 from PIL import Image
 from test_vitup import _randomise
 from typer.testing import CliRunner
@@ -81,8 +81,10 @@ def _store_digest(path):
     return {str(p): hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
 
 
-def _assert_same_store(a, b):
-    with open_store(a) as x, open_store(b) as y:
+def _assert_same_store(a, b, so_a=None, so_b=None):
+    """Two stores (``so_a``/``so_b``: their storage options) hold the same rows, features and attributes,
+    but for when and how they were made."""
+    with open_store(a, so_a) as x, open_store(b, so_b) as y:
         assert x.shape == y.shape and x.paths == y.paths
         assert np.array_equal(x.status, y.status)
         assert np.array_equal(x.sizes, y.sizes) and np.array_equal(x.valid, y.valid)
@@ -97,10 +99,8 @@ def _assert_same_store(a, b):
 @pytest.fixture(autouse=True)
 def one_thread():
     """Runs compared bit for bit use the same number of threads (and small jobs run fastest on one)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with single_thread():
+        yield
 
 
 @pytest.fixture
