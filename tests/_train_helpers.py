@@ -35,6 +35,15 @@ def _losses(run: Path) -> list[float]:
     return [json.loads(x)["loss"] for x in (run / "metrics.jsonl").read_text().splitlines()]
 
 
+def assert_same_state(a: LoadedState, b: LoadedState) -> None:
+    """Every model tensor and every optimiser state tensor of ``a`` equals ``b``'s, bit for bit."""
+    for name in a.model:
+        assert torch.equal(a.model[name], b.model[name]), name
+    for index, slot in a.optimizer["state"].items():
+        for key, value in slot.items():
+            assert torch.equal(value, b.optimizer["state"][index][key])
+
+
 def assert_killed_run_resumes_bit_exact(
     cli_args: CliArgs, tmp_path: Path, steps: Sequence[str], *, deadline_s: float
 ) -> None:

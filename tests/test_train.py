@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from _train_helpers import assert_killed_run_resumes_bit_exact, torchrun_two_and_one
+from _train_helpers import _losses, assert_killed_run_resumes_bit_exact, assert_same_state, torchrun_two_and_one
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -467,14 +467,9 @@ def test_resume_is_bit_exact(image_dir, tmp_path):
     assert second.finished and second.step == 6
     a, b = load_state(tmp_path / "a" / "state.safetensors"), load_state(tmp_path / "b" / "state.safetensors")
     assert a.model.keys() == b.model.keys()
-    for name in a.model:
-        assert torch.equal(a.model[name], b.model[name]), name
-    for index, slot in a.optimizer["state"].items():
-        for key, value in slot.items():
-            assert torch.equal(value, b.optimizer["state"][index][key])
+    assert_same_state(a, b)
     assert a.scheduler["last_epoch"] == b.scheduler["last_epoch"] == 6
-    losses = lambda run: [json.loads(x)["loss"] for x in (run / "metrics.jsonl").read_text().splitlines()]
-    assert losses(tmp_path / "a") == losses(tmp_path / "b")
+    assert _losses(tmp_path / "a") == _losses(tmp_path / "b")
 
 
 def test_resume_refuses_changed_settings_and_fresh_runs_refuse_existing_dirs(finished_run):

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from _train_helpers import assert_killed_run_resumes_bit_exact, torchrun_two_and_one
+from _train_helpers import _losses, assert_killed_run_resumes_bit_exact, assert_same_state, torchrun_two_and_one
 from PIL import Image
 from test_train import _textures
 from typer.testing import CliRunner
@@ -236,13 +236,8 @@ def test_resume_is_bit_exact(image_dir, tmp_path):
     assert second.finished and second.step == 6
     a, b = load_state(tmp_path / "a" / "state.safetensors"), load_state(tmp_path / "b" / "state.safetensors")
     assert "featsharp.phis.rotation" in a.model and a.model.keys() == b.model.keys()
-    for name in a.model:
-        assert torch.equal(a.model[name], b.model[name]), name
-    for index, slot in a.optimizer["state"].items():
-        for key, value in slot.items():
-            assert torch.equal(value, b.optimizer["state"][index][key])
-    losses = lambda run: [json.loads(x)["loss"] for x in (run / "metrics.jsonl").read_text().splitlines()]
-    assert losses(tmp_path / "a") == losses(tmp_path / "b")
+    assert_same_state(a, b)
+    assert _losses(tmp_path / "a") == _losses(tmp_path / "b")
 
 
 def _cli_args(image_dir: Path, out: Path, *extra: str) -> list[str]:

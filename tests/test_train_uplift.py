@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from _train_helpers import assert_killed_run_resumes_bit_exact, torchrun_two_and_one
+from _train_helpers import _losses, assert_killed_run_resumes_bit_exact, assert_same_state, torchrun_two_and_one
 from test_train import TINY_ARGS, _textures
 from typer.testing import CliRunner
 
@@ -200,13 +200,8 @@ def test_resume_is_bit_exact(image_dir, tmp_path):
     assert second.finished
     a, b = load_state(tmp_path / "a" / "state.safetensors"), load_state(tmp_path / "b" / "state.safetensors")
     assert a.model.keys() == b.model.keys() and any(k.endswith("running_var") for k in a.model)
-    for name in a.model:
-        assert torch.equal(a.model[name], b.model[name]), name
-    for index, slot in a.optimizer["state"].items():
-        for key, value in slot.items():
-            assert torch.equal(value, b.optimizer["state"][index][key])
-    losses = lambda run: [json.loads(x)["loss"] for x in (run / "metrics.jsonl").read_text().splitlines()]
-    assert losses(tmp_path / "a") == losses(tmp_path / "b")
+    assert_same_state(a, b)
+    assert _losses(tmp_path / "a") == _losses(tmp_path / "b")
     with pytest.raises(VitupError, match="--image-size differs"):
         resume_config(tmp_path / "b", {"image_size": 128})
 
