@@ -25,6 +25,15 @@ CliArgs = Callable[..., list[str]]
 """``cli_args(out, *extra)``: the ``vitup train`` arguments of a method's tiny run writing to ``out``."""
 
 
+def _tiny_train_args(data: Path, out: Path, *flags: str) -> list[str]:
+    """``vitup train`` of ``data`` into ``out`` on a random-init 2-block 64-d DINOv3-S, 2 images a step and
+    no loader workers, then ``flags`` (the method's and the test's)."""
+    return [
+        "train", "--data", str(data), "--out", str(out), "--backbone", "dinov3_s", "--pretrained", "none",
+        "--backbone-args", "depth=2,embed_dim=64,num_heads=1", "--batch-size", "2", "--workers", "0", *flags,
+    ]  # fmt: skip
+
+
 def _env(threads: int = 1) -> dict[str, str]:
     """This checkout on PYTHONPATH and ``threads`` torch threads, for a ``vitup`` subprocess."""
     return {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": str(threads)}

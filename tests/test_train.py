@@ -13,7 +13,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from _train_helpers import _losses, assert_killed_run_resumes_bit_exact, assert_same_state, torchrun_two_and_one
+from _train_helpers import (
+    _losses,
+    _tiny_train_args,
+    assert_killed_run_resumes_bit_exact,
+    assert_same_state,
+    torchrun_two_and_one,
+)
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -529,30 +535,9 @@ def test_nan_loss_stops_naming_the_step_and_the_last_good_checkpoint(image_dir, 
 
 # -- the command line -------------------------------------------------------------------------------------
 def _cli_args(image_dir: Path, out: Path, *extra: str) -> list[str]:
-    return [
-        "train",
-        "--data",
-        str(image_dir),
-        "--out",
-        str(out),
-        "--backbone",
-        "dinov3_s",
-        "--pretrained",
-        "none",
-        "--backbone-args",
-        "depth=2,embed_dim=64,num_heads=1",
-        "--input-tokens",
-        "4",
-        "--embed-grid",
-        "16",
-        "--teacher-sizes",
-        "32,64,128",
-        "--batch-size",
-        "2",
-        "--workers",
-        "0",
-        *extra,
-    ]
+    return _tiny_train_args(
+        image_dir, out, "--input-tokens", "4", "--embed-grid", "16", "--teacher-sizes", "32,64,128", *extra
+    )
 
 
 def test_cli_trains_with_a_config_file_and_flag_overrides(image_dir, tmp_path):

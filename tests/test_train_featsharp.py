@@ -11,9 +11,15 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from _train_helpers import _losses, assert_killed_run_resumes_bit_exact, assert_same_state, torchrun_two_and_one
+from _train_helpers import (
+    _losses,
+    _tiny_train_args,
+    assert_killed_run_resumes_bit_exact,
+    assert_same_state,
+    torchrun_two_and_one,
+)
 from PIL import Image
-from test_train import _textures
+from test_train import TINY_ARGS, _textures
 from typer.testing import CliRunner
 
 from vitup_cli.checkpoints import open_upsampler
@@ -37,8 +43,6 @@ from vitup_cli.train.methods.featsharp import (
     seam_grid,
 )
 from vitup_cli.train.state import load_state
-
-TINY_ARGS = {"depth": 2, "embed_dim": 64, "num_heads": 1}
 
 
 def tiny_config(data: Path, out: Path, **kw) -> FeatSharpTrainConfig:
@@ -241,11 +245,9 @@ def test_resume_is_bit_exact(image_dir, tmp_path):
 
 
 def _cli_args(image_dir: Path, out: Path, *extra: str) -> list[str]:
-    return [
-        "train", "--method", "featsharp", "--factor", "2", "--data", str(image_dir), "--out", str(out),
-        "--backbone", "dinov3_s", "--pretrained", "none", "--backbone-args", "depth=2,embed_dim=64,num_heads=1",
-        "--input-tokens", "4", "--phis-images", "6", "--batch-size", "2", "--workers", "0", *extra,
-    ]  # fmt: skip
+    return _tiny_train_args(
+        image_dir, out, "--method", "featsharp", "--factor", "2", "--input-tokens", "4", "--phis-images", "6", *extra
+    )
 
 
 def test_cli_trains_featsharp_and_refuses_other_methods_flags(image_dir, tmp_path):

@@ -8,7 +8,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from _train_helpers import _losses, assert_killed_run_resumes_bit_exact, assert_same_state, torchrun_two_and_one
+from _train_helpers import (
+    _losses,
+    _tiny_train_args,
+    assert_killed_run_resumes_bit_exact,
+    assert_same_state,
+    torchrun_two_and_one,
+)
 from test_train import TINY_ARGS, _textures
 from typer.testing import CliRunner
 
@@ -48,28 +54,7 @@ def image_dir(tmp_path_factory) -> Path:
 
 
 def _cli_args(image_dir: Path, out: Path, *extra: str, size: int = 64) -> list[str]:
-    return [
-        "train",
-        "--method",
-        "uplift",
-        "--data",
-        str(image_dir),
-        "--out",
-        str(out),
-        "--backbone",
-        "dinov3_s",
-        "--pretrained",
-        "none",
-        "--backbone-args",
-        "depth=2,embed_dim=64,num_heads=1",
-        "--image-size",
-        str(size),
-        "--batch-size",
-        "2",
-        "--workers",
-        "0",
-        *extra,
-    ]
+    return _tiny_train_args(image_dir, out, "--method", "uplift", "--image-size", str(size), *extra)
 
 
 # -- the recipe -----------------------------------------------------------------------------------------
