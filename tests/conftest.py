@@ -1,4 +1,5 @@
 import contextlib
+from pathlib import Path
 
 import pytest
 import torch
@@ -26,6 +27,47 @@ def tiny_vitup(name: str = "dinov3_s", seed: int = 0, lora: bool = True, **confi
 @pytest.fixture
 def images():
     return torch.rand(2, 3, 72, 88, generator=torch.Generator().manual_seed(0))
+
+
+@pytest.fixture
+def offline_cache(tmp_path, monkeypatch):
+    """An empty Hugging Face cache in ``tmp_path`` with the hub offline: only what a test places there resolves."""
+    cache = tmp_path / "hub"
+    cache.mkdir()
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    import huggingface_hub.constants as hc
+
+    monkeypatch.setattr(hc, "HF_HUB_CACHE", str(cache))
+    return cache
+
+
+def _place_in_cache(cache: Path, repo_id: str, filename: str, data: bytes = b"x") -> Path:
+    """The Hugging Face cache layout: models--ORG--REPO/{refs/main, snapshots/<rev>/FILE}."""
+    repo = cache / ("models--" + repo_id.replace("/", "--"))
+    rev = "0" * 40
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(rev)
+    target = repo / "snapshots" / rev / filename
+    target.parent.mkdir(parents=True)
+    target.write_bytes(data)
+    return target
+
+
+@pytest.fixture
+def pca_spy(monkeypatch) -> list[list[torch.Tensor]]:
+    """Copies of the maps of every ``viz.fit_joint_pca`` call (which still runs), in call order."""
+    from vitup_cli import viz
+
+    calls = []
+    real = viz.fit_joint_pca
+
+    def spy(maps, **kw):
+        calls.append([m.clone() for m in maps])
+        return real(maps, **kw)
+
+    monkeypatch.setattr(viz, "fit_joint_pca", spy)
+    return calls
 
 
 @contextlib.contextmanager

@@ -10,7 +10,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from conftest import TINY, tiny_vitup
+from conftest import TINY, single_thread, tiny_vitup
 from PIL import Image
 from test_vitup import _randomise
 from typer.testing import CliRunner
@@ -81,8 +81,10 @@ def _store_digest(path):
     return {str(p): hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
 
 
-def _assert_same_store(a, b):
-    with open_store(a) as x, open_store(b) as y:
+def _assert_same_store(a, b, so_a=None, so_b=None):
+    """Two stores (``so_a``/``so_b``: their storage options) hold the same rows, features and attributes,
+    but for when and how they were made."""
+    with open_store(a, so_a) as x, open_store(b, so_b) as y:
         assert x.shape == y.shape and x.paths == y.paths
         assert np.array_equal(x.status, y.status)
         assert np.array_equal(x.sizes, y.sizes) and np.array_equal(x.valid, y.valid)
@@ -97,10 +99,8 @@ def _assert_same_store(a, b):
 @pytest.fixture(autouse=True)
 def one_thread():
     """Runs compared bit for bit use the same number of threads (and small jobs run fastest on one)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with single_thread():
+        yield
 
 
 @pytest.fixture
@@ -455,6 +455,44 @@ def _env():
     return env
 
 
+def _kill_extract_after(
+    images: Path,
+    out: Path | str,
+    args: list,
+    rows: int,
+    *,
+    poll_s: float,
+    transient: tuple[type[Exception], ...] = (VitupError, OSError, ValueError),
+) -> int:
+    """Run ``vitup extract IMAGES --out OUT ARGS`` as a process, SIGKILL it once ``rows`` rows are written
+    (reading the store's status every ``poll_s``; ``transient``: errors of a store still being made) and
+    return how many rows it left pending."""
+    cmd = [sys.executable, "-m", "vitup_cli", "extract", str(images), "--out", str(out), *map(str, args)]
+    proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    while proc.poll() is None and time.time() < deadline:
+        try:
+            done = int((store_status(out) != 0).sum())
+        except transient:
+            done = 0
+        if done >= rows:
+            os.kill(proc.pid, signal.SIGKILL)
+            break
+        time.sleep(poll_s)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, f"not killed mid-run (rc {proc.returncode}): {proc.stderr.read()}"
+    return int((store_status(out) == 0).sum())
+
+
+def _torchrun_extract(images: Path, out: Path | str, args: list[str]) -> subprocess.CompletedProcess:
+    """``vitup extract`` on 2 CPU processes under ``torchrun --standalone``; it must succeed."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "vitup_cli",
+           "extract", str(images), "--out", str(out), *args, "--device", "cpu"]  # fmt: skip
+    result = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
 @pytest.mark.integration
 @pytest.mark.slow
 @pytest.mark.parametrize("suffix", [".zarr", ".h5"])
@@ -466,22 +504,7 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path, suffix):
     args = ["--checkpoint", ckpt, "--res", "32", "--batch-size", "2", "--workers", "1"]
     reference, killed = tmp_path / f"ref{suffix}", tmp_path / f"killed{suffix}"
     assert _cli(images, "--out", reference, *args).exit_code == 0
-    cmd = [sys.executable, "-m", "vitup_cli", "extract", str(images), "--out", str(killed), *map(str, args)]
-    proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    done = 0
-    deadline = time.time() + 120
-    while proc.poll() is None and time.time() < deadline:
-        try:
-            done = int((store_status(killed) != 0).sum())
-        except (VitupError, OSError, ValueError):
-            done = 0
-        if done >= 4:
-            os.kill(proc.pid, signal.SIGKILL)
-            break
-        time.sleep(0.01)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL, f"not killed mid-run (rc {proc.returncode}): {proc.stderr.read()}"
-    left = int((store_status(killed) == 0).sum())
+    left = _kill_extract_after(images, killed, args, 4, poll_s=0.01)
     assert 0 < left < 25, "the kill should leave some rows pending"
     result = _cli(images, "--out", killed, *args)  # no flag: refused, store untouched
     assert result.exit_code == 2 and "already exists" in result.stderr
@@ -503,10 +526,7 @@ def test_torchrun_two_processes_equal_one(tmp_path, suffix):
     args = ["--res", "24", "--batch-size", "2", "--tokens", *TINY_ARGS]
     single, double = tmp_path / f"one{suffix}", tmp_path / f"two{suffix}"
     assert _cli(images, "--out", single, *args).exit_code == 0
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "vitup_cli",
-           "extract", str(images), "--out", str(double), *args, "--device", "cpu"]  # fmt: skip
-    result = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
+    result = _torchrun_extract(images, double, args)
     assert "11 done, 1 failed" in result.stdout and result.stdout.count("done,") == 1  # rank 0 reports
     _assert_same_store(single, double)
 

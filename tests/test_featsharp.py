@@ -289,24 +289,14 @@ def test_extract_with_a_featsharp_checkpoint_records_the_native_grid(tmp_path, f
     assert tap.exit_code == 2 and "final features only" in tap.stderr
 
 
-def test_visualize_featsharp_beside_bilinear(tmp_path, featsharp_checkpoint, monkeypatch):
-    from vitup_cli import viz
-
+def test_visualize_featsharp_beside_bilinear(tmp_path, featsharp_checkpoint, pca_spy):
     path, _ = featsharp_checkpoint
     photo = _photos(tmp_path / "in", n=1) / "0.png"
-    seen = {}
-    real = viz.fit_joint_pca
-
-    def spy(maps, **kw):
-        seen["maps"] = maps
-        return real(maps, **kw)
-
-    monkeypatch.setattr(viz, "fit_joint_pca", spy)
     out = tmp_path / "v.png"
     args = ["visualize", str(photo), "--checkpoint", str(path), "--out", str(out), "--res", "16", "--device", "cpu"]
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
-    tokens, fs, bil = seen["maps"]  # default with a FeatSharp checkpoint: featsharp, bilinear
+    tokens, fs, bil = pca_spy[-1]  # default with a FeatSharp checkpoint: featsharp, bilinear
     assert tokens.shape == (64, 4, 4) and fs.shape == bil.shape
     bad = runner.invoke(app, [*args[:-4], "--compare", "vitup,bilinear", "--out", str(tmp_path / "w.png")])
     assert bad.exit_code == 2 and "holds a featsharp upsampler" in bad.stderr

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import _place_in_cache
 from safetensors import safe_open
 from safetensors.torch import save_file
 
@@ -141,18 +142,6 @@ def test_open_vitup_refuses_a_file_that_is_neither_layout(tmp_path):
 
 # -- the CLI: release names, the HF cache, offline ---------------------------------------------------
 @pytest.fixture
-def offline_cache(tmp_path, monkeypatch):
-    cache = tmp_path / "hub"
-    cache.mkdir()
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
-    import huggingface_hub.constants as hc
-
-    monkeypatch.setattr(hc, "HF_HUB_CACHE", str(cache))
-    return cache
-
-
-@pytest.fixture
 def photo(tmp_path):
     from PIL import Image
 
@@ -207,12 +196,7 @@ def test_release_from_the_hf_cache_runs_and_is_recorded(offline_cache, photo, tm
     from vitup_cli.stores import open_store
 
     path, _ = _zero_splus(tmp_path)
-    repo = offline_cache / "models--Krispin--vit-up"
-    rev = "0" * 40
-    (repo / "refs").mkdir(parents=True)
-    (repo / "refs" / "main").write_text(rev)
-    (repo / "snapshots" / rev).mkdir(parents=True)
-    path.rename(repo / "snapshots" / rev / "vit_up_dinov3_splus.safetensors")
+    _place_in_cache(offline_cache, "Krispin/vit-up", "vit_up_dinov3_splus.safetensors", path.read_bytes())
     weights._printed_licences.discard("vit-up:dinov3_splus")
     out = tmp_path / "f.zarr"
     args = ["--res", "8", "--pretrained", "none", "--workers", "0", "--device", "cpu", "--dtype", "float32"]

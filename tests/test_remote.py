@@ -2,16 +2,12 @@
 started by the test, and memory://), remote @list.txt inputs, HDF5 to a URL refused."""
 
 import os
-import signal
 import socket
-import subprocess
-import sys
-import time
 
 import numpy as np
 import pytest
-import torch
-from test_extract import TINY_ARGS, _cli, _env, _folder
+from conftest import single_thread
+from test_extract import TINY_ARGS, _assert_same_store, _cli, _folder, _kill_extract_after, _torchrun_extract
 
 from vitup_cli.errors import VitupError
 from vitup_cli.extract import ExtractConfig, parse_storage_options, run_extract
@@ -58,22 +54,8 @@ def s3():
 
 @pytest.fixture(autouse=True)
 def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def assert_same(a, b, so_a=None, so_b=None):
-    with open_store(a, so_a) as x, open_store(b, so_b) as y:
-        assert x.shape == y.shape and x.paths == y.paths
-        assert np.array_equal(x.status, y.status) and x.errors == y.errors
-        assert np.array_equal(x.sizes, y.sizes) and np.array_equal(x.valid, y.valid)
-        assert np.array_equal(x[0 : len(x)], y[0 : len(y)], equal_nan=True)
-        ax, ay = x.attrs, y.attrs
-        for key in ("command", "created", "completed", "resumed"):
-            ax.pop(key, None), ay.pop(key, None)
-        assert ax == ay
+    with single_thread():
+        yield
 
 
 ARGS = ["--res", "16", "--batch-size", "2", *TINY_ARGS]
@@ -88,7 +70,7 @@ def test_extract_to_s3_equals_the_local_store_and_xarray_reads_it(s3, tmp_path):
     assert result.exit_code == 0, result.output
     assert "5 done, 1 failed" in result.stdout and "remote store" in result.stdout
     so = {"endpoint_url": s3["endpoint"]}
-    assert_same(local, url, None, so)
+    _assert_same_store(local, url, None, so)
     import xarray as xr
 
     ds = xr.open_zarr(url, storage_options=so)
@@ -130,27 +112,15 @@ def test_sigkill_then_resume_against_the_bucket_equals_uninterrupted(s3, tmp_pat
     args = ["--res", "16", "--batch-size", "1", "--workers", "1", *TINY_ARGS[:-2]]
     reference, killed = tmp_path / "ref.zarr", "s3://feats/killed.zarr"
     assert _cli(images, "--out", reference, *args).exit_code == 0
-    cmd = [sys.executable, "-m", "vitup_cli", "extract", str(images), "--out", killed, *map(str, args)]
-    proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.time() + 120
-    while proc.poll() is None and time.time() < deadline:
-        try:
-            done = int((store_status(killed) != 0).sum())
-        except (VitupError, OSError, ValueError, KeyError):
-            done = 0
-        if done >= 3:
-            os.kill(proc.pid, signal.SIGKILL)
-            break
-        time.sleep(0.02)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL, f"not killed mid-run (rc {proc.returncode}): {proc.stderr.read()}"
-    left = int((store_status(killed) == 0).sum())
+    left = _kill_extract_after(
+        images, killed, args, 3, poll_s=0.02, transient=(VitupError, OSError, ValueError, KeyError)
+    )
     assert 0 < left < 21
     # the killed job's lock is stale (its pid is dead) but on a remote store only age tells: a short timeout
     result = _cli(images, "--out", killed, *args, "--resume", "--lock-timeout", "0")
     assert result.exit_code == 0, result.output
     assert "stale lock" in result.stderr and f"{21 - left} skipped" in result.stdout
-    assert_same(reference, killed)
+    _assert_same_store(reference, killed)
 
 
 @pytest.mark.integration
@@ -161,12 +131,9 @@ def test_torchrun_two_processes_into_one_bucket_store_equal_one(s3, tmp_path):
     args = ["--res", "16", "--batch-size", "2", "--tokens", *TINY_ARGS]
     single, double = tmp_path / "one.zarr", "s3://feats/two.zarr"
     assert _cli(images, "--out", single, *args).exit_code == 0
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "vitup_cli",
-           "extract", str(images), "--out", double, *args, "--device", "cpu"]  # fmt: skip
-    result = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
+    result = _torchrun_extract(images, double, args)
     assert "9 done, 1 failed" in result.stdout
-    assert_same(single, double)
+    _assert_same_store(single, double)
 
 
 def test_memory_urls_and_remote_list_inputs(tmp_path):

@@ -6,18 +6,20 @@ import contextlib
 import itertools
 import json
 import math
-import os
-import signal
-import subprocess
-import sys
-import time
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import single_thread
+from _train_helpers import (
+    _losses,
+    _tiny_train_args,
+    assert_killed_run_resumes_bit_exact,
+    assert_same_state,
+    torchrun_two_and_one,
+)
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -45,7 +47,6 @@ from vitup_cli.train.losses import (
 from vitup_cli.train.methods import vitup as vitup_method
 from vitup_cli.train.state import load_state
 
-REPO = Path(__file__).resolve().parents[1]
 TINY_ARGS = {"depth": 2, "embed_dim": 64, "num_heads": 1}
 
 
@@ -472,14 +473,9 @@ def test_resume_is_bit_exact(image_dir, tmp_path):
     assert second.finished and second.step == 6
     a, b = load_state(tmp_path / "a" / "state.safetensors"), load_state(tmp_path / "b" / "state.safetensors")
     assert a.model.keys() == b.model.keys()
-    for name in a.model:
-        assert torch.equal(a.model[name], b.model[name]), name
-    for index, slot in a.optimizer["state"].items():
-        for key, value in slot.items():
-            assert torch.equal(value, b.optimizer["state"][index][key])
+    assert_same_state(a, b)
     assert a.scheduler["last_epoch"] == b.scheduler["last_epoch"] == 6
-    losses = lambda run: [json.loads(x)["loss"] for x in (run / "metrics.jsonl").read_text().splitlines()]
-    assert losses(tmp_path / "a") == losses(tmp_path / "b")
+    assert _losses(tmp_path / "a") == _losses(tmp_path / "b")
 
 
 def test_resume_refuses_changed_settings_and_fresh_runs_refuse_existing_dirs(finished_run):
@@ -539,30 +535,9 @@ def test_nan_loss_stops_naming_the_step_and_the_last_good_checkpoint(image_dir, 
 
 # -- the command line -------------------------------------------------------------------------------------
 def _cli_args(image_dir: Path, out: Path, *extra: str) -> list[str]:
-    return [
-        "train",
-        "--data",
-        str(image_dir),
-        "--out",
-        str(out),
-        "--backbone",
-        "dinov3_s",
-        "--pretrained",
-        "none",
-        "--backbone-args",
-        "depth=2,embed_dim=64,num_heads=1",
-        "--input-tokens",
-        "4",
-        "--embed-grid",
-        "16",
-        "--teacher-sizes",
-        "32,64,128",
-        "--batch-size",
-        "2",
-        "--workers",
-        "0",
-        *extra,
-    ]
+    return _tiny_train_args(
+        image_dir, out, "--input-tokens", "4", "--embed-grid", "16", "--teacher-sizes", "32,64,128", *extra
+    )
 
 
 def test_cli_trains_with_a_config_file_and_flag_overrides(image_dir, tmp_path):
@@ -600,43 +575,13 @@ def test_cli_bad_input_is_one_line(args, message, tmp_path, monkeypatch):
 
 
 # -- processes: kill/resume, torchrun ---------------------------------------------------------------------
-def _env(threads: int = 1) -> dict[str, str]:
-    return {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": str(threads)}
-
-
 @pytest.mark.integration
 @pytest.mark.slow
 def test_killed_run_resumes_to_the_same_weights(image_dir, tmp_path):
     """SIGKILL a CLI run at an arbitrary moment after its first save; --resume ends where an
     uninterrupted run ends, bit for bit."""
     steps = ["--steps", "8", "--save-every", "1", "--lr", "1e-3"]
-    killed = tmp_path / "killed"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "vitup_cli", *_cli_args(image_dir, killed, *steps)],
-        env=_env(torch.get_num_threads()),  # same thread count as this process: same float reductions
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
-    deadline = time.monotonic() + 120
-    state = killed / "state.safetensors"
-    while time.monotonic() < deadline and proc.poll() is None:
-        if state.exists() and load_state(state).run.step >= 3:
-            break
-        time.sleep(0.05)
-    assert proc.poll() is None, "the run ended before it could be killed: " + proc.stderr.read().decode()[-2000:]
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    stopped_at = load_state(state).run.step
-    assert 3 <= stopped_at < 8
-    resumed = CliRunner().invoke(app, ["train", "--resume", str(killed)])
-    assert resumed.exit_code == 0, resumed.output
-    straight = tmp_path / "straight"
-    done = CliRunner().invoke(app, _cli_args(image_dir, straight, *steps))
-    assert done.exit_code == 0, done.output
-    a, b = load_state(straight / "state.safetensors"), load_state(state)
-    assert a.run.step == b.run.step == 8
-    for name in a.model:
-        assert torch.equal(a.model[name], b.model[name]), name
+    assert_killed_run_resumes_bit_exact(partial(_cli_args, image_dir), tmp_path, steps, deadline_s=120)
 
 
 @pytest.mark.integration
@@ -645,33 +590,9 @@ def test_torchrun_two_processes_match_one(image_dir, tmp_path):
     """2 gloo processes (1 image each per step) reach the weights of 1 process with the same global batch:
     per-rank shards of the same global batches, gradients averaged, rank 0 writes."""
     common = ["--steps", "3", "--save-every", "3", "--lora-dropout", "0", "--log-every", "1"]
-    ddp = tmp_path / "ddp"
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc-per-node",
-        "2",
-        "--master-port",
-        str(29500 + os.getpid() % 1000),
-        "-m",
-        "vitup_cli",
-        *_cli_args(image_dir, ddp, *common),
-    ]
-    proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stderr.count("finished at step 3") == 1  # rank 0 reports alone
-    single = tmp_path / "single"
-    with single_thread():  # as each torchrun worker
-        done = CliRunner().invoke(app, _cli_args(image_dir, single, *common))
-    assert done.exit_code == 0, done.output
-    a, b = load_state(single / "state.safetensors"), load_state(ddp / "state.safetensors")
-    assert len(b.rng) == 2 and b.run.world_size == 2
+    a, b = torchrun_two_and_one(partial(_cli_args, image_dir), tmp_path, common, port_base=29500, timeout=300)
     for name in a.model:
         assert torch.allclose(a.model[name], b.model[name], atol=1e-5, rtol=1e-4), name
-    la = [json.loads(x)["loss"] for x in (single / "metrics.jsonl").read_text().splitlines()]
-    lb = [json.loads(x)["loss"] for x in (ddp / "metrics.jsonl").read_text().splitlines()]
-    assert la == pytest.approx(lb, rel=1e-4)
 
 
 # -- methods ----------------------------------------------------------------------------------------------

@@ -4,20 +4,22 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import signal
-import subprocess
-import sys
-import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import single_thread
+from _train_helpers import (
+    _losses,
+    _tiny_train_args,
+    assert_killed_run_resumes_bit_exact,
+    assert_same_state,
+    torchrun_two_and_one,
+)
 from PIL import Image
-from test_train import _env, _textures
+from test_train import TINY_ARGS, _textures
 from typer.testing import CliRunner
 
 from vitup_cli.checkpoints import open_upsampler
@@ -41,8 +43,6 @@ from vitup_cli.train.methods.featsharp import (
     seam_grid,
 )
 from vitup_cli.train.state import load_state
-
-TINY_ARGS = {"depth": 2, "embed_dim": 64, "num_heads": 1}
 
 
 def tiny_config(data: Path, out: Path, **kw) -> FeatSharpTrainConfig:
@@ -240,21 +240,14 @@ def test_resume_is_bit_exact(image_dir, tmp_path):
     assert second.finished and second.step == 6
     a, b = load_state(tmp_path / "a" / "state.safetensors"), load_state(tmp_path / "b" / "state.safetensors")
     assert "featsharp.phis.rotation" in a.model and a.model.keys() == b.model.keys()
-    for name in a.model:
-        assert torch.equal(a.model[name], b.model[name]), name
-    for index, slot in a.optimizer["state"].items():
-        for key, value in slot.items():
-            assert torch.equal(value, b.optimizer["state"][index][key])
-    losses = lambda run: [json.loads(x)["loss"] for x in (run / "metrics.jsonl").read_text().splitlines()]
-    assert losses(tmp_path / "a") == losses(tmp_path / "b")
+    assert_same_state(a, b)
+    assert _losses(tmp_path / "a") == _losses(tmp_path / "b")
 
 
 def _cli_args(image_dir: Path, out: Path, *extra: str) -> list[str]:
-    return [
-        "train", "--method", "featsharp", "--factor", "2", "--data", str(image_dir), "--out", str(out),
-        "--backbone", "dinov3_s", "--pretrained", "none", "--backbone-args", "depth=2,embed_dim=64,num_heads=1",
-        "--input-tokens", "4", "--phis-images", "6", "--batch-size", "2", "--workers", "0", *extra,
-    ]  # fmt: skip
+    return _tiny_train_args(
+        image_dir, out, "--method", "featsharp", "--factor", "2", "--input-tokens", "4", "--phis-images", "6", *extra
+    )
 
 
 def test_cli_trains_featsharp_and_refuses_other_methods_flags(image_dir, tmp_path):
@@ -272,33 +265,7 @@ def test_cli_trains_featsharp_and_refuses_other_methods_flags(image_dir, tmp_pat
 def test_killed_run_resumes_to_the_same_weights(image_dir, tmp_path):
     """SIGKILL a CLI run after its first saves; --resume ends where an uninterrupted run ends, bit for bit."""
     steps = ["--steps", "8", "--save-every", "1", "--lr", "1e-3"]
-    killed = tmp_path / "killed"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "vitup_cli", *_cli_args(image_dir, killed, *steps)],
-        env=_env(torch.get_num_threads()),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
-    deadline = time.monotonic() + 180
-    state = killed / "state.safetensors"
-    while time.monotonic() < deadline and proc.poll() is None:
-        if state.exists() and load_state(state).run.step >= 3:
-            break
-        time.sleep(0.05)
-    assert proc.poll() is None, "the run ended before it could be killed: " + proc.stderr.read().decode()[-2000:]
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    stopped_at = load_state(state).run.step
-    assert 3 <= stopped_at < 8
-    resumed = CliRunner().invoke(app, ["train", "--resume", str(killed)])
-    assert resumed.exit_code == 0, resumed.output
-    straight = tmp_path / "straight"
-    done = CliRunner().invoke(app, _cli_args(image_dir, straight, *steps))
-    assert done.exit_code == 0, done.output
-    a, b = load_state(straight / "state.safetensors"), load_state(state)
-    assert a.run.step == b.run.step == 8
-    for name in a.model:
-        assert torch.equal(a.model[name], b.model[name]), name
+    assert_killed_run_resumes_bit_exact(partial(_cli_args, image_dir), tmp_path, steps, deadline_s=180)
 
 
 @pytest.mark.integration
@@ -309,22 +276,9 @@ def test_torchrun_two_processes_match_one(image_dir, tmp_path):
     no_dropout = tmp_path / "c.toml"  # the downsampler's logit dropout draws per-process noise
     no_dropout.write_text("downsampler_dropout = 0.0\n")
     common = ["--steps", "3", "--save-every", "3", "--log-every", "1", "--config", str(no_dropout)]
-    ddp = tmp_path / "ddp"
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-        "--master-port", str(29600 + os.getpid() % 1000), "-m", "vitup_cli", *_cli_args(image_dir, ddp, *common),
-    ]  # fmt: skip
-    proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=400)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    single = tmp_path / "single"
-    with single_thread():  # as each torchrun worker
-        done = CliRunner().invoke(app, _cli_args(image_dir, single, *common))
-    assert done.exit_code == 0, done.output
-    a, b = load_state(single / "state.safetensors"), load_state(ddp / "state.safetensors")
-    assert len(b.rng) == 2 and b.run.world_size == 2
+    a, b = torchrun_two_and_one(
+        partial(_cli_args, image_dir), tmp_path, common, port_base=29600, timeout=400, reported_once=False
+    )
     torch.testing.assert_close(a.model["featsharp.phis.mean"], b.model["featsharp.phis.mean"], rtol=1e-6, atol=1e-6)
     for name in a.model:
         assert torch.allclose(a.model[name], b.model[name], atol=1e-5, rtol=1e-4), name
-    la = [json.loads(x)["loss"] for x in (single / "metrics.jsonl").read_text().splitlines()]
-    lb = [json.loads(x)["loss"] for x in (ddp / "metrics.jsonl").read_text().splitlines()]
-    assert la == pytest.approx(lb, rel=1e-4)

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from _train_helpers import _losses
 from test_masks import make_sa1b
 from typer.testing import CliRunner
 
@@ -129,8 +130,7 @@ def test_resume_equals_an_uninterrupted_run(sa1b, stage1_run, tmp_path, stage):
         assert any(k.startswith("teacher.") for k in a.model)
     for name in a.model:
         assert torch.equal(a.model[name], b.model[name]), name
-    losses = lambda run: [json.loads(x)["loss"] for x in (run / "metrics.jsonl").read_text().splitlines()]
-    assert losses(tmp_path / "a") == losses(tmp_path / "b")
+    assert _losses(tmp_path / "a") == _losses(tmp_path / "b")
 
 
 def test_cli_trains_loftup_and_refuses_a_folder_without_masks(sa1b, tmp_path):

@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
+from functools import partial
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import single_thread
-from test_train import TINY_ARGS, _env, _textures
+from _train_helpers import (
+    _losses,
+    _tiny_train_args,
+    assert_killed_run_resumes_bit_exact,
+    assert_same_state,
+    torchrun_two_and_one,
+)
+from test_train import TINY_ARGS, _textures
 from typer.testing import CliRunner
 
 from vitup_cli.cli import app
@@ -52,28 +54,7 @@ def image_dir(tmp_path_factory) -> Path:
 
 
 def _cli_args(image_dir: Path, out: Path, *extra: str, size: int = 64) -> list[str]:
-    return [
-        "train",
-        "--method",
-        "uplift",
-        "--data",
-        str(image_dir),
-        "--out",
-        str(out),
-        "--backbone",
-        "dinov3_s",
-        "--pretrained",
-        "none",
-        "--backbone-args",
-        "depth=2,embed_dim=64,num_heads=1",
-        "--image-size",
-        str(size),
-        "--batch-size",
-        "2",
-        "--workers",
-        "0",
-        *extra,
-    ]
+    return _tiny_train_args(image_dir, out, "--method", "uplift", "--image-size", str(size), *extra)
 
 
 # -- the recipe -----------------------------------------------------------------------------------------
@@ -204,13 +185,8 @@ def test_resume_is_bit_exact(image_dir, tmp_path):
     assert second.finished
     a, b = load_state(tmp_path / "a" / "state.safetensors"), load_state(tmp_path / "b" / "state.safetensors")
     assert a.model.keys() == b.model.keys() and any(k.endswith("running_var") for k in a.model)
-    for name in a.model:
-        assert torch.equal(a.model[name], b.model[name]), name
-    for index, slot in a.optimizer["state"].items():
-        for key, value in slot.items():
-            assert torch.equal(value, b.optimizer["state"][index][key])
-    losses = lambda run: [json.loads(x)["loss"] for x in (run / "metrics.jsonl").read_text().splitlines()]
-    assert losses(tmp_path / "a") == losses(tmp_path / "b")
+    assert_same_state(a, b)
+    assert _losses(tmp_path / "a") == _losses(tmp_path / "b")
     with pytest.raises(VitupError, match="--image-size differs"):
         resume_config(tmp_path / "b", {"image_size": 128})
 
@@ -242,33 +218,7 @@ def test_nan_loss_stops_the_run(image_dir, tmp_path, monkeypatch):
 @pytest.mark.slow
 def test_killed_run_resumes_to_the_same_weights(image_dir, tmp_path):
     steps = ["--steps", "8", "--save-every", "1"]
-    killed = tmp_path / "killed"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "vitup_cli", *_cli_args(image_dir, killed, *steps)],
-        env=_env(torch.get_num_threads()),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
-    deadline = time.monotonic() + 180
-    state = killed / "state.safetensors"
-    while time.monotonic() < deadline and proc.poll() is None:
-        if state.exists() and load_state(state).run.step >= 3:
-            break
-        time.sleep(0.05)
-    assert proc.poll() is None, "the run ended before it could be killed: " + proc.stderr.read().decode()[-2000:]
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    stopped_at = load_state(state).run.step
-    assert 3 <= stopped_at < 8
-    resumed = CliRunner().invoke(app, ["train", "--resume", str(killed)])
-    assert resumed.exit_code == 0, resumed.output
-    straight = tmp_path / "straight"
-    done = CliRunner().invoke(app, _cli_args(image_dir, straight, *steps))
-    assert done.exit_code == 0, done.output
-    a, b = load_state(straight / "state.safetensors"), load_state(state)
-    assert a.run.step == b.run.step == 8
-    for name in a.model:
-        assert torch.equal(a.model[name], b.model[name]), name
+    assert_killed_run_resumes_bit_exact(partial(_cli_args, image_dir), tmp_path, steps, deadline_s=180)
 
 
 @pytest.mark.integration
@@ -279,32 +229,15 @@ def test_torchrun_two_processes_match_one(image_dir, tmp_path):
     running statistics follow rank 0 under DDP (on CPU there is no SyncBatchNorm), so those buffers are
     not compared."""
     common = ["--steps", "3", "--save-every", "3", "--log-every", "1"]
-    ddp = tmp_path / "ddp"
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc-per-node",
-        "2",
-        "--master-port",
-        str(30500 + os.getpid() % 1000),
-        "-m",
-        "vitup_cli",
-        *_cli_args(image_dir, ddp, *common, size=128),
-    ]
-    proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=400)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stderr.count("finished at step 3") == 1
-    single = tmp_path / "single"
-    with single_thread():  # as each torchrun worker
-        done = CliRunner().invoke(app, _cli_args(image_dir, single, *common, "--accum", "2", size=128))
-    assert done.exit_code == 0, done.output
-    a, b = load_state(single / "state.safetensors"), load_state(ddp / "state.safetensors")
-    assert len(b.rng) == 2 and b.run.world_size == 2
+    a, b = torchrun_two_and_one(
+        partial(_cli_args, image_dir, size=128),
+        tmp_path,
+        common,
+        port_base=30500,
+        timeout=400,
+        single_extra=["--accum", "2"],
+    )
     compared = [n for n in a.model if not n.endswith(("running_mean", "running_var", "num_batches_tracked"))]
     assert any("attender" in n for n in compared)
     for name in compared:
         assert torch.allclose(a.model[name], b.model[name], atol=1e-5, rtol=1e-4), name
-    la = [json.loads(x)["loss"] for x in (single / "metrics.jsonl").read_text().splitlines()]
-    lb = [json.loads(x)["loss"] for x in (ddp / "metrics.jsonl").read_text().splitlines()]
-    assert la == pytest.approx(lb, rel=1e-4)

@@ -232,20 +232,12 @@ def tiny_checkpoint(tmp_path):
     return tmp_path / "ck" / "last"
 
 
-def test_checkpoint_draws_vitup_beside_teacher_baselines(photo, tmp_path, tiny_checkpoint, monkeypatch):
-    seen = {}
-    real = viz.fit_joint_pca
-
-    def spy(maps, **kw):
-        seen["maps"] = maps
-        return real(maps, **kw)
-
-    monkeypatch.setattr(viz, "fit_joint_pca", spy)
+def test_checkpoint_draws_vitup_beside_teacher_baselines(photo, tmp_path, tiny_checkpoint, pca_spy):
     out = tmp_path / "ck.png"
     result = _run(photo, "--checkpoint", tiny_checkpoint, "--compare", "vitup,bilinear", "--out", out, *TINY_ARGS[6:])
     assert result.exit_code == 0, result.output
     assert out.is_file() and "1x4 panels" in result.output
-    tokens, vitup, bilinear = seen["maps"]
+    tokens, vitup, bilinear = pca_spy[-1]
     assert tokens.shape == (64, 4, 4) and vitup.shape == bilinear.shape == (64, 18, 24)
     # the baselines use the frozen teacher (adapters off): bilinear is exactly the tokens, interpolated
     torch.testing.assert_close(
@@ -380,19 +372,6 @@ def no_model(monkeypatch):
         (vitup_cli.models, "build_upsampler"),
     ]:
         monkeypatch.setattr(module, name, refuse)
-
-
-@pytest.fixture
-def pca_spy(monkeypatch):
-    calls = []
-    real = viz.fit_joint_pca
-
-    def spy(maps, **kw):
-        calls.append([m.clone() for m in maps])
-        return real(maps, **kw)
-
-    monkeypatch.setattr(viz, "fit_joint_pca", spy)
-    return calls
 
 
 @pytest.mark.parametrize("suffix", [".zarr", ".h5"])

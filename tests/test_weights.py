@@ -3,36 +3,12 @@
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 import pytest
+from conftest import _place_in_cache
 
 from vitup_cli.errors import VitupError
 from vitup_cli.weights import RELEASES, licence_notice, resolve_weights
-
-
-def _place_in_cache(cache: Path, repo_id: str, filename: str, data: bytes = b"x") -> Path:
-    """The Hugging Face cache layout: models--ORG--REPO/{refs/main, snapshots/<rev>/FILE}."""
-    repo = cache / ("models--" + repo_id.replace("/", "--"))
-    rev = "0" * 40
-    (repo / "refs").mkdir(parents=True)
-    (repo / "refs" / "main").write_text(rev)
-    target = repo / "snapshots" / rev / filename
-    target.parent.mkdir(parents=True)
-    target.write_bytes(data)
-    return target
-
-
-@pytest.fixture
-def offline_cache(tmp_path, monkeypatch):
-    cache = tmp_path / "hub"
-    cache.mkdir()
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
-    import huggingface_hub.constants as hc
-
-    monkeypatch.setattr(hc, "HF_HUB_CACHE", str(cache))
-    return cache
 
 
 def test_offline_without_cache_fails_fast_with_one_line(offline_cache):

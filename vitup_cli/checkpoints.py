@@ -14,7 +14,7 @@ import tempfile
 from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -22,6 +22,9 @@ from vitup_cli import __version__
 from vitup_cli.backbones import Backbone, load_backbone
 from vitup_cli.errors import VitupError
 from vitup_cli.models import CHECKPOINT_METHODS, TRAINING_FREE, Upsampler, ViTUp, build_upsampler
+
+if TYPE_CHECKING:
+    from vitup_cli.weights import Release
 
 #: 2: the reference's conventions (log-spaced Fourier bands, adjacent-pair RoPE, raw tap 0, nearest token
 #: half-to-even, separate q/k/v LoRAs, separate k/v projections, recorded resize antialiasing).
@@ -203,24 +206,47 @@ def load_checkpoint(
         tensors = load_file(str(weights_path), device=str(map_location))
     except (SafetensorError, OSError) as exc:
         raise VitupError(f"checkpoint {weights_path}: unreadable safetensors file ({exc})") from None
-    own = _own_state(model)
-    included = bool(meta.get("backbone_included"))
-    base = model.backbone.model.state_dict() if included else dict(model.backbone.lora_parameters())
+    _copy_checkpoint_tensors(
+        tensors,
+        _own_state(model),
+        model.backbone,
+        bool(meta.get("backbone_included")),
+        mismatch=lambda missing, extra: (
+            f"checkpoint {weights_path} does not match its JSON (missing {missing}, unexpected {extra})"
+        ),
+        wrong_shape=lambda name, value, target: (
+            f"checkpoint {weights_path}: {name} has shape {tuple(value.shape)}, its JSON implies "
+            f"{tuple(target.shape)}; the two files do not belong together"
+        ),
+    )
+    return model.to(map_location)
+
+
+def _copy_checkpoint_tensors(
+    tensors: dict[str, torch.Tensor],
+    own: dict[str, torch.Tensor],
+    backbone: Backbone,
+    included: bool,
+    *,
+    mismatch: Callable[[list[str], list[str]], str],
+    wrong_shape: Callable[[str, torch.Tensor, torch.Tensor], str],
+) -> None:
+    """Copy a vitup checkpoint's ``upsampler.*`` tensors into ``own`` and its ``backbone.*`` ones into the
+    backbone (all its weights when ``included``, else its LoRA); the names must match exactly and every
+    shape too, else a ``VitupError`` worded by ``mismatch(missing, extra)`` or
+    ``wrong_shape(name, value, target)``."""
+    base = backbone.model.state_dict() if included else dict(backbone.lora_parameters())
     expected = {f"upsampler.{n}" for n in own} | {f"backbone.{n}" for n in base}
     if set(tensors) != expected:
         missing, extra = sorted(expected - set(tensors))[:3], sorted(set(tensors) - expected)[:3]
-        raise VitupError(f"checkpoint {weights_path} does not match its JSON (missing {missing}, unexpected {extra})")
+        raise VitupError(mismatch(missing, extra))
     with torch.no_grad():
         for name, value in tensors.items():
             kind, _, key = name.partition(".")
             target = (own if kind == "upsampler" else base)[key]
             if target.shape != value.shape:
-                raise VitupError(
-                    f"checkpoint {weights_path}: {name} has shape {tuple(value.shape)}, its JSON implies "
-                    f"{tuple(target.shape)}; the two files do not belong together"
-                )
+                raise VitupError(wrong_shape(name, value, target))
             target.copy_(value)
-    return model.to(map_location)
 
 
 def rebuild_backbone(
@@ -304,7 +330,7 @@ def open_vitup(
     """
     from vitup_cli.backbones import sha256_file
     from vitup_cli.official import is_official_layout, load_official, safetensors_keys
-    from vitup_cli.weights import licence_notice, resolve_weights
+    from vitup_cli.weights import resolve_weights
 
     resolved = resolve_weights(ref)
     path = resolved.path
@@ -344,9 +370,7 @@ def open_vitup(
         "antialias": model.config.antialias,
     }
     if release is not None:
-        line = licence_notice(release)
-        if line:
-            (notify or _stderr)(line)
+        _tell_licence(release, notify)
     return model.eval()
 
 
@@ -354,6 +378,15 @@ def _stderr(message: str) -> None:
     import sys
 
     print(message, file=sys.stderr)
+
+
+def _tell_licence(release: Release, notify: Callable[[str], None] | None) -> None:
+    """``release``'s licence line to ``notify`` (else stderr), once per process as ``licence_notice`` decides."""
+    from vitup_cli.weights import licence_notice
+
+    line = licence_notice(release)
+    if line:
+        (notify or _stderr)(line)
 
 
 #: how a checkpoint is rebuilt, by the ``upsampler`` its JSON names (``vitup train --method NAME``
@@ -404,7 +437,7 @@ def load_trained(
     ``uplift:dinov3_splus``, ``hf:ORG/REPO/FILE``) or a local copy of a published file. ViT-Up in any of
     its forms goes through ``open_vitup``; other methods through the loaders registered above. A
     release's licence goes to ``notify`` once per process."""
-    from vitup_cli.weights import is_release_ref, licence_notice, release_for_file, resolve_weights
+    from vitup_cli.weights import is_release_ref, release_for_file, resolve_weights
 
     _register_loaders()
     text = str(ref)
@@ -422,9 +455,7 @@ def load_trained(
         model = PUBLISHED_LOADERS[release.method](
             resolved, weights=weights, pretrained=pretrained, map_location=map_location
         )
-        line = licence_notice(release)
-        if line:
-            (notify or _stderr)(line)
+        _tell_licence(release, notify)
         return model.eval()
     if not meta_path.is_file():
         if Path(text).is_file() and checkpoint_method(text) == "loftup":  # a local published LoftUp file
@@ -546,7 +577,7 @@ def init_from(model: ViTUp, ref: str | Path, notify: Callable[[str], None] | Non
 
     from vitup_cli.backbones import ALIASES
     from vitup_cli.official import is_official_layout, load_official_state, safetensors_keys
-    from vitup_cli.weights import licence_notice, resolve_weights
+    from vitup_cli.weights import resolve_weights
 
     label = f"--init-from {ref}"
     resolved = resolve_weights(ref)
@@ -557,24 +588,18 @@ def init_from(model: ViTUp, ref: str | Path, notify: Callable[[str], None] | Non
         diffs = _differences(model.backbone, meta["backbone"], included)
         if diffs:
             raise VitupError(f"{label} is for another backbone ({'; '.join(diffs)})")
-        tensors = load_file(str(checkpoint_paths(path)[0]))
-        own = dict(model.upsampler_parameters())
-        base = model.backbone.model.state_dict() if included else dict(model.backbone.lora_parameters())
-        expected = {f"upsampler.{n}" for n in own} | {f"backbone.{n}" for n in base}
-        if set(tensors) != expected:
-            missing, extra = sorted(expected - set(tensors))[:3], sorted(set(tensors) - expected)[:3]
-            raise VitupError(
+        _copy_checkpoint_tensors(
+            load_file(str(checkpoint_paths(path)[0])),
+            dict(model.upsampler_parameters()),
+            model.backbone,
+            included,
+            mismatch=lambda missing, extra: (
                 f"{label}: its tensors do not fit this run's model (missing {missing}, unexpected {extra})"
-            )
-        with torch.no_grad():
-            for name, value in tensors.items():
-                kind, _, key = name.partition(".")
-                target = (own if kind == "upsampler" else base)[key]
-                if target.shape != value.shape:
-                    raise VitupError(
-                        f"{label}: {name} has shape {list(value.shape)}, this run needs {list(target.shape)}"
-                    )
-                target.copy_(value)
+            ),
+            wrong_shape=lambda name, value, target: (
+                f"{label}: {name} has shape {list(value.shape)}, this run needs {list(target.shape)}"
+            ),
+        )
         return resolved.source
     _refuse_pickle(path)
     if not path.is_file():
@@ -587,8 +612,6 @@ def init_from(model: ViTUp, ref: str | Path, notify: Callable[[str], None] | Non
         have = ALIASES.get(model.backbone.name, model.backbone.name)
         if wanted != have:
             raise VitupError(f"{label} is for backbone {release.backbone}: use --backbone {release.backbone}")
-        line = licence_notice(release)
-        if line:
-            (notify or _stderr)(line)
+        _tell_licence(release, notify)
     load_official_state(model, load_file(str(path)), label)
     return resolved.source

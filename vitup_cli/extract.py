@@ -438,6 +438,19 @@ def _resolve_tap(upsampler: Upsampler, tap: int | None) -> int:
     return resolved
 
 
+@dataclass(frozen=True)
+class _Inputs:
+    """What rank 0 decides about the store from: the images, the settings the store must record, the tap
+    and the output grid."""
+
+    settings: dict[str, Any]
+    paths: list[str]
+    files: list[Any]
+    root: str
+    tap: int
+    grid: tuple[int, int]
+
+
 @dataclass
 class _Plan:
     """What rank 0 decided about the store, shared with every rank."""
@@ -698,7 +711,7 @@ def _run(
         settings = _settings(config, upsampler, tap, grid, paths)
 
         def prepare() -> _Plan:
-            return _prepare(config, upsampler, reporter, settings, paths, files, root, tap, grid)
+            return _prepare(config, upsampler, reporter, _Inputs(settings, paths, files, root, tap, grid))
 
         plan: _Plan = dist_ctx.on_rank0(prepare)
         if config.create_only:
@@ -823,10 +836,9 @@ def _scatter_rows(
     return full
 
 
-def _join_existing(
-    config: ExtractConfig, reporter: Reporter, settings: dict[str, Any], paths: list[str], files: list[Any], root: str
-) -> _Plan:
+def _join_existing(config: ExtractConfig, reporter: Reporter, inputs: _Inputs) -> _Plan:
     """Continue an existing store (``--resume``, ``--retry-failed``, or a ``--part`` joining its job array)."""
+    settings, paths, files, root = inputs.settings, inputs.paths, inputs.files, inputs.root
     out = stores.store_path(config.out)
     fmt = stores.store_format(out)
     # a part never deletes temporary files: they may be another part's writes in flight
@@ -883,17 +895,7 @@ def _wait_for_store(config: ExtractConfig, holder: dict[str, Any] | None, report
     )
 
 
-def _prepare(
-    config: ExtractConfig,
-    upsampler: Upsampler,
-    reporter: Reporter,
-    settings: dict[str, Any],
-    paths: list[str],
-    files: list[Any],
-    root: str,
-    tap: int,
-    grid: tuple[int, int],
-) -> _Plan:
+def _prepare(config: ExtractConfig, upsampler: Upsampler, reporter: Reporter, inputs: _Inputs) -> _Plan:
     """Rank 0: apply the overwrite/resume policy, check disk space, fit PCA, create the store."""
     out = stores.store_path(config.out)
     so = config.storage_options
@@ -907,7 +909,7 @@ def _prepare(
     if exists and joining:
         if config.part is not None:  # it may still be being created by another part
             _wait_for_store(config, None, reporter)
-        return _join_existing(config, reporter, settings, paths, files, root)
+        return _join_existing(config, reporter, inputs)
     if config.retry_failed:
         raise VitupError(f"--retry-failed: {out} does not exist; there are no failed rows to run again")
     claimed = False
@@ -915,31 +917,23 @@ def _prepare(
         claimed, holder = locks.claim(out, _CREATE_MARKER, so)
         if not claimed:
             _wait_for_store(config, holder, reporter)
-            return _join_existing(config, reporter, settings, paths, files, root)
+            return _join_existing(config, reporter, inputs)
         if stores.store_exists(out, so):  # created (and its marker removed) between our two looks
             locks.unclaim(out, _CREATE_MARKER, so)
-            return _join_existing(config, reporter, settings, paths, files, root)
+            return _join_existing(config, reporter, inputs)
     try:
         if not exists and config.resume:
             reporter.info(f"--resume: {out} does not exist yet, starting it")
-        return _create(config, upsampler, reporter, settings, paths, files, root, tap, grid, exists)
+        return _create(config, upsampler, reporter, inputs, exists)
     finally:
         if claimed:
             locks.unclaim(out, _CREATE_MARKER, so)
 
 
-def _create(
-    config: ExtractConfig,
-    upsampler: Upsampler,
-    reporter: Reporter,
-    settings: dict[str, Any],
-    paths: list[str],
-    files: list[Any],
-    root: str,
-    tap: int,
-    grid: tuple[int, int],
-    exists: bool,
-) -> _Plan:
+def _create(config: ExtractConfig, upsampler: Upsampler, reporter: Reporter, inputs: _Inputs, exists: bool) -> _Plan:
+    """Rank 0: create a new store (``exists``: an old one that ``--overwrite`` removes first)."""
+    settings, paths, files, root = inputs.settings, inputs.paths, inputs.files, inputs.root
+    tap, grid = inputs.tap, inputs.grid
     out = stores.store_path(config.out)
     so = config.storage_options
     fmt = stores.store_format(out)

@@ -250,6 +250,51 @@ def ensure_store(
     return entry
 
 
+def _store_bytes(n: int, channels: int, res: int, dtype: str) -> int:
+    """The uncompressed size of ``n`` images' ``channels x res x res`` features in ``dtype``."""
+    return n * channels * res * res * (2 if dtype == "float16" else 4)
+
+
+def _reuse_or_make_store(
+    label: str,
+    dataset: ProbeDataset,
+    upsampler: Upsampler,
+    cache_dir: Path,
+    *,
+    res: int,
+    dtype: str,
+    tap: int,
+    teacher: bool,
+    precision: str,
+    fit: str = "crop",
+    checkpoint: str | Path | None,
+    device: str,
+    workers: int | None,
+    seed: int,
+    reporter: Any,
+) -> StoreEntry:
+    """``dataset``'s store: reused as it is when complete, else made (after saying how large it will be);
+    ``label`` (``"UPSAMPLER SPLIT"``) begins each line said to ``reporter``."""
+    entry = store_entry(
+        dataset, upsampler, cache_dir, res=res, dtype=dtype, tap=tap, teacher=teacher, fit=fit, precision=precision
+    )
+    if entry.cached:
+        reporter.info(f"{label}: reusing {entry.path}")
+        return entry
+    from vitup_cli.progress import human_bytes
+
+    grid = upsampler.token_grid[0] if upsampler.native_resolution_only else res
+    size = _store_bytes(len(dataset), upsampler.dim, grid, dtype)
+    reporter.info(
+        f"{label}: caching features of {len(dataset)} images at {grid}x{grid} "
+        f"({upsampler.dim} channels, {dtype}): about {human_bytes(size)} in {entry.path}"
+    )
+    return ensure_store(
+        entry, dataset, upsampler, res=res, dtype=dtype, checkpoint=checkpoint, device=device,
+        workers=workers, seed=seed, reporter=reporter,
+    )  # fmt: skip
+
+
 # =================================================================================================
 # CLS tokens (depth)
 # =================================================================================================

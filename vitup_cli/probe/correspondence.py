@@ -689,10 +689,9 @@ def _run_one(
 
     Returns the result (scores not filled in yet) and the predictions of every pair, category by category.
     """
-    from vitup_cli.extract import human_bytes
     from vitup_cli.probe import cache as _cache
     from vitup_cli.probe.datasets import ProbeDataset
-    from vitup_cli.probe.run import _store_bytes, checkpoint_refs
+    from vitup_cli.probe.run import checkpoint_refs
     from vitup_cli.stores import open_store
 
     refs = checkpoint_refs(_probe_config(config, []))
@@ -707,23 +706,11 @@ def _run_one(
             images=[canvases[i][0] for i in images], targets=[],
         )  # fmt: skip
         t0 = time.perf_counter()
-        entry = _cache.store_entry(ds, upsampler, cache_dir, res=config.res, dtype=config.dtype, tap=tap,
-                                   teacher=teacher, fit="squash",
-                                   precision=resolve_precision(config.precision, device))  # fmt: skip
-        if entry.cached:
-            reporter.info(f"{name} {cat}: reusing {entry.path}")
-        else:
-            grid = upsampler.token_grid[0] if upsampler.native_resolution_only else config.res
-            size = _store_bytes(len(images), upsampler.dim, grid, config.dtype)
-            reporter.info(
-                f"{name} {cat}: caching features of {len(images)} images at {grid}x{grid} ({upsampler.dim} "
-                f"channels, {config.dtype}): about {human_bytes(size)} in {entry.path}"
-            )
-            _cache.ensure_store(
-                entry, ds, upsampler, res=config.res, dtype=config.dtype,
-                checkpoint=refs.get(name), device=device, workers=config.workers,
-                seed=config.seed, reporter=reporter,
-            )  # fmt: skip
+        entry = _cache._reuse_or_make_store(
+            f"{name} {cat}", ds, upsampler, cache_dir, res=config.res, dtype=config.dtype, tap=tap,
+            teacher=teacher, precision=resolve_precision(config.precision, device), fit="squash",
+            checkpoint=refs.get(name), device=device, workers=config.workers, seed=config.seed, reporter=reporter,
+        )  # fmt: skip
         result.stores[cat], result.cached[cat] = str(entry.path), entry.cached
         t1 = time.perf_counter()
         result.extract_seconds += t1 - t0

@@ -372,10 +372,6 @@ def _with_progress(reporter: Any, total: int, label: str):
     return reporter.advance
 
 
-def _store_bytes(n: int, channels: int, res: int, dtype: str) -> int:
-    return n * channels * res * res * (2 if dtype == "float16" else 4)
-
-
 def _visual_rows(rows: np.ndarray, count: int) -> list[int]:
     if count <= 0 or len(rows) == 0:
         return []
@@ -448,26 +444,11 @@ def run_probe(config: ProbeConfig, reporter: Any = None) -> ProbeReport:
                 res_info.stores[ds.split], res_info.cached[ds.split] = None, False
         else:
             for ds in (train_ds, val_ds):
-                entry = _cache.store_entry(
-                    ds, upsampler, cache_dir, res=config.res, dtype=config.dtype, tap=tap, teacher=teacher,
-                    precision=precision,
+                entry = _cache._reuse_or_make_store(
+                    f"{name} {ds.split}", ds, upsampler, cache_dir, res=config.res, dtype=config.dtype, tap=tap,
+                    teacher=teacher, precision=precision, checkpoint=refs.get(name), device=device,
+                    workers=config.workers, seed=config.seed, reporter=reporter,
                 )  # fmt: skip
-                if entry.cached:
-                    reporter.info(f"{name} {ds.split}: reusing {entry.path}")
-                else:
-                    grid = upsampler.token_grid[0] if upsampler.native_resolution_only else config.res
-                    size = _store_bytes(len(ds), upsampler.dim, grid, config.dtype)
-                    from vitup_cli.progress import human_bytes
-
-                    reporter.info(
-                        f"{name} {ds.split}: caching features of {len(ds)} images at {grid}x{grid} "
-                        f"({upsampler.dim} channels, {config.dtype}): about {human_bytes(size)} in {entry.path}"
-                    )
-                    _cache.ensure_store(
-                        entry, ds, upsampler, res=config.res, dtype=config.dtype,
-                        checkpoint=refs.get(name), device=device,
-                        workers=config.workers, seed=config.seed, reporter=reporter,
-                    )  # fmt: skip
                 src = StoreFeatures(entry.path, memory_budget=budget)
                 sources[ds.split], entries[ds.split] = src, entry
                 res_info.stores[ds.split], res_info.cached[ds.split] = str(entry.path), entry.cached

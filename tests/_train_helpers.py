@@ -1,0 +1,127 @@
+"""Process-level checks shared by the `vitup train` tests of every method: kill/resume and torchrun."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import single_thread
+from typer.testing import CliRunner
+
+from vitup_cli.cli import app
+from vitup_cli.train.state import LoadedState, load_state
+
+REPO = Path(__file__).resolve().parents[1]
+
+CliArgs = Callable[..., list[str]]
+"""``cli_args(out, *extra)``: the ``vitup train`` arguments of a method's tiny run writing to ``out``."""
+
+
+def _tiny_train_args(data: Path, out: Path, *flags: str) -> list[str]:
+    """``vitup train`` of ``data`` into ``out`` on a random-init 2-block 64-d DINOv3-S, 2 images a step and
+    no loader workers, then ``flags`` (the method's and the test's)."""
+    return [
+        "train", "--data", str(data), "--out", str(out), "--backbone", "dinov3_s", "--pretrained", "none",
+        "--backbone-args", "depth=2,embed_dim=64,num_heads=1", "--batch-size", "2", "--workers", "0", *flags,
+    ]  # fmt: skip
+
+
+def _env(threads: int = 1) -> dict[str, str]:
+    """This checkout on PYTHONPATH and ``threads`` torch threads, for a ``vitup`` subprocess."""
+    return {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": str(threads)}
+
+
+def _losses(run: Path) -> list[float]:
+    """The ``loss`` of every line of a run's metrics.jsonl."""
+    return [json.loads(x)["loss"] for x in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def assert_same_state(a: LoadedState, b: LoadedState) -> None:
+    """Every model tensor and every optimiser state tensor of ``a`` equals ``b``'s, bit for bit."""
+    for name in a.model:
+        assert torch.equal(a.model[name], b.model[name]), name
+    for index, slot in a.optimizer["state"].items():
+        for key, value in slot.items():
+            assert torch.equal(value, b.optimizer["state"][index][key])
+
+
+def assert_killed_run_resumes_bit_exact(
+    cli_args: CliArgs, tmp_path: Path, steps: Sequence[str], *, deadline_s: float
+) -> None:
+    """SIGKILL a CLI run (8 steps, saving every step) once it has saved step 3; ``--resume`` must end
+    where an uninterrupted run with the same ``steps`` arguments ends, bit for bit."""
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "vitup_cli", *cli_args(killed, *steps)],
+        env=_env(torch.get_num_threads()),  # same thread count as this process: same float reductions
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    deadline = time.monotonic() + deadline_s
+    state = killed / "state.safetensors"
+    while time.monotonic() < deadline and proc.poll() is None:
+        if state.exists() and load_state(state).run.step >= 3:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run ended before it could be killed: " + proc.stderr.read().decode()[-2000:]
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    stopped_at = load_state(state).run.step
+    assert 3 <= stopped_at < 8
+    resumed = CliRunner().invoke(app, ["train", "--resume", str(killed)])
+    assert resumed.exit_code == 0, resumed.output
+    straight = tmp_path / "straight"
+    done = CliRunner().invoke(app, cli_args(straight, *steps))
+    assert done.exit_code == 0, done.output
+    a, b = load_state(straight / "state.safetensors"), load_state(state)
+    assert a.run.step == b.run.step == 8
+    for name in a.model:
+        assert torch.equal(a.model[name], b.model[name]), name
+
+
+def torchrun_two_and_one(
+    cli_args: CliArgs,
+    tmp_path: Path,
+    common: Sequence[str],
+    *,
+    port_base: int,
+    timeout: float,
+    single_extra: Sequence[str] = (),
+    reported_once: bool = True,
+) -> tuple[LoadedState, LoadedState]:
+    """Train with ``common`` on 2 torchrun gloo processes, then in this process single-threaded as each
+    worker (plus ``single_extra``); check what every method shares (exit codes, rank 0 alone reporting
+    when ``reported_once``, two ranks' RNG state, the same losses) and return the (single, ddp) states."""
+    ddp = tmp_path / "ddp"
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        "2",
+        "--master-port",
+        str(port_base + os.getpid() % 1000),
+        "-m",
+        "vitup_cli",
+        *cli_args(ddp, *common),
+    ]
+    proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    if reported_once:
+        assert proc.stderr.count("finished at step 3") == 1  # rank 0 reports alone
+    single = tmp_path / "single"
+    with single_thread():  # as each torchrun worker
+        done = CliRunner().invoke(app, cli_args(single, *common, *single_extra))
+    assert done.exit_code == 0, done.output
+    a, b = load_state(single / "state.safetensors"), load_state(ddp / "state.safetensors")
+    assert len(b.rng) == 2 and b.run.world_size == 2
+    assert _losses(single) == pytest.approx(_losses(ddp), rel=1e-4)
+    return a, b
