@@ -590,7 +590,7 @@ def test_torchrun_two_processes_match_one(image_dir, tmp_path):
     """2 gloo processes (1 image each per step) reach the weights of 1 process with the same global batch:
     per-rank shards of the same global batches, gradients averaged, rank 0 writes."""
     common = ["--steps", "3", "--save-every", "3", "--lora-dropout", "0", "--log-every", "1"]
-    a, b = torchrun_two_and_one(partial(_cli_args, image_dir), tmp_path, common, port_base=29500, timeout=300)
+    a, b = torchrun_two_and_one(partial(_cli_args, image_dir), tmp_path, common, timeout=300)
     for name in a.model:
         assert torch.allclose(a.model[name], b.model[name], atol=1e-5, rtol=1e-4), name
 

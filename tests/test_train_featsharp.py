@@ -276,9 +276,7 @@ def test_torchrun_two_processes_match_one(image_dir, tmp_path):
     no_dropout = tmp_path / "c.toml"  # the downsampler's logit dropout draws per-process noise
     no_dropout.write_text("downsampler_dropout = 0.0\n")
     common = ["--steps", "3", "--save-every", "3", "--log-every", "1", "--config", str(no_dropout)]
-    a, b = torchrun_two_and_one(
-        partial(_cli_args, image_dir), tmp_path, common, port_base=29600, timeout=400, reported_once=False
-    )
+    a, b = torchrun_two_and_one(partial(_cli_args, image_dir), tmp_path, common, timeout=400, reported_once=False)
     torch.testing.assert_close(a.model["featsharp.phis.mean"], b.model["featsharp.phis.mean"], rtol=1e-6, atol=1e-6)
     for name in a.model:
         assert torch.allclose(a.model[name], b.model[name], atol=1e-5, rtol=1e-4), name

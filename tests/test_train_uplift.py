@@ -233,7 +233,6 @@ def test_torchrun_two_processes_match_one(image_dir, tmp_path):
         partial(_cli_args, image_dir, size=128),
         tmp_path,
         common,
-        port_base=30500,
         timeout=400,
         single_extra=["--accum", "2"],
     )
