@@ -49,6 +49,11 @@ bench-loftup *args:
 bench-runtime *args:
     python benchmarks/runtime.py {{args}}
 
+# On a CUDA machine: the paper's Table 9 setting (bf16), eager, then torch.compile'd (JSON in benchmarks/results)
+bench-gpu:
+    python benchmarks/runtime.py --device cuda --precision bf16
+    python benchmarks/runtime.py --device cuda --precision bf16 --compile --upsamplers vitup,uplift,loftup
+
 # Probe training streamed from a store vs held in memory
 bench-probe *args:
     python benchmarks/probe_streaming.py {{args}}
