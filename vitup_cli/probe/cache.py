@@ -255,7 +255,7 @@ def _store_bytes(n: int, channels: int, res: int, dtype: str) -> int:
     return n * channels * res * res * (2 if dtype == "float16" else 4)
 
 
-def _reuse_or_make_store(
+def reuse_or_make_store(
     label: str,
     dataset: ProbeDataset,
     upsampler: Upsampler,

@@ -706,7 +706,7 @@ def _run_one(
             images=[canvases[i][0] for i in images], targets=[],
         )  # fmt: skip
         t0 = time.perf_counter()
-        entry = _cache._reuse_or_make_store(
+        entry = _cache.reuse_or_make_store(
             f"{name} {cat}", ds, upsampler, cache_dir, res=config.res, dtype=config.dtype, tap=tap,
             teacher=teacher, precision=resolve_precision(config.precision, device), fit="squash",
             checkpoint=refs.get(name), device=device, workers=config.workers, seed=config.seed, reporter=reporter,

@@ -444,7 +444,7 @@ def run_probe(config: ProbeConfig, reporter: Any = None) -> ProbeReport:
                 res_info.stores[ds.split], res_info.cached[ds.split] = None, False
         else:
             for ds in (train_ds, val_ds):
-                entry = _cache._reuse_or_make_store(
+                entry = _cache.reuse_or_make_store(
                     f"{name} {ds.split}", ds, upsampler, cache_dir, res=config.res, dtype=config.dtype, tap=tap,
                     teacher=teacher, precision=precision, checkpoint=refs.get(name), device=device,
                     workers=config.workers, seed=config.seed, reporter=reporter,
