@@ -36,8 +36,9 @@ def _faults(mode: str, env: dict | None = None) -> int:
 @glibc_only
 def test_tuned_malloc_reuses_large_blocks_instead_of_faulting_them_in_again():
     default, tuned = _faults("default"), _faults("tuned")
-    # default: each pass mmaps its two 77 MB activations afresh (~18,800 pages each); tuned: reused
-    assert default > 10 * 18_000
+    # default: each pass mmaps its two 77 MB activations afresh (~18,800 pages each with 4 KiB pages, 390k
+    # faults measured; fewer where the kernel backs them with huge pages); tuned: reused (9 measured)
+    assert default > 1_000
     assert tuned < default / 4
 
 
