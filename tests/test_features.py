@@ -67,25 +67,33 @@ def test_coordinates_stay_float32_under_bf16():
     assert torch.unique(out.flatten()).numel() == w
 
 
-def test_extract_records_precision_and_bf16_stays_within_tolerance(tmp_path):
+def _tiny_extract_args(tmp_path, images: int) -> list[str]:
+    """``vitup extract`` of ``images`` random 40x60 PNGs (written to ``tmp_path/in``) with a tiny random-init
+    backbone and bilinear upsampling, float32; ``--out`` left to the caller."""
     import numpy as np
     from PIL import Image
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(images):
+        Image.fromarray(rng.integers(0, 255, (40, 60, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    return [
+        "extract", str(folder), "--backbone", "dinov3_s", "--pretrained", "none", "--backbone-args",
+        "depth=2,embed_dim=64,num_heads=1", "--upsampler", "bilinear", "--input-size", "64", "--workers", "0",
+        "--res", "16", "--dtype", "float32",
+    ]  # fmt: skip
+
+
+def test_extract_records_precision_and_bf16_stays_within_tolerance(tmp_path):
+    import numpy as np
     from typer.testing import CliRunner
 
     from vitup_cli.cli import app
     from vitup_cli.stores import open_store
 
     runner = CliRunner()
-    folder = tmp_path / "in"
-    folder.mkdir()
-    rng = np.random.default_rng(0)
-    for i in range(2):
-        Image.fromarray(rng.integers(0, 255, (40, 60, 3), dtype=np.uint8)).save(folder / f"{i}.png")
-    base = [
-        "extract", str(folder), "--backbone", "dinov3_s", "--pretrained", "none", "--backbone-args",
-        "depth=2,embed_dim=64,num_heads=1", "--upsampler", "bilinear", "--input-size", "64", "--workers", "0",
-        "--res", "16", "--dtype", "float32",
-    ]  # fmt: skip
+    base = _tiny_extract_args(tmp_path, 2)
     stores = {}
     for precision in ("fp32", "bf16"):
         out = tmp_path / f"{precision}.zarr"
@@ -176,22 +184,12 @@ def test_compiled_vitup_matches_eager():
 @pytest.mark.slow
 def test_extract_compile_matches_eager(tmp_path):
     import numpy as np
-    from PIL import Image
     from typer.testing import CliRunner
 
     from vitup_cli.cli import app
     from vitup_cli.stores import open_store
 
-    folder = tmp_path / "in"
-    folder.mkdir()
-    rng = np.random.default_rng(0)
-    for i in range(3):
-        Image.fromarray(rng.integers(0, 255, (40, 60, 3), dtype=np.uint8)).save(folder / f"{i}.png")
-    base = [
-        "extract", str(folder), "--backbone", "dinov3_s", "--pretrained", "none", "--backbone-args",
-        "depth=2,embed_dim=64,num_heads=1", "--upsampler", "bilinear", "--input-size", "64", "--workers", "0",
-        "--res", "16", "--dtype", "float32", "--batch-size", "2",
-    ]  # fmt: skip
+    base = [*_tiny_extract_args(tmp_path, 3), "--batch-size", "2"]
     runner = CliRunner()
     eager = runner.invoke(app, [*base, "--out", str(tmp_path / "eager.zarr")])
     compiled = runner.invoke(app, [*base, "--out", str(tmp_path / "compiled.zarr"), "--compile"])
