@@ -228,7 +228,7 @@ def _decoder(impl: str, args: argparse.Namespace, tensors: dict[str, Any], meta:
     query_grid = tensors["cache/query_grid"]
     official = {k.removeprefix("weights/"): v for k, v in tensors.items() if k.startswith("weights/")}
     if impl == "vitup":
-        from vitup_cli.official import load_official_state
+        from vitup_cli.hub.official import load_official_state
 
         model = _vitup_model(args)
         load_official_state(model, official, "benchmark weights")
@@ -299,7 +299,7 @@ def _prepare(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     import torch
     from safetensors.torch import save_file
 
-    from vitup_cli.official import official_state
+    from vitup_cli.hub.official import official_state
 
     model = _vitup_model(args)
     _randomise(model, args.seed)

@@ -102,7 +102,7 @@ def _child(args: argparse.Namespace, res: int) -> dict:
     import torch
 
     from vitup_cli.backbones import parse_overrides
-    from vitup_cli.checkpoints import open_upsampler
+    from vitup_cli.hub import open_upsampler
     from vitup_cli.distributed import Dist
     from vitup_cli.extract import (
         _SHARD_BYTES,

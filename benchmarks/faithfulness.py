@@ -56,7 +56,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from vitup_cli.backbones import load_backbone  # noqa: E402
-from vitup_cli.checkpoints import load_checkpoint, load_trained  # noqa: E402
+from vitup_cli.hub import load_checkpoint, load_trained  # noqa: E402
 from vitup_cli.models import build_upsampler, grid_xy  # noqa: E402
 from vitup_cli.progress import Reporter  # noqa: E402
 from vitup_cli.train import TrainConfig, build_config  # noqa: E402
@@ -254,7 +254,7 @@ def evaluate_loftup(checkpoint: Path, teacher: Path, images: list[Path], input_t
     """LoftUp and bilinear vs the teacher's real last-layer maps at ``factor x`` the student's grid, all
     three ChannelNorm'ed (a LayerNorm over channels without affine: LoftUp's output and training targets
     live in that space, so raw-space metrics would compare it unfairly)."""
-    from vitup_cli.models.loftup import load_loftup
+    from vitup_cli.hub.loftup import load_loftup
 
     loft = load_loftup(checkpoint, weights=teacher).eval()
     backbone = loft.backbone

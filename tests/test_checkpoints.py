@@ -6,7 +6,7 @@ from conftest import tiny_vitup
 from test_backbones import _Payload
 from test_vitup import _randomise
 
-from vitup_cli.checkpoints import load_checkpoint, open_upsampler, read_checkpoint_meta, save_checkpoint
+from vitup_cli.hub import load_checkpoint, open_upsampler, read_checkpoint_meta, save_checkpoint
 from vitup_cli.errors import VitupError
 
 
@@ -77,7 +77,7 @@ def test_open_upsampler():
 def test_atomic_write_uses_normal_permissions(tmp_path):
     import os
 
-    from vitup_cli.checkpoints import atomic_write_bytes
+    from vitup_cli.fileio import atomic_write_bytes
 
     old = os.umask(0o022)
     try:
@@ -93,7 +93,7 @@ def test_no_real_safetensors_file_is_mistaken_for_a_pickle(tmp_path, name_length
     """A safetensors header length can start with byte 0x80, like a pickle; it must still load."""
     from safetensors.torch import save
 
-    from vitup_cli.checkpoints import _refuse_pickle
+    from vitup_cli.hub.format import refuse_pickle as _refuse_pickle
 
     path = tmp_path / "w.safetensors"
     path.write_bytes(save({"x" * name_length: torch.zeros(1)}))

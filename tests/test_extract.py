@@ -15,7 +15,7 @@ from PIL import Image
 from test_vitup import _randomise
 from typer.testing import CliRunner
 
-from vitup_cli.checkpoints import open_upsampler, save_checkpoint
+from vitup_cli.hub import open_upsampler, save_checkpoint
 from vitup_cli.cli import app
 from vitup_cli.data.images import load_image
 from vitup_cli.errors import VitupError

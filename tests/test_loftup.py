@@ -14,6 +14,7 @@ from typer.testing import CliRunner
 
 from vitup_cli.cli import app
 from vitup_cli.errors import VitupError
+from vitup_cli.hub.loftup import load_loftup, read_published_weights
 from vitup_cli.models import UPSAMPLERS, build_upsampler, grid_xy, sample_map
 from vitup_cli.models.loftup import (
     LoftUp,
@@ -21,9 +22,7 @@ from vitup_cli.models.loftup import (
     LoftUpNet,
     config_from_state,
     count_parameters,
-    load_loftup,
     load_state,
-    read_published_weights,
 )
 
 FIXTURE = Path(__file__).parent / "data" / "loftup_ref" / "loftup_ref.safetensors"

@@ -10,10 +10,10 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from vitup_cli.backbones import load_backbone
-from vitup_cli.checkpoints import open_vitup
+from vitup_cli.hub import open_vitup
 from vitup_cli.errors import VitupError
 from vitup_cli.models import ViTUpConfig
-from vitup_cli.official import load_official
+from vitup_cli.hub.official import load_official
 
 FIXTURE = Path(__file__).parent / "data" / "vitup_ref" / "vitup_ref.safetensors"
 KEYS = Path("/work/shared/reference/vit_up_official_keys_splus.txt")
@@ -122,7 +122,7 @@ def test_bad_official_files_are_refused_naming_the_key(tmp_path, splus_backbone,
 def test_older_reference_module_names_load_the_same(tmp_path):
     """Files from before the reference's renames (``q_proj.N.``, ``local_feature_decoder.N.``,
     ``global_local_cross_attention.N.``) map onto the same tensors."""
-    from vitup_cli.official import current_key, vitup_name
+    from vitup_cli.hub.official import current_key, vitup_name
 
     assert current_key("q_proj.2.mlp.1.weight") == "vit_up_blocks.2.transition_mlp.mlp.1.weight"
     assert current_key("local_feature_decoder.0.post_mlp.mlp.3.bias") == "vit_up_blocks.0.featx.post_mlp.mlp.3.bias"

@@ -302,7 +302,7 @@ def test_a_vitup_checkpoint_is_compared_with_its_original_backbone(tmp_path):
     """With a checkpoint, `vitup` comes from it and the baselines run on its backbone with the LoRA off."""
     from conftest import tiny_vitup
 
-    from vitup_cli.checkpoints import save_checkpoint
+    from vitup_cli.hub import save_checkpoint
 
     model = tiny_vitup()
     save_checkpoint(tmp_path / "ck" / "last", model)

@@ -10,7 +10,7 @@ import torch
 from probe_fixtures import make_ade20k, make_cityscapes, make_cocostuff, make_folder, make_voc
 from safetensors.torch import load_file
 
-import vitup_cli.extract as extract_module
+import vitup_cli.probe.cache as probe_cache
 from vitup_cli.errors import VitupError
 from vitup_cli.probe import ProbeConfig, run_probe
 from vitup_cli.probe.report import results_table
@@ -38,13 +38,13 @@ def _config(tmp_path, dataset, root, **kw):
 @pytest.fixture
 def count_extractions(monkeypatch):
     calls = []
-    real = extract_module.run_extract
+    real = probe_cache.run_extract
 
     def counting(config, *args, **kwargs):
         calls.append(str(config.out))
         return real(config, *args, **kwargs)
 
-    monkeypatch.setattr(extract_module, "run_extract", counting)
+    monkeypatch.setattr(probe_cache, "run_extract", counting)  # the probe's cache runs every extraction
     return calls
 
 
@@ -253,7 +253,7 @@ def test_checkpoint_probe_compares_vitup_with_the_original_backbone(tmp_path):
     """With a ViT-Up checkpoint, `bilinear` runs on the checkpoint's backbone with the LoRA adapters off."""
     from conftest import tiny_vitup
 
-    from vitup_cli.checkpoints import save_checkpoint
+    from vitup_cli.hub import save_checkpoint
     from vitup_cli.models import build_upsampler
     from vitup_cli.stores import open_store
 

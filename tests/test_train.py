@@ -401,7 +401,7 @@ def test_a_run_writes_its_directory(finished_run):
 
 
 def test_train_checkpoint_loads_in_the_upsampler_interface(finished_run, image_dir):
-    from vitup_cli.checkpoints import open_upsampler
+    from vitup_cli.hub import open_upsampler
 
     cfg, result = finished_run
     up = open_upsampler(checkpoint=result.last_checkpoint)
@@ -421,8 +421,8 @@ def test_init_from_a_checkpoint_or_an_official_file(finished_run, image_dir, tmp
     """`--init-from` starts a run from existing ViT-Up weights (upsampler + LoRA) of the same shape."""
     from safetensors.torch import save_file
 
-    from vitup_cli.checkpoints import init_from, load_checkpoint
-    from vitup_cli.official import official_state
+    from vitup_cli.hub import init_from, load_checkpoint
+    from vitup_cli.hub.official import official_state
 
     _, result = finished_run
     source = load_checkpoint(result.last_checkpoint)

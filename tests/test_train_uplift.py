@@ -143,7 +143,7 @@ def finished(image_dir, tmp_path_factory):
 
 
 def test_a_run_writes_its_directory_and_a_loadable_checkpoint(finished, tmp_path):
-    from vitup_cli.checkpoints import open_upsampler
+    from vitup_cli.hub import open_upsampler
 
     cfg, result = finished
     run = Path(cfg.out)

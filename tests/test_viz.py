@@ -218,7 +218,7 @@ def test_random_init_pictures_are_reproducible_with_a_seed(photo, tmp_path):
 @pytest.fixture
 def tiny_checkpoint(tmp_path):
     from vitup_cli.backbones import load_backbone
-    from vitup_cli.checkpoints import save_checkpoint
+    from vitup_cli.hub import save_checkpoint
     from vitup_cli.models import ViTUp, ViTUpConfig
 
     torch.manual_seed(0)
@@ -243,7 +243,7 @@ def test_checkpoint_draws_vitup_beside_teacher_baselines(photo, tmp_path, tiny_c
     torch.testing.assert_close(
         bilinear, torch.nn.functional.interpolate(tokens[None], size=(18, 24), mode="bilinear")[0]
     )
-    from vitup_cli.checkpoints import load_checkpoint
+    from vitup_cli.hub import load_checkpoint
 
     student = load_checkpoint(tiny_checkpoint)
     img = torch.from_numpy(np.asarray(Image.open(photo), np.float32) / 255).permute(2, 0, 1)[None]
@@ -362,14 +362,17 @@ def no_model(monkeypatch):
         raise AssertionError("a model was loaded")
 
     import vitup_cli.backbones
-    import vitup_cli.checkpoints
+    import vitup_cli.hub
     import vitup_cli.models
+    import vitup_cli.viz
 
     for module, name in [
         (vitup_cli.backbones, "load_backbone"),
-        (vitup_cli.checkpoints, "open_upsampler"),
-        (vitup_cli.checkpoints, "load_checkpoint"),
+        (vitup_cli.hub, "open_upsampler"),
+        (vitup_cli.hub, "load_checkpoint"),
         (vitup_cli.models, "build_upsampler"),
+        (vitup_cli.viz, "open_upsampler"),
+        (vitup_cli.viz, "build_upsampler"),
     ]:
         monkeypatch.setattr(module, name, refuse)
 
@@ -484,7 +487,7 @@ def test_rows_of_a_store_made_by_vitup_extract(tmp_path, fit, monkeypatch, pca_s
     made = CliRunner().invoke(app, ["extract", str(folder), "--out", str(store), *flags, *TINY_ARGS[:8]])
     assert made.exit_code == 0, made.output
     # from here on, loading a model is an error
-    for module, name in [("vitup_cli.backbones", "load_backbone"), ("vitup_cli.checkpoints", "open_upsampler")]:
+    for module, name in [("vitup_cli.backbones", "load_backbone"), ("vitup_cli.viz", "open_upsampler")]:
         monkeypatch.setattr(f"{module}.{name}", lambda *a, **k: (_ for _ in ()).throw(AssertionError("model")))
     result = _run(store, "--index", "0", "--index", "1", "--point", "30,15", "--dpi", "40", "--panel-size", "1.5")
     assert result.exit_code == 0, result.output

@@ -8,7 +8,7 @@ import pytest
 from conftest import _place_in_cache
 
 from vitup_cli.errors import VitupError
-from vitup_cli.weights import RELEASES, licence_notice, resolve_weights
+from vitup_cli.hub.releases import RELEASES, licence_notice, resolve_weights
 
 
 def test_offline_without_cache_fails_fast_with_one_line(offline_cache):
@@ -45,7 +45,7 @@ def test_unknown_release_and_bad_hf_ref_are_one_line_errors():
 
 def test_licence_is_shown_once_per_process():
     release = RELEASES["vit-up:dinov3_b"]
-    from vitup_cli import weights
+    from vitup_cli.hub import releases as weights
 
     weights._printed_licences.discard(release.name)
     assert "cc-by-nc-sa-4.0" in licence_notice(release)

@@ -12,7 +12,7 @@ import click
 import typer
 from typer.core import TyperGroup
 
-from vitup_cli import __version__
+from vitup_cli._version import __version__
 from vitup_cli.errors import VitupError
 from vitup_cli.train.config import TrainConfig
 
@@ -105,7 +105,7 @@ def backbones_cmd() -> None:
     from rich.table import Table
 
     from vitup_cli.backbones import ALIASES, BACKBONES
-    from vitup_cli.weights import DEFAULT_RELEASE
+    from vitup_cli.hub.releases import DEFAULT_RELEASE
 
     table = Table("name", "timm model", "hub tag", "published ViT-Up", "notes")
     aliases = {v: k for k, v in ALIASES.items()}

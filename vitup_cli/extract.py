@@ -40,6 +40,7 @@ import torch
 
 from vitup_cli import locks, stores
 from vitup_cli.backbones import sha256_file
+from vitup_cli.data.images import ImageLoadError, list_images, load_image
 from vitup_cli.distributed import Dist
 from vitup_cli.errors import VitupError
 from vitup_cli.features import (  # noqa: F401 - re-exported for existing callers
@@ -56,7 +57,9 @@ from vitup_cli.features import (  # noqa: F401 - re-exported for existing caller
     model_fingerprint,
     resolve_precision,
 )
-from vitup_cli.models import Upsampler, ViTUp
+from vitup_cli.hub import checkpoint_method, checkpoint_paths, default_checkpoint, open_upsampler
+from vitup_cli.hub.releases import is_release_ref, resolve_weights
+from vitup_cli.models import TRAINING_FREE, Upsampler, spec_of, specs
 from vitup_cli.progress import (  # noqa: F401 - re-exported for existing callers
     Reporter,
     RichReporter,
@@ -163,7 +166,7 @@ class ExtractConfig:
     backbone_args: dict[str, Any] = field(default_factory=dict)
     input_size: int | None = None
     fit: str = "pad"
-    resample: str = "bicubic"  # image resizing in the fit; the probe protocol uses bilinear
+    resample: str | None = None  # PIL filter of the fit (--resize-filter); None: the method's reference filter
     tap: int | None = None
     dtype: str = "float16"
     pca: int | None = None
@@ -237,7 +240,6 @@ class _ImageRows(torch.utils.data.Dataset):
         return len(self.files)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        from vitup_cli.data.images import ImageLoadError, load_image
 
         path = self.files[index]
         try:
@@ -388,25 +390,23 @@ def _validate(config: ExtractConfig) -> None:
 def _build_upsampler(
     config: ExtractConfig, device: torch.device, notify: Callable[[str], None] | None = None
 ) -> Upsampler:
-    from vitup_cli.checkpoints import open_upsampler
-    from vitup_cli.models import TRAINING_FREE
-
     if config.checkpoint is not None and config.upsampler in TRAINING_FREE:
         raise VitupError(
             f"--checkpoint is a trained upsampler; --upsampler {config.upsampler} cannot be combined with it "
             "(drop --checkpoint to store a training-free upsampler)"
         )
-    trained_name = config.upsampler if config.upsampler == "loftup" else "vitup"
     torch.manual_seed(config.seed)  # a random-init backbone (--pretrained none) is the same in every run
+    method = checkpoint_method(config.checkpoint) if config.checkpoint is not None else config.upsampler
+    any_input_size = method is None or not spec_of(method).capabilities.input_size_from_weights
     try:
         model = open_upsampler(
-            trained_name if config.checkpoint is not None else (config.upsampler or "bilinear"),
+            config.upsampler or "bilinear",
             checkpoint=config.checkpoint,
             backbone=config.backbone,
             weights=config.weights,
             pretrained=config.pretrained,
             overrides=config.backbone_args,
-            input_size=config.input_size if (config.checkpoint is None or trained_name == "loftup") else None,
+            input_size=config.input_size if (config.checkpoint is None or any_input_size) else None,
             device=device,
             notify=notify,
             minmax=config.minmax,
@@ -426,15 +426,19 @@ def _build_upsampler(
     return model
 
 
+def resize_filter(upsampler: Upsampler, requested: str | None = None) -> str:
+    """``requested`` (``--resize-filter``), else the PIL filter of the method's reference preprocessing."""
+    if requested is not None:
+        if requested not in RESAMPLING:
+            raise VitupError(f"--resize-filter {requested}: use one of {', '.join(RESAMPLING)}")
+        return requested
+    spec = specs().get(upsampler.name)
+    return spec.preprocessing.resize_filter if spec is not None else "bicubic"
+
+
 def _resolve_tap(upsampler: Upsampler, tap: int | None) -> int:
-    backbone = upsampler.backbone
-    resolved = backbone.taps[-1] if tap is None else int(tap)
-    if isinstance(upsampler, ViTUp):
-        upsampler.level_of(resolved)  # raises with the taps it can decode
-    elif not 0 <= resolved <= backbone.depth:
-        raise VitupError(f"--tap {tap}: this backbone has hidden states 0..{backbone.depth}")
-    elif hasattr(upsampler, "check_tap"):  # e.g. FeatSharp upsamples one tap only
-        upsampler.check_tap(resolved)
+    resolved = upsampler.backbone.taps[-1] if tap is None else int(tap)
+    upsampler.check_tap(resolved)
     return resolved
 
 
@@ -486,7 +490,7 @@ def _settings(
         "pca": config.pca,
         "pca_images": config.pca_images if config.pca else None,
         "lowres": bool(config.lowres),
-        **({"upsampler_settings": upsampler.settings()} if hasattr(upsampler, "settings") else {}),
+        **({"upsampler_settings": extra} if (extra := upsampler.settings()) else {}),
         **({"global": config.global_pool} if config.global_pool else {}),  # absent: stores made before --global
         **({"precision": "bf16"} if _precision(config, upsampler) == "bf16" else {}),  # absent: fp32
     }
@@ -522,8 +526,6 @@ def _native_attrs(upsampler: Upsampler, grid: tuple[int, int]) -> dict[str, Any]
 def _checkpoint_file(checkpoint: str | Path) -> Path:
     """The weights file of a checkpoint path (``NAME``, ``NAME.safetensors`` or ``NAME.json``) or of a
     published release (``uplift:dinov3_splus``, ``hf:ORG/REPO/FILE``)."""
-    from vitup_cli.checkpoints import checkpoint_paths
-    from vitup_cli.weights import is_release_ref, resolve_weights
 
     if is_release_ref(str(checkpoint)):
         return resolve_weights(str(checkpoint)).path
@@ -561,7 +563,6 @@ def fit_pca(
     Returns:
         ``components (k, C)`` float32 (orthonormal rows, largest entry positive) and ``mean (C,)``.
     """
-    from vitup_cli.data.images import ImageLoadError, load_image
 
     channels = upsampler.dim
     if k > channels:
@@ -673,7 +674,6 @@ def _command(config: ExtractConfig) -> str:
 def _run(
     config: ExtractConfig, upsampler: Upsampler | None, reporter: Reporter | None, dist_ctx: Dist
 ) -> ExtractSummary:
-    from vitup_cli.data.images import list_images
 
     started = time.perf_counter()
     rank0 = dist_ctx.rank == 0
@@ -692,12 +692,11 @@ def _run(
         paths, files, root = dist_ctx.on_rank0(listing)
         device = _device(config.device, dist_ctx)
         if upsampler is None and config.checkpoint is None and config.upsampler is None:
-            from vitup_cli.checkpoints import default_checkpoint
-
             release = default_checkpoint(config.backbone, pretrained=config.pretrained, overrides=config.backbone_args)
             reporter.info(f"no --checkpoint or --upsampler: ViT-Up with the published weights {release}")
             config = replace(config, checkpoint=release)
         upsampler = _build_upsampler(config, device, reporter.info) if upsampler is None else upsampler.to(device)
+        config = replace(config, resample=resize_filter(upsampler, config.resample))
         upsampler.eval()
         if config.compile:
             reporter.info(f"--compile: {compile_upsampler(upsampler)} modules compiled (the first batch waits for it)")
@@ -986,6 +985,7 @@ def _create(config: ExtractConfig, upsampler: Upsampler, reporter: Reporter, inp
         "precision": _precision(config, upsampler),
         "fit": config.fit,
         "resample": config.resample,
+        "resize_filter": config.resample,
         "compression": config.compression if fmt == "zarr" else "gzip",
         "normalization": {
             "mean": [round(v, 6) for v in backbone.mean.flatten().tolist()],

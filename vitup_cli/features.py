@@ -23,10 +23,16 @@ import torch
 from PIL import Image
 
 from vitup_cli.errors import VitupError
-from vitup_cli.models import Upsampler, ViTUp, grid_xy
+from vitup_cli.models import Upsampler
+from vitup_cli.models.registry import capabilities_of
 
 FITS = ("squash", "crop", "pad")
-RESAMPLING = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR}
+RESAMPLING = {
+    "bicubic": Image.Resampling.BICUBIC,
+    "bilinear": Image.Resampling.BILINEAR,
+    "nearest": Image.Resampling.NEAREST,
+    "lanczos": Image.Resampling.LANCZOS,
+}
 _BUDGET_BYTES = 256 << 20  # float32 features computed at once by the generic path
 PRECISIONS = ("auto", "bf16", "fp32")
 
@@ -208,12 +214,12 @@ def dense_features(
     return out, tokens
 
 
-def _project(x: torch.Tensor, comps: torch.Tensor, mean: torch.Tensor, layout: str) -> torch.Tensor:
-    """PCA projection in float32 whatever the autocast: ``(B, N, C)`` or ``(B, C, H, W)``."""
+def _project(x: torch.Tensor, comps: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
+    """PCA projection ``(B, C, H, W)`` -> ``(B, K, H, W)`` in float32 whatever the autocast."""
+    B, _, H, W = x.shape
     with torch.autocast(x.device.type, enabled=False):
-        if layout == "bnc":
-            return (x.float() - mean) @ comps.T
-        return torch.einsum("kc,bchw->bkhw", comps, x.float() - mean[:, None, None])
+        flat = x.float().flatten(2).transpose(1, 2)  # (B, H*W, C)
+        return ((flat - mean) @ comps.T).transpose(1, 2).reshape(B, -1, H, W)
 
 
 def _dense_features(
@@ -238,35 +244,16 @@ def _dense_features(
     channels = comps.shape[0] if comps is not None else upsampler.dim
     out = torch.empty((B, channels, height, width), dtype=dtype, pin_memory=pinned)
     tokens = None
-    if isinstance(upsampler, ViTUp):
-        level = upsampler.level_of(tap)
-        cache = upsampler.encode(images)
+    if capabilities_of(upsampler).banded:  # band by band, straight into the output (bounded memory)
+        for r0, r1, band in upsampler.bands(images, (height, width), tap=tap, chunk=chunk_queries):
+            part = band.float()
+            if comps is not None:
+                part = _project(part, comps, mean)
+            out[:, :, r0:r1].copy_(part.to(dtype), non_blocking=pinned)
         if pooled is not None and global_kind:
             pooled.append(_pooled(upsampler, tap, global_kind))
-        if with_tokens:  # the original backbone's tokens (LoRA off), as visualize and probe show them
-            with upsampler.backbone.adapters_disabled():
-                tokens = upsampler.tokens(images, tap).to("cpu", dtype)
-        chunk = chunk_queries or upsampler.config.chunk_queries
-        rows = max(1, chunk // width)
-        xy_all = grid_xy(height, width, device=device)
-        for r0 in range(0, height, rows):
-            r1 = min(height, r0 + rows)
-            xy = xy_all[r0 * width : r1 * width].expand(B, -1, -1)
-            part = upsampler.decode(cache, xy, [level], chunk=xy.shape[1])[0].float()  # (B, n, C)
-            if comps is not None:
-                part = _project(part, comps, mean, "bnc")
-            block = part.transpose(1, 2).reshape(B, channels, r1 - r0, width).to(dtype)
-            out[:, :, r0:r1].copy_(block, non_blocking=pinned)
-        return out, tokens
-    if hasattr(upsampler, "bands"):  # LoftUp: band by band, straight into the output (bounded memory)
-        for r0, r1, part in upsampler.bands(images, (height, width), tap=tap):
-            if comps is not None:
-                part = _project(part, comps, mean, "bchw")
-            out[:, :, r0:r1].copy_(part.to(dtype) if pinned else part, non_blocking=pinned)
-        if pooled is not None and global_kind:
-            pooled.append(_pooled(upsampler, tap, global_kind))
-        if with_tokens:
-            tokens = upsampler.tokens(images, tap).to("cpu", dtype)
+        if with_tokens:  # the original backbone's tokens, as visualize and probe show them
+            tokens = upsampler.teacher_tokens(images, tap).to("cpu", dtype)
         return out, tokens
     per_image = upsampler.dim * height * width * 4
     step = max(1, min(B, _BUDGET_BYTES // max(1, per_image)))
@@ -277,14 +264,16 @@ def _dense_features(
         if pooled is not None and global_kind:
             parts.append(_pooled(upsampler, tap, global_kind))
         if comps is not None:
-            feats = _project(feats, comps, mean, "bchw")
+            feats = _project(feats, comps, mean)
         out[b0:b1].copy_(feats.to(dtype) if pinned else feats, non_blocking=pinned)  # cast + host copy
         del feats
     if parts and pooled is not None:
         pooled.append(torch.cat(parts))
     if with_tokens:
         tokens = (
-            out.clone() if (upsampler.native_resolution_only and comps is None) else upsampler.tokens(images, tap)
+            out.clone()
+            if (upsampler.native_resolution_only and comps is None)
+            else upsampler.teacher_tokens(images, tap)
         ).to("cpu", dtype)
     return out, tokens
 
@@ -298,11 +287,6 @@ def model_fingerprint(upsampler: Upsampler) -> str | None:
     backbone = upsampler.backbone
     if backbone.random_init:
         tensors = dict(upsampler.state_dict())
-    elif hasattr(upsampler, "upsampler_parameters"):  # a trained method: its own weights (and buffers)
-        tensors = {n: t for n, t in upsampler.state_dict().items() if not n.startswith("backbone.")}
-        tensors.update({f"backbone.{n}": p for n, p in backbone.lora_parameters()})
-    elif hasattr(upsampler, "own_state_dict"):  # LoftUp: its own weights, whatever their source
-        tensors = upsampler.own_state_dict()
     else:
         tensors = upsampler.trained_tensors()
         if not tensors:

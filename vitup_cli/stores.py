@@ -60,7 +60,9 @@ from typing import Any
 
 import numpy as np
 
+from vitup_cli._version import __version__
 from vitup_cli.errors import VitupError
+from vitup_cli.fileio import atomic_write_bytes
 
 STORE_FORMAT = "vitup-store/1"
 PENDING, DONE, FAILED = 0, 1, 2
@@ -152,7 +154,6 @@ class Location:
                 with os.fdopen(fd, "wb") as fh:
                     fh.write(data)
                 return
-            from vitup_cli.checkpoints import atomic_write_bytes
 
             atomic_write_bytes(target, data)
             return
@@ -741,7 +742,6 @@ class StoreWriter(ABC):
 
 
 def _common_attrs(layout: StoreLayout, attrs: dict[str, Any]) -> dict[str, Any]:
-    from vitup_cli import __version__
 
     return {
         "format": STORE_FORMAT,
@@ -1019,7 +1019,6 @@ class _H5Writer(StoreWriter):
         attrs: dict[str, Any],
         pca: tuple[np.ndarray, np.ndarray] | None,
     ) -> _H5Writer:
-        from vitup_cli.checkpoints import atomic_write_bytes
 
         parts = parts_dir(path)
         parts.mkdir(parents=True)

@@ -27,8 +27,13 @@ from typing import Any
 import numpy as np
 import torch
 
+from vitup_cli.data.images import ImageLoadError, load_image, to_tensor
 from vitup_cli.errors import VitupError
+from vitup_cli.fileio import atomic_write_bytes
+from vitup_cli.hub import checkpoint_method, default_checkpoint, open_upsampler, resolve_weights
 from vitup_cli.models import CHECKPOINT_ONLY as _TRAINED
+from vitup_cli.models import UPSAMPLERS, build_upsampler, spec_of
+from vitup_cli.stores import DONE, STATUS_CODES, open_store
 
 #: Figure layout, in inches: a title strip above every row, a legend strip below it, a title on top.
 TITLE_H = 0.5
@@ -353,8 +358,6 @@ def render_rows(
     from matplotlib.colors import Normalize
     from matplotlib.figure import Figure
 
-    from vitup_cli.checkpoints import atomic_write_bytes
-
     options = options or FigureOptions()
     if not rows:
         raise VitupError("nothing to draw: no images or rows were given")
@@ -487,7 +490,6 @@ def trained_method(checkpoint: Path | str | None) -> str | None:
     """The trained method a ``--checkpoint`` holds (``vitup``, ``uplift``, ``featsharp``, ...), or None."""
     if checkpoint is None:
         return None
-    from vitup_cli.checkpoints import checkpoint_method
 
     return checkpoint_method(checkpoint)
 
@@ -506,7 +508,6 @@ def methods_to_draw(names: Sequence[str] | None, has_checkpoint: bool | str | No
     """Validated upsampler names, in order, without duplicates and without ``lowres`` (the low-res token
     panel is always drawn once). ``has_checkpoint``: the checkpoint's method name (``True`` = ``vitup``).
     Default: that method and ``bilinear`` with a checkpoint, else ``bilinear,nearest``."""
-    from vitup_cli.models import UPSAMPLERS
 
     trained = "vitup" if has_checkpoint is True else (has_checkpoint or None)
     if names is None:
@@ -529,7 +530,6 @@ def methods_to_draw(names: Sequence[str] | None, has_checkpoint: bool | str | No
 def with_default_checkpoint(model: ModelOptions, compare: str | None, log: Log | None = None) -> ModelOptions:
     """With neither --checkpoint nor --compare (or --compare naming vitup without a checkpoint): the
     published ViT-Up weights of the chosen backbone, said in one line; otherwise ``model`` unchanged."""
-    from vitup_cli.checkpoints import default_checkpoint
 
     wants_vitup = compare is None or "vitup" in [c.strip() for c in compare.split(",")]
     if model.checkpoint is not None or not wants_vitup:
@@ -539,7 +539,6 @@ def with_default_checkpoint(model: ModelOptions, compare: str | None, log: Log |
     )
     if log is not None:
         log(f"no --checkpoint: ViT-Up with the published weights {release} for {model.backbone}")
-    from vitup_cli.weights import resolve_weights
 
     try:  # offline without the file: the same one line, with this command's training-free choice
         resolve_weights(release)
@@ -567,7 +566,6 @@ def _describe_source(up: Any, checkpoint: Path | None) -> str:
 
 def _open_primary(model: ModelOptions, device: torch.device, log: Log | None = None) -> Any:
     """The checkpoint's trained upsampler, or (without one) the token upsampler over the named backbone."""
-    from vitup_cli.checkpoints import open_upsampler
 
     if model.checkpoint is not None:  # any trained method (a local LoftUp file takes --backbone)
         return open_upsampler(
@@ -607,8 +605,6 @@ def visualize_images(
         res: output grid long side in feature pixels (the short side follows the image aspect).
         points: query pixels ``(x, y)`` of the original images (each must lie inside every image).
     """
-    from vitup_cli.data.images import ImageLoadError, load_image, to_tensor
-    from vitup_cli.models import build_upsampler
 
     model = model or ModelOptions()
     log = log or (lambda _msg: None)
@@ -654,10 +650,8 @@ def visualize_images(
     for name in methods:
         if name == trained:
             upsamplers[name] = primary
-        elif name == "loftup":  # the published LoftUp weights for this backbone
-            from vitup_cli.models.loftup import load_loftup
-
-            upsamplers[name] = load_loftup(None, backbone=backbone, input_size=primary.input_size).to(device)
+        elif spec_of(name).capabilities.trained:  # a method with published weights for this backbone (LoftUp)
+            upsamplers[name] = open_upsampler(name, backbone=backbone, input_size=primary.input_size, device=device)
         else:
             upsamplers[name] = build_upsampler(name, backbone, input_size=side).to(device).eval()
     tokens_from = build_upsampler(LOWRES, backbone, input_size=side).to(device).eval()
@@ -736,8 +730,6 @@ def _crop_region(size: tuple[int, int], input_size: int | None = None) -> tuple[
 
 
 def _store_row(store: Any, index: int, roots: list[Path], points: Sequence[tuple[float, float]], log: Log) -> VizRow:
-    from vitup_cli.data.images import ImageLoadError, load_image
-    from vitup_cli.stores import DONE, STATUS_CODES
 
     name = store.path.name
     status = int(store.status[index])
@@ -834,7 +826,6 @@ def visualize_store(
     ``valid`` box and mapped back through the store's PCA when it has one; joint PCA colours and one
     similarity row per point, as for images. ``points`` are pixels of the original images.
     """
-    from vitup_cli.stores import open_store
 
     log = log or (lambda _msg: None)
     store_path = Path(store_path)

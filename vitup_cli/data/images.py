@@ -20,6 +20,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from vitup_cli.data.io import is_url, open_binary
+from vitup_cli.data.shards import BrokenShard, TarMember, expand_braces, is_shard_input, list_shard, read_member
 from vitup_cli.errors import VitupError
 
 IMAGE_EXTENSIONS: frozenset[str] = frozenset(
@@ -40,23 +42,6 @@ class ImageLoadError(Exception):
         self.reason = reason
 
 
-def is_url(path: Any) -> bool:
-    """An fsspec URL (``s3://``, ``gs://``, ``https://``, ``memory://``...); ``file://`` counts as local."""
-    return isinstance(path, str) and "://" in path and not path.startswith("file://")
-
-
-def open_binary(path: str | Path, storage_options: dict[str, Any] | None = None) -> Any:
-    """A binary file object for a local path or an fsspec URL."""
-    if is_url(path):
-        import fsspec
-
-        try:
-            return fsspec.open(str(path), "rb", **(storage_options or {})).open()
-        except ImportError as exc:
-            raise VitupError(f"{path}: cannot read this URL ({exc})") from None
-    return open(str(path).removeprefix("file://"), "rb")
-
-
 @dataclass
 class ImageList:
     """The images of one input: ``files`` in a stable order, each relative to ``root`` when possible.
@@ -68,7 +53,6 @@ class ImageList:
     files: list[Any]
 
     def relative(self, path: Any) -> str:
-        from vitup_cli.data.shards import BrokenShard, TarMember
 
         if isinstance(path, (TarMember, BrokenShard)):
             return path.name
@@ -99,7 +83,6 @@ def _read_list(listing: str, storage_options: dict[str, Any] | None) -> tuple[st
 
 
 def _list_shards(pattern: str, storage_options: dict[str, Any] | None) -> ImageList:
-    from vitup_cli.data.shards import expand_braces, list_shard
 
     shards = expand_braces(pattern)
     head = pattern.split("{", 1)[0]
@@ -120,7 +103,6 @@ def list_images(source: str | Path, storage_options: dict[str, Any] | None = Non
     Non-image extensions are ignored in folders. Broken symlinks are kept (they are reported when
     loaded). Raises ``VitupError`` for a missing path or an input with no images.
     """
-    from vitup_cli.data.shards import is_shard_input
 
     text = str(source)
     if text.startswith("@"):
@@ -175,7 +157,6 @@ def _to_rgb(img: Image.Image) -> Image.Image:
 
 def _remote_bytes(source: Any, storage_options: dict[str, Any] | None) -> bytes:
     """The bytes of a URL or a tar member, or ``ImageLoadError`` with the reason."""
-    from vitup_cli.data.shards import BrokenShard, TarMember, read_member
 
     if isinstance(source, BrokenShard):
         raise ImageLoadError(source.shard, source.reason)
@@ -197,7 +178,6 @@ def load_image(path: Any, storage_options: dict[str, Any] | None = None) -> Imag
 
     ``path``: a local path, an fsspec URL (read with ``storage_options``) or a tar member.
     """
-    from vitup_cli.data.shards import BrokenShard, TarMember
 
     source: Any
     if is_url(path) or isinstance(path, (TarMember, BrokenShard)):

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from vitup_cli.data.images import ImageLoadError, load_image, to_tensor
 from vitup_cli.errors import VitupError
 
 LAYOUTS = ("auto", "sa1b", "folder")
@@ -166,7 +167,6 @@ class MaskedImages(torch.utils.data.Dataset):
 
     def item(self, i: int, size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Image ``(3, S, S)`` in ``[0, 1]`` and its masks ``(M, S, S)`` bool at ``size`` (default ``self.size``)."""
-        from vitup_cli.data.images import ImageLoadError, load_image, to_tensor
 
         size = size or self.size
         try:

@@ -20,6 +20,7 @@ import tarfile
 from dataclasses import dataclass
 from typing import Any
 
+from vitup_cli.data.io import open_binary
 from vitup_cli.errors import VitupError
 
 _BRACE = re.compile(r"\{([^{}]*)\}")
@@ -90,7 +91,6 @@ def list_shard(
     shard: str, label: str, image_extensions: frozenset[str], storage_options: dict[str, Any] | None = None
 ) -> list[TarMember | BrokenShard]:
     """The samples of one shard that have an image member, in tar order (see the module docstring)."""
-    from vitup_cli.data.images import open_binary
 
     samples: dict[str, TarMember] = {}
     out: list[TarMember | BrokenShard] = []
@@ -117,7 +117,6 @@ def list_shard(
 
 def read_member(member: TarMember, storage_options: dict[str, Any] | None = None) -> bytes:
     """The bytes of one member (a ranged read)."""
-    from vitup_cli.data.images import open_binary
 
     with open_binary(member.shard, storage_options) as fh:
         fh.seek(member.offset)

@@ -1,66 +1,108 @@
-"""Upsamplers behind one interface (``features`` / ``query``), built by name."""
+"""Upsamplers behind one interface (``features`` / ``query``), each registered by its model file.
+
+Importing this package registers every built-in method (``registry.register_upsampler``); the name lists
+below are live views of the registry, so a method registered later (a plug-in, a test's toy) appears in
+them too.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Iterator, Mapping, Sequence
 
-from vitup_cli.backbones import Backbone
-from vitup_cli.errors import VitupError
+# ruff: noqa: I001  (the import order is the registration order, which every listing of methods follows)
 from vitup_cli.models.base import Upsampler, grid_xy, sample_map
-from vitup_cli.models.featsharp import FeatSharp, FeatSharpConfig
-from vitup_cli.models.loftup import LoftUp, LoftUpConfig
-from vitup_cli.models.simple import BilinearUpsampler, LowresUpsampler, NearestUpsampler
-from vitup_cli.models.uplift import UPLiFT, UPLiFTConfig
 from vitup_cli.models.vitup import ViTUp, ViTUpConfig
-
-UPSAMPLERS: dict[str, Callable[..., Upsampler]] = {
-    "vitup": lambda backbone, config=None, **_: ViTUp(backbone, config),
-    "featsharp": lambda backbone, config=None, **_: FeatSharp(backbone, config),
-    "bilinear": lambda backbone, input_size=None, **_: BilinearUpsampler(backbone, input_size),
-    "nearest": lambda backbone, input_size=None, **_: NearestUpsampler(backbone, input_size),
-    "lowres": lambda backbone, input_size=None, **_: LowresUpsampler(backbone, input_size),
-    "uplift": lambda backbone, input_size=None, config=None, **_: UPLiFT(backbone, input_size, config),
-    "loftup": lambda backbone, config=None, input_size=None, **_: LoftUp(backbone, config, input_size),
-}
-#: Upsamplers with learned weights: opened with --checkpoint (``loftup`` also from its published releases).
-TRAINED = ("vitup", "uplift", "loftup", "featsharp")
-#: trained upsamplers that exist only through --checkpoint (LoftUp also loads its release for a backbone)
-CHECKPOINT_ONLY = ("vitup", "uplift", "featsharp")
-TRAINING_FREE = ("bilinear", "nearest", "lowres")
-#: trained methods a vitup checkpoint can hold (its JSON records which): name -> (model class, config class)
-CHECKPOINT_METHODS: dict[str, tuple[type[Upsampler], type]] = {
-    "vitup": (ViTUp, ViTUpConfig),
-    "featsharp": (FeatSharp, FeatSharpConfig),
-}
+from vitup_cli.models.uplift import UPLiFT, UPLiFTConfig
+from vitup_cli.models.loftup import LoftUp, LoftUpConfig
+from vitup_cli.models.featsharp import FeatSharp, FeatSharpConfig
+from vitup_cli.models.simple import BilinearUpsampler, LowresUpsampler, NearestUpsampler
+from vitup_cli.models.registry import (
+    Capabilities,
+    Preprocessing,
+    UpsamplerSpec,
+    build_upsampler,
+    capabilities_of,
+    register_upsampler,
+    spec_of,
+    specs,
+    unregister_upsampler,
+    upsampler_names,
+)
 
 
-def build_upsampler(name: str, backbone: Backbone, **kwargs: Any) -> Upsampler:
-    """An upsampler by registry name over ``backbone`` (``vitup`` and ``loftup`` start untrained: load weights)."""
-    if name not in UPSAMPLERS:
-        raise VitupError(f"unknown upsampler '{name}': use one of {', '.join(UPSAMPLERS)}")
-    return UPSAMPLERS[name](backbone, **kwargs)
+class _Names(Sequence[str]):
+    """The registered names whose spec satisfies ``keep``, read from the registry at each use."""
 
+    def __init__(self, keep: Callable[[UpsamplerSpec], bool]) -> None:
+        self._keep = keep
+
+    def _names(self) -> list[str]:
+        return [n for n, s in specs().items() if self._keep(s)]
+
+    def __getitem__(self, index):  # type: ignore[override]
+        return self._names()[index]
+
+    def __len__(self) -> int:
+        return len(self._names())
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._names())
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._names()
+
+    def __repr__(self) -> str:
+        return repr(tuple(self._names()))
+
+
+class _Builders(Mapping[str, Callable[..., Upsampler]]):
+    """``name -> build(backbone, config=None, input_size=None)`` for every registered upsampler."""
+
+    def __getitem__(self, name: str) -> Callable[..., Upsampler]:
+        return specs()[name].build
+
+    def __len__(self) -> int:
+        return len(specs())
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(specs())
+
+
+#: every registered upsampler: name -> ``build(backbone, config=None, input_size=None)``
+UPSAMPLERS: Mapping[str, Callable[..., Upsampler]] = _Builders()
+#: upsamplers with learned weights (``--checkpoint``, a release)
+TRAINED: Sequence[str] = _Names(lambda s: s.capabilities.trained)
+#: trained upsamplers that need ``--checkpoint`` (no release is picked for them by backbone)
+CHECKPOINT_ONLY: Sequence[str] = _Names(lambda s: s.capabilities.trained and not s.capabilities.default_release)
+TRAINING_FREE: Sequence[str] = _Names(lambda s: not s.capabilities.trained)
 
 __all__ = [
-    "CHECKPOINT_METHODS",
     "CHECKPOINT_ONLY",
     "TRAINED",
     "TRAINING_FREE",
     "UPSAMPLERS",
     "BilinearUpsampler",
+    "Capabilities",
     "FeatSharp",
     "FeatSharpConfig",
     "LoftUp",
     "LoftUpConfig",
     "LowresUpsampler",
     "NearestUpsampler",
+    "Preprocessing",
     "UPLiFT",
     "UPLiFTConfig",
     "Upsampler",
+    "UpsamplerSpec",
     "ViTUp",
     "ViTUpConfig",
     "build_upsampler",
+    "capabilities_of",
     "grid_xy",
+    "register_upsampler",
     "sample_map",
+    "spec_of",
+    "specs",
+    "unregister_upsampler",
+    "upsampler_names",
 ]

@@ -9,6 +9,7 @@ input size and normalises.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -16,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vitup_cli.backbones import Backbone
+from vitup_cli.errors import VitupError
 
 
 def grid_xy(height: int, width: int, device: torch.device | str | None = None) -> torch.Tensor:
@@ -81,6 +83,16 @@ class Upsampler(nn.Module, ABC):
         """Learned weights that no backbone name identifies (for store fingerprints); none by default."""
         return {}
 
+    def settings(self) -> dict[str, Any]:
+        """Method-specific settings an output made with this model records (``upsampler_settings``)."""
+        return {}
+
+    def _own_and_adapter_tensors(self) -> dict[str, torch.Tensor]:
+        """The upsampler's own parameters and buffers and its backbone's LoRA factors (``backbone.*``)."""
+        tensors = {n: t for n, t in self.state_dict().items() if not n.startswith("backbone.")}
+        tensors.update({f"backbone.{n}": p for n, p in self.backbone.lora_parameters()})
+        return tensors
+
     def output_notes(self, size: int | tuple[int, int]) -> dict[str, Any]:
         """What a store should record about how ``features`` reaches ``size`` (e.g. a final resize)."""
         return {}
@@ -111,6 +123,25 @@ class Upsampler(nn.Module, ABC):
         """Backbone tokens ``(B, C, h, w)`` at ``tap`` (default the last tap)."""
         tap = self.backbone.taps[-1] if tap is None else tap
         return self.backbone.hidden_states(self.prepare(images), [tap])[0]
+
+    def teacher_tokens(self, images: torch.Tensor, tap: int | None = None) -> torch.Tensor:
+        """The original backbone's tokens ``(B, C, h, w)`` at ``tap`` (a method that adapts its backbone,
+        e.g. with LoRA, shows them with the adaptation off): what stores keep as ``lowres``."""
+        return self.tokens(images, tap)
+
+    def check_tap(self, tap: int) -> None:
+        """``VitupError`` naming ``--tap`` when this upsampler cannot produce hidden-state index ``tap``."""
+        if not 0 <= tap <= self.backbone.depth:
+            raise VitupError(f"--tap {tap}: this backbone has hidden states 0..{self.backbone.depth}")
+
+    def bands(
+        self, images: torch.Tensor, size: int | tuple[int, int], tap: int | None = None, chunk: int | None = None
+    ) -> Iterator[tuple[int, int, torch.Tensor]]:
+        """The dense output ``(B, C, H, W)`` as row bands ``(r0, r1, (B, C, r1 - r0, W))``, so callers can
+        copy each away before the next exists. One band by default; methods whose memory grows with the
+        output (``Capabilities.banded``) yield several, of about ``chunk`` output pixels each."""
+        out = self.features(images, size, tap=tap)
+        yield 0, out.shape[-2], out
 
     @abstractmethod
     def query(self, images: torch.Tensor, xy: torch.Tensor, tap: int | None = None) -> torch.Tensor:

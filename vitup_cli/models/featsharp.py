@@ -36,6 +36,7 @@ from torch import nn
 from vitup_cli.backbones import Backbone
 from vitup_cli.errors import VitupError
 from vitup_cli.models.base import Upsampler, _as_size, sample_map
+from vitup_cli.models.registry import Capabilities, UpsamplerSpec, register_upsampler
 
 FACTORS = (2, 4)
 
@@ -592,6 +593,9 @@ class FeatSharp(Upsampler):
         glob = F.interpolate(x, size=(r, r), mode="bilinear", align_corners=False, antialias=True)
         return self.backbone.hidden_states(glob, [tap])[0]
 
+    def trained_tensors(self) -> dict[str, torch.Tensor]:
+        return self._own_and_adapter_tensors()
+
     def check_tap(self, tap: int | None) -> None:
         if tap not in (None, self.tap):
             raise VitupError(f"--tap {tap}: FeatSharp upsamples the backbone's final features only (tap {self.tap})")
@@ -614,3 +618,17 @@ class FeatSharp(Upsampler):
         """Bilinear samples of the native map at ``xy`` ``(B, N, 2)`` -> ``(B, N, C)``."""
         self.check_tap(tap)
         return sample_map(self.native(images), xy)
+
+
+register_upsampler(
+    UpsamplerSpec(
+        name="featsharp",
+        model_class=FeatSharp,
+        build=lambda backbone, config=None, input_size=None: FeatSharp(backbone, config),
+        config_class=FeatSharpConfig,
+        capabilities=Capabilities(trained=True, final_tap_only=True, any_tap=False),
+        summary="tiles of the backbone + JBU + one local-attention block, PHI-S, de-bias",
+        paper="Ranzinger et al. 2025 (FeatSharp)",
+        licence="reference code non-commercial (NVlabs/FeatSharp); vitup's is its own",
+    )
+)

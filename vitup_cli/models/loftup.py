@@ -29,7 +29,6 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -39,6 +38,7 @@ from torch import nn
 from vitup_cli.backbones import Backbone
 from vitup_cli.errors import VitupError
 from vitup_cli.models.base import Upsampler, _as_size
+from vitup_cli.models.registry import Capabilities, Preprocessing, UpsamplerSpec, register_upsampler
 
 MINMAX_MODES = ("image", "batch")
 
@@ -332,41 +332,7 @@ class LoftUpNet(nn.Module):
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
 
 
-# -- weights ----------------------------------------------------------------------------------------
-def read_published_weights(path: str | Path) -> dict[str, torch.Tensor]:
-    """A LoftUp state dict in the published layout: ``.safetensors``, or a torch file read ONLY with
-    ``torch.load(weights_only=True)`` (anything that needs more is refused)."""
-    path = Path(path)
-    if not path.is_file():
-        raise VitupError(f"--checkpoint {path}: no such file")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        try:
-            state = load_file(str(path))
-        except Exception as exc:
-            raise VitupError(f"--checkpoint {path}: unreadable safetensors file ({exc})") from None
-    else:
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:  # UnpicklingError for anything beyond tensors and plain containers
-            reason = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
-            raise VitupError(
-                f"--checkpoint {path}: refused, it cannot be read with torch.load(weights_only=True) ({reason}); "
-                "vitup never unpickles anything more than tensors"
-            ) from None
-    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
-        state = state["state_dict"]
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise VitupError(f"--checkpoint {path}: not a state dict of tensors (a LoftUp pytorch_model.bin)")
-    if "channelnorm.norm.weight" not in state or "upsampler.fourier_feat.1.biases" not in state:
-        raise VitupError(
-            f"--checkpoint {path}: not LoftUp weights in the published layout (no channelnorm.norm.weight / "
-            "upsampler.fourier_feat.1.biases)"
-        )
-    return state
-
-
+# -- weights (the published key layout) -------------------------------------------------------------
 def config_from_state(state: dict[str, torch.Tensor], **overrides: Any) -> tuple[int, LoftUpConfig]:
     """The feature width and the architecture a published-layout state dict implies."""
     dim = int(state["channelnorm.norm.weight"].shape[0])
@@ -420,7 +386,7 @@ class LoftUp(Upsampler):
         self.source = source  # where the weights came from (release name, hf:, path); None = untrained
         self.weights_sha256 = weights_sha256
 
-    def own_state_dict(self) -> dict[str, torch.Tensor]:
+    def trained_tensors(self) -> dict[str, torch.Tensor]:
         """LoftUp's own tensors in the published layout (no backbone)."""
         return self.net.state_dict()
 
@@ -447,13 +413,14 @@ class LoftUp(Upsampler):
         return self.backbone.normalize(images)
 
     def bands(
-        self, images: torch.Tensor, size: int | tuple[int, int], tap: int | None = None
+        self, images: torch.Tensor, size: int | tuple[int, int], tap: int | None = None, chunk: int | None = None
     ) -> Iterator[tuple[int, int, torch.Tensor]]:
-        """The output ``(B, C, *size)`` band by band: ``(r0, r1, (B, C, r1 - r0, W))``."""
+        """The output ``(B, C, *size)`` band by band: ``(r0, r1, (B, C, r1 - r0, W))``, about ``chunk``
+        pixels a band (default ``config.chunk_pixels``)."""
         self.check_tap(tap)
         size = _as_size(size)
         tokens = self.backbone.hidden_states(self.prepare(images), [self.backbone.depth])[0]
-        yield from self.net.bands(tokens, self.guidance(images, size))
+        yield from self.net.bands(tokens, self.guidance(images, size), chunk)
 
     def features(self, images: torch.Tensor, size: int | tuple[int, int], tap: int | None = None) -> torch.Tensor:
         parts = [band for _, _, band in self.bands(images, size, tap)]
@@ -501,88 +468,25 @@ def count_parameters(dim: int, config: LoftUpConfig | None = None) -> int:
     return sum(p.numel() for p in LoftUpNet(dim, config).parameters())
 
 
-# -- opening: published releases, hub files, local files --------------------------------------------
-def default_release(backbone: str) -> str | None:
-    """The published LoftUp release trained on ``backbone`` (``loftup:dinov2_s``), if there is one."""
-    from vitup_cli.backbones import ALIASES
-    from vitup_cli.weights import RELEASES
-
-    name = f"loftup:{ALIASES.get(backbone, backbone)}"
-    return name if name in RELEASES else None
-
-
-def load_loftup(
-    checkpoint: str | Path | None = None,
-    *,
-    backbone: str | Backbone = "dinov2_s",
-    weights: str | Path | None = None,
-    pretrained: str = "hub",
-    overrides: dict[str, Any] | None = None,
-    input_size: int | None = None,
-    minmax: str = "image",
-    log: Any = None,
-) -> LoftUp:
-    """LoftUp with weights from ``checkpoint``: a release (``loftup:dinov2_s``), ``hf:ORG/REPO/FILE``,
-    or a local published-layout file (``pytorch_model.bin`` via ``weights_only=True``, or ``.safetensors``).
-
-    Without ``checkpoint``, the release trained on ``backbone``. A release implies its backbone and the
-    backbone weights it was trained on (``backbone`` is then ignored unless it is a built ``Backbone``);
-    a local file takes ``backbone``, and its width must match.
-    """
-    import sys
-
-    from vitup_cli.backbones import load_backbone, sha256_file
-    from vitup_cli.weights import RELEASES, licence_notice, releases_for, resolve_weights
-
-    if checkpoint is None:
-        name = backbone.name if isinstance(backbone, Backbone) else backbone
-        checkpoint = default_release(name)
-        if checkpoint is None:
-            names = ", ".join(r.name for r in releases_for("loftup"))
-            raise VitupError(
-                f"--upsampler loftup: no published LoftUp weights for backbone '{name}'; pass --checkpoint "
-                f"({names}, hf:ORG/REPO/FILE, a pytorch_model.bin, or a run of `vitup train --method loftup`)"
-            )
-    from vitup_cli.train.methods.loftup import is_run_checkpoint, open_run_checkpoint
-
-    if is_run_checkpoint(checkpoint):  # a run of `vitup train --method loftup`
-        from vitup_cli.checkpoints import checkpoint_paths
-
-        if isinstance(backbone, Backbone):
-            from vitup_cli.train.methods.loftup import read_run_checkpoint
-
-            bb, state = backbone, read_run_checkpoint(checkpoint, backbone)
-        else:
-            bb, state, _ = open_run_checkpoint(checkpoint, weights=weights, pretrained=pretrained)
-        dim, config = config_from_state(state, minmax=minmax)
-        model = LoftUp(
-            bb, config, input_size, source=str(checkpoint), weights_sha256=sha256_file(checkpoint_paths(checkpoint)[0])
-        )
-        load_state(model.net, state, str(checkpoint))
-        return model.eval()
-    known = RELEASES.get(str(checkpoint))
-    if known is not None and known.method != "loftup":
-        raise VitupError(f"--checkpoint {checkpoint}: that is a {known.method} release, not LoftUp weights")
-    resolved = resolve_weights(checkpoint)
-    release = resolved.release
-    state = read_published_weights(resolved.path)
-    dim, config = config_from_state(state, minmax=minmax)
-    if isinstance(backbone, Backbone):
-        bb = backbone
-    elif release is not None:
-        tag = release.backbone_tag if pretrained == "hub" and weights is None else pretrained
-        bb = load_backbone(release.backbone, weights=weights, pretrained=tag, overrides=overrides)
-    else:
-        bb = load_backbone(backbone, weights=weights, pretrained=pretrained, overrides=overrides)
-    if bb.embed_dim != dim:
-        raise VitupError(
-            f"--checkpoint {checkpoint}: LoftUp weights for {dim}-d features, but backbone {bb.name} is "
-            f"{bb.embed_dim}-d; pass the --backbone they were trained on"
-        )
-    model = LoftUp(bb, config, input_size, source=resolved.source, weights_sha256=sha256_file(resolved.path))
-    load_state(model.net, state, str(checkpoint))
-    if release is not None:
-        notice = licence_notice(release)
-        if notice:
-            (log or (lambda m: print(m, file=sys.stderr)))(notice)
-    return model.eval()
+register_upsampler(
+    UpsamplerSpec(
+        name="loftup",
+        model_class=LoftUp,
+        build=lambda backbone, config=None, input_size=None: LoftUp(backbone, config, input_size),
+        config_class=LoftUpConfig,
+        capabilities=Capabilities(
+            trained=True,
+            input_size_from_weights=False,
+            final_tap_only=True,
+            any_tap=False,
+            channel_space="normalised",
+            banded=True,
+            default_release=True,
+        ),
+        # the reference pipeline resizes with PIL bilinear (torchvision's default), not bicubic
+        preprocessing=Preprocessing(resize_filter="bilinear"),
+        summary="pixel Fourier embedding + convs + cross-attention to all tokens",
+        paper="Huang et al. 2025 (LoftUp)",
+        licence="reference code MIT (andrehuang/loftup)",
+    )
+)

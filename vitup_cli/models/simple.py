@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from vitup_cli.models.base import Upsampler, _as_size, sample_map
+from vitup_cli.models.registry import Capabilities, UpsamplerSpec, register_upsampler
 
 
 class BilinearUpsampler(Upsampler):
@@ -42,3 +43,22 @@ class LowresUpsampler(BilinearUpsampler):
         self, images: torch.Tensor, size: int | tuple[int, int] | None = None, tap: int | None = None
     ) -> torch.Tensor:
         return self.tokens(images, tap)
+
+
+for _cls, _summary in (
+    (BilinearUpsampler, "bilinear interpolation of the token map"),
+    (NearestUpsampler, "each pixel takes the token whose patch holds it"),
+    (LowresUpsampler, "the backbone's own token grid (no upsampling)"),
+):
+    register_upsampler(
+        UpsamplerSpec(
+            name=_cls.name,
+            model_class=_cls,
+            build=lambda backbone, config=None, input_size=None, _cls=_cls: _cls(backbone, input_size),
+            capabilities=Capabilities(
+                trained=False, input_size_from_weights=False, native_resolution_only=_cls.native_resolution_only
+            ),
+            summary=_summary,
+            licence="vitup (Apache-2.0)",
+        )
+    )

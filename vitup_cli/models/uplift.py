@@ -24,7 +24,6 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -32,7 +31,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from vitup_cli.backbones import Backbone
+from vitup_cli.errors import VitupError
 from vitup_cli.models.base import Upsampler, _as_size, sample_map
+from vitup_cli.models.registry import Capabilities, UpsamplerSpec, register_upsampler
 
 #: the 17 (dy, dx) offsets of the Local Attender, in the order of its logits
 OFFSETS_17: tuple[tuple[int, int], ...] = (
@@ -375,8 +376,6 @@ def load_published_state(net: UPLiFTNet, tensors: dict[str, torch.Tensor], sourc
     Raises:
         VitupError: one line naming ``source`` and the first unknown, missing or mis-shaped key.
     """
-    from vitup_cli.errors import VitupError
-
     own = net.state_dict()
     renamed = {}
     for key, value in tensors.items():
@@ -402,86 +401,15 @@ def load_published_state(net: UPLiFTNet, tensors: dict[str, torch.Tensor], sourc
             own[name].copy_(value.to(own[name].dtype))
 
 
-# -- files ------------------------------------------------------------------------------------------
-#: the input side of the published models (448 px: 32 tokens at patch 14, 28 at patch 16)
-PUBLISHED_INPUT_SIZE = 448
-
-
-def save_uplift_checkpoint(path: str | Path, model: UPLiFT, extra: dict[str, Any] | None = None) -> Path:
-    """``path.safetensors`` (the net in the published key layout, so the reference code loads it too;
-    plus ``backbone.*`` when the backbone was randomly initialised) and ``path.json``; atomic."""
-    from vitup_cli.checkpoints import write_checkpoint
-
-    tensors = dict(model.net.state_dict())
-    if model.backbone.random_init:
-        tensors.update({f"backbone.{k}": v for k, v in model.backbone.model.state_dict().items()})
-    return write_checkpoint(path, model, tensors, extra)
-
-
-def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    from vitup_cli.errors import VitupError
-
-    try:
-        return load_file(str(path))
-    except (SafetensorError, OSError) as exc:
-        raise VitupError(f"{path}: unreadable safetensors file ({exc})") from None
-
-
-def load_uplift_checkpoint(
-    path: str | Path,
-    *,
-    weights: str | Path | None = None,
-    pretrained: str = "hub",
-    map_location: str | torch.device = "cpu",
-) -> UPLiFT:
-    """Rebuild an UPLiFT from a ``vitup train --method uplift`` checkpoint (its own backbone)."""
-    from vitup_cli.checkpoints import checkpoint_paths, read_checkpoint_meta, rebuild_backbone
-    from vitup_cli.errors import VitupError
-
-    meta = read_checkpoint_meta(path)
-    weights_path, meta_path = checkpoint_paths(path)
-    try:
-        backbone = rebuild_backbone(meta, path, None, weights, pretrained)
-        config = UPLiFTConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in meta["model"].items()})
-        model = UPLiFT(backbone, int(meta["input_size"]), config)
-    except (KeyError, TypeError, ValueError) as exc:
-        raise VitupError(f"checkpoint {meta_path}: malformed JSON ({type(exc).__name__}: {exc})") from None
-    tensors = _read_tensors(weights_path)
-    base = {k.removeprefix("backbone."): v for k, v in tensors.items() if k.startswith("backbone.")}
-    if meta.get("backbone_included"):
-        try:
-            backbone.model.load_state_dict(base)
-        except RuntimeError as exc:
-            raise VitupError(f"checkpoint {weights_path}: backbone weights do not fit ({str(exc)[:200]})") from None
-    own = {k: v for k, v in tensors.items() if not k.startswith("backbone.")}
-    load_published_state(model.net, own, f"checkpoint {weights_path}")
-    return model.to(map_location)
-
-
-def load_uplift_release(
-    resolved: Any,
-    *,
-    weights: str | Path | None = None,
-    pretrained: str = "hub",
-    map_location: str | torch.device = "cpu",
-) -> UPLiFT:
-    """The published UPLiFT weights of ``resolved`` (``vitup_cli.weights.ResolvedWeights``) over the
-    backbone the release names (``--weights`` / ``--pretrained`` may point at a local copy of it)."""
-    import sys
-
-    from vitup_cli.backbones import load_backbone
-    from vitup_cli.weights import licence_notice
-
-    release = resolved.release
-    backbone = load_backbone(
-        release.backbone, weights=weights, pretrained=release.backbone_tag if pretrained == "hub" else pretrained
+register_upsampler(
+    UpsamplerSpec(
+        name="uplift",
+        model_class=UPLiFT,
+        build=lambda backbone, config=None, input_size=None: UPLiFT(backbone, input_size, config),
+        config_class=UPLiFTConfig,
+        capabilities=Capabilities(trained=True),
+        summary="iterative 2x decoder with a 17-neighbour Local Attender over an image encoder",
+        paper="Walmer et al. 2025 (UPLiFT)",
+        licence="reference code MIT (mwalmer-umd/UPLiFT)",
     )
-    model = UPLiFT(backbone, PUBLISHED_INPUT_SIZE)
-    load_published_state(model.net, _read_tensors(resolved.path), f"{resolved.source} ({resolved.path})")
-    notice = licence_notice(release)
-    if notice:
-        print(notice, file=sys.stderr)
-    return model.to(map_location)
+)

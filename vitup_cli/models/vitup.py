@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -27,7 +27,8 @@ from torch import nn
 
 from vitup_cli.backbones import Backbone
 from vitup_cli.errors import VitupError
-from vitup_cli.models.base import Upsampler, sample_map
+from vitup_cli.models.base import Upsampler, _as_size, grid_xy, sample_map
+from vitup_cli.models.registry import Capabilities, Preprocessing, UpsamplerSpec, register_upsampler
 
 
 @dataclass
@@ -386,9 +387,51 @@ class ViTUp(Upsampler):
     def query(self, images: torch.Tensor, xy: torch.Tensor, tap: int | None = None) -> torch.Tensor:
         return self.decode(self.encode(images), xy, [self.level_of(tap)])[0]
 
+    def trained_tensors(self) -> dict[str, torch.Tensor]:
+        return self._own_and_adapter_tensors()
+
+    def check_tap(self, tap: int) -> None:
+        self.level_of(tap)  # raises with the taps it can decode
+
+    def teacher_tokens(self, images: torch.Tensor, tap: int | None = None) -> torch.Tensor:
+        with self.backbone.adapters_disabled():
+            return self.tokens(images, tap)
+
+    def bands(
+        self, images: torch.Tensor, size: int | tuple[int, int], tap: int | None = None, chunk: int | None = None
+    ) -> Iterator[tuple[int, int, torch.Tensor]]:
+        """One cache per batch, then rows of the output grid decoded about ``chunk`` queries at a time
+        (default ``config.chunk_queries``): bands ``(r0, r1, (B, C, r1 - r0, W))``."""
+        height, width = _as_size(size)
+        level = self.level_of(tap)
+        cache = self.encode(images)
+        B = images.shape[0]
+        rows = max(1, (chunk or self.config.chunk_queries) // width)
+        xy_all = grid_xy(height, width, device=images.device)
+        for r0 in range(0, height, rows):
+            r1 = min(height, r0 + rows)
+            xy = xy_all[r0 * width : r1 * width].expand(B, -1, -1)
+            part = self.decode(cache, xy, [level], chunk=xy.shape[1])[0]  # (B, n, C)
+            yield r0, r1, part.transpose(1, 2).reshape(B, -1, r1 - r0, width)
+
 
 def parameter_summary(model: ViTUp) -> str:
     """``"24.27M upsampler + 0.61M LoRA = 24.88M parameters"`` (the paper's count for dinov3_s+)."""
     upsampler = sum(p.numel() for _, p in model.upsampler_parameters())
     lora = sum(p.numel() for _, p in model.backbone.lora_parameters())
     return f"{upsampler / 1e6:.2f}M upsampler + {lora / 1e6:.2f}M LoRA = {(upsampler + lora) / 1e6:.2f}M parameters"
+
+
+register_upsampler(
+    UpsamplerSpec(
+        name="vitup",
+        model_class=ViTUp,
+        build=lambda backbone, config=None, input_size=None: ViTUp(backbone, config),
+        config_class=ViTUpConfig,
+        capabilities=Capabilities(trained=True, any_tap=False, banded=True),
+        preprocessing=Preprocessing(resize_filter="bicubic", antialias=False),
+        summary="coordinate-conditioned prediction from the ViT's own hidden states",
+        paper="Wandel, Wang and Wang 2026 (ViT-Up)",
+        licence="reference code: see krispinwandel/vit-up; weights cc-by-nc-sa-4.0",
+    )
+)

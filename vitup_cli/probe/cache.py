@@ -27,9 +27,15 @@ from typing import Any
 import numpy as np
 import torch
 
+from vitup_cli.data.images import ImageLoadError, load_image
 from vitup_cli.errors import VitupError
+from vitup_cli.extract import ExtractConfig, run_extract
+from vitup_cli.features import fit_image, model_fingerprint
+from vitup_cli.fileio import atomic_write_bytes
 from vitup_cli.models import Upsampler
 from vitup_cli.probe.datasets import DEPTH, ProbeDataset, crop_target, image_size
+from vitup_cli.progress import human_bytes
+from vitup_cli.stores import open_store, store_exists
 
 
 def default_cache_dir() -> Path:
@@ -148,7 +154,6 @@ def store_key(dataset: ProbeDataset, upsampler: Upsampler, *, res: int, dtype: s
               teacher: bool = False, fit: str = "crop", precision: str = "fp32") -> dict[str, Any]:  # fmt: skip
     """What decides a probe store's content (its cache key); ``fit`` is extract's geometry (the linear
     probes crop; the correspondence probe squashes images it has already padded to a square)."""
-    from vitup_cli.features import model_fingerprint
 
     bb = upsampler.backbone.describe()
     files = [str(p.resolve()) for p in dataset.images]
@@ -184,7 +189,6 @@ class StoreEntry:
 def store_entry(dataset: ProbeDataset, upsampler: Upsampler, cache_dir: Path, *, res: int, dtype: str,
                 tap: int, teacher: bool = False, fit: str = "crop", precision: str = "fp32") -> StoreEntry:  # fmt: skip
     """Where the store for ``(dataset split, upsampler, settings)`` lives; ``cached`` if it is complete."""
-    from vitup_cli.stores import open_store, store_exists
 
     key = store_key(dataset, upsampler, res=res, dtype=dtype, tap=tap, teacher=teacher, fit=fit, precision=precision)
     digest = _digest(key)[:16]
@@ -220,9 +224,6 @@ def ensure_store(
     """
     if entry.cached:
         return entry
-    from vitup_cli.checkpoints import atomic_write_bytes
-    from vitup_cli.extract import ExtractConfig, run_extract
-    from vitup_cli.stores import store_exists
 
     entry.path.parent.mkdir(parents=True, exist_ok=True)
     listing = "".join(f"{p.resolve()}\n" for p in dataset.images)
@@ -281,7 +282,6 @@ def reuse_or_make_store(
     if entry.cached:
         reporter.info(f"{label}: reusing {entry.path}")
         return entry
-    from vitup_cli.progress import human_bytes
 
     grid = upsampler.token_grid[0] if upsampler.native_resolution_only else res
     size = _store_bytes(len(dataset), upsampler.dim, grid, dtype)
@@ -304,8 +304,6 @@ def cls_tokens(upsampler: Upsampler, files: list[Path], batch_size: int = 8) -> 
     centre crop at the backbone's own input size, for FeatSharp its global view), with any LoRA adapters
     off (the frozen backbone, as JAFAR), or the mean patch token for a backbone without prefix tokens.
     Unreadable images get zeros."""
-    from vitup_cli.data.images import ImageLoadError, load_image
-    from vitup_cli.features import fit_image
 
     backbone = upsampler.backbone
     device = next(upsampler.parameters()).device

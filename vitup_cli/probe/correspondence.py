@@ -20,7 +20,6 @@ similarities at a time, and its predictions are cached per category, so an inter
 
 from __future__ import annotations
 
-import datetime as _dt
 import hashlib
 import json
 import math
@@ -35,79 +34,32 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from vitup_cli import __version__
+from vitup_cli.data.images import ImageLoadError, load_image
 from vitup_cli.errors import VitupError
 from vitup_cli.features import compile_upsampler, resolve_precision
+from vitup_cli.fileio import atomic_write_bytes
+from vitup_cli.probe import cache as _cache
+from vitup_cli.probe.cache import default_cache_dir
+from vitup_cli.probe.correspondence_report import (
+    ALPHAS,
+    CorrespondenceReport,
+    CorrespondenceResult,
+    Geometry,
+    save_pairs_png,
+)
+from vitup_cli.probe.datasets import ProbeDataset
+from vitup_cli.probe.report import write_json
+from vitup_cli.probe.run import ProbeConfig, _reporter, _resolve_device, build_upsamplers, checkpoint_refs
 from vitup_cli.probe.spair import PAIR_READERS, KeypointPair, PairSet
+from vitup_cli.stores import DONE, open_store
 
 if TYPE_CHECKING:
     from vitup_cli.models import Upsampler
 
-ALPHAS = (0.10, 0.05, 0.01)
 PADDING = ("include", "exclude")
 MAP_BACK = ("center", "corner")
 SOURCE_SAMPLING = ("nearest", "bilinear")
-REPORT_FORMAT = "vitup-correspondence-report/1"
 _SIM_BUDGET = 256 << 20  # bytes of float32 similarities computed at once
-
-
-# =================================================================================================
-# geometry
-# =================================================================================================
-@dataclass(frozen=True)
-class Geometry:
-    """Where an original ``w x h`` image sits on its padded square: ``px``/``py`` pixels of padding on
-    the left/top, ``side = max(w, h)`` (the scale the reference maps coordinates with)."""
-
-    width: int
-    height: int
-
-    @property
-    def pad(self) -> tuple[int, int]:
-        """``(px, py)``: the reference's ``get_square_paddings``: floor halves of the side difference."""
-        w, h = self.width, self.height
-        return ((h - w) // 2, 0) if h > w else (0, (w - h) // 2)
-
-    @property
-    def side(self) -> int:
-        return max(self.width, self.height)
-
-    @property
-    def canvas(self) -> tuple[int, int]:
-        """``(W, H)`` of the padded canvas (one short of ``side`` when the difference is odd)."""
-        px, py = self.pad
-        return self.width + 2 * px, self.height + 2 * py
-
-    def to_grid(self, xy: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
-        """``(K, 2)`` image pixels -> continuous grid coordinates ``(u, v)`` (cell ``j`` spans ``[j, j+1)``)."""
-        px, py = self.pad
-        gh, gw = grid
-        return np.stack([(xy[:, 0] + px) * gw / self.side, (xy[:, 1] + py) * gh / self.side], axis=1)
-
-    def cells(self, xy: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
-        """``(K, 2)`` integer ``(col, row)``: the cell holding each point (floor), clamped to the grid."""
-        uv = np.floor(self.to_grid(xy, grid)).astype(np.int64)
-        return np.stack([uv[:, 0].clip(0, grid[1] - 1), uv[:, 1].clip(0, grid[0] - 1)], axis=1)
-
-    def from_cells(self, cols: np.ndarray, rows: np.ndarray, grid: tuple[int, int], map_back: str) -> np.ndarray:
-        """Cells -> ``(K, 2)`` image pixels: the cell's centre (``center``) or top-left corner (``corner``),
-        scaled by ``side / res``, floored, minus the padding (the reference's ``int(...) - pad``)."""
-        off = 0.5 if map_back == "center" else 0.0
-        px, py = self.pad
-        gh, gw = grid
-        x = np.floor((cols + off) * self.side / gw) - px
-        y = np.floor((rows + off) * self.side / gh) - py
-        return np.stack([x, y], axis=1).astype(np.float64)
-
-    def valid_cells(self, grid: tuple[int, int]) -> np.ndarray:
-        """``(H * W,)`` bool: cells whose centre lies on the real image (not the padding)."""
-        px, py = self.pad
-        gh, gw = grid
-        cx = (np.arange(gw) + 0.5) * self.side / gw - px
-        cy = (np.arange(gh) + 0.5) * self.side / gh - py
-        return ((cy >= 0) & (cy < self.height))[:, None].repeat(gw, 1).reshape(-1) & np.tile(
-            (cx >= 0) & (cx < self.width), gh
-        )
 
 
 def square_canvas(img: Any) -> Any:
@@ -334,75 +286,9 @@ class CorrespondenceConfig:
         return MatchSettings(self.padding, self.map_back, self.source_sampling)
 
 
-@dataclass
-class CorrespondenceResult:
-    """One upsampler's scores, where its features came from, and timings."""
-
-    name: str
-    metrics: dict[str, float]  # "pck@0.10": mean over categories, ...
-    per_category: dict[str, dict[str, float]]
-    per_point: dict[str, float]
-    per_pair: dict[str, float]
-    input_size: int = 0
-    channels: int = 0
-    grid: list[int] = field(default_factory=list)
-    stores: dict[str, str] = field(default_factory=dict)
-    cached: dict[str, bool] = field(default_factory=dict)
-    matches_cached: dict[str, bool] = field(default_factory=dict)
-    skipped: list[dict[str, str]] = field(default_factory=list)
-    extract_seconds: float = 0.0
-    match_seconds: float = 0.0
-    predictions: str | None = None
-
-
-@dataclass
-class CorrespondenceReport:
-    """What a correspondence run found (``to_json`` is ``report.json``)."""
-
-    dataset: str
-    split: str
-    root: str
-    categories: list[str]
-    pairs: dict[str, int]
-    points: dict[str, int]
-    notes: list[str]
-    protocol: dict[str, Any]
-    results: list[CorrespondenceResult]
-    skipped: list[dict[str, str]] = field(default_factory=list)
-    files: dict[str, str] = field(default_factory=dict)
-    seconds: float = 0.0
-
-    def result(self, name: str) -> CorrespondenceResult:
-        return next(r for r in self.results if r.name == name)
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "format": REPORT_FORMAT,
-            "vitup_version": __version__,
-            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-            "dataset": {
-                "name": self.dataset,
-                "split": self.split,
-                "root": self.root,
-                "categories": self.categories,
-                "pairs": self.pairs,
-                "points": self.points,
-                "notes": self.notes,
-            },
-            "protocol": self.protocol,
-            "reference": self.results[0].name if self.results else None,
-            "results": [asdict(r) for r in self.results],
-            "skipped": self.skipped,
-            "files": self.files,
-            "seconds": self.seconds,
-        }
-
-
 def _names(config: CorrespondenceConfig) -> list[str]:
     names = [n.strip() for n in (config.upsamplers or []) if n.strip()]
     if not names:
-        from vitup_cli.probe.run import checkpoint_refs
-
         names = ["lowres", "bilinear", *checkpoint_refs(_probe_config(config, []))]
     return names
 
@@ -438,9 +324,6 @@ def prepare_canvases(
         ``{image: (canvas file, geometry)}`` for the readable images, and ``{image: reason}`` for the others.
     """
     from concurrent.futures import ThreadPoolExecutor
-
-    from vitup_cli.checkpoints import atomic_write_bytes
-    from vitup_cli.data.images import ImageLoadError, load_image
 
     folder = cache_dir / "canvases"
     folder.mkdir(parents=True, exist_ok=True)
@@ -494,8 +377,6 @@ def _checkpoint_json(checkpoint: Any) -> str | list[str] | None:
 
 
 def _probe_config(config: CorrespondenceConfig, names: list[str]) -> Any:
-    from vitup_cli.probe.run import ProbeConfig
-
     return ProbeConfig(
         dataset=config.dataset, root=config.root, upsamplers=names, checkpoint=config.checkpoint,
         backbone=config.backbone, weights=config.weights, pretrained=config.pretrained,
@@ -519,7 +400,6 @@ def match_category(
     Each source map is read once (for its keypoint features), then each target map once, with all the
     queries aimed at it matched together.
     """
-    from vitup_cli.stores import DONE, open_store
 
     out: list[np.ndarray | None] = [None] * len(pairs)
     with open_store(store_path) as store:
@@ -551,8 +431,6 @@ def match_category(
 def _atomic_npz(path: Path, **arrays: np.ndarray) -> None:
     import io
 
-    from vitup_cli.checkpoints import atomic_write_bytes
-
     buf = io.BytesIO()
     np.savez(buf, **arrays)
     atomic_write_bytes(path, buf.getvalue())
@@ -581,8 +459,6 @@ def run_correspondence(config: CorrespondenceConfig, reporter: Any = None) -> Co
     Raises:
         VitupError: a wrong root or pairs file, bad flags, or a failed extraction.
     """
-    from vitup_cli.probe.cache import default_cache_dir
-    from vitup_cli.probe.run import _reporter, _resolve_device, build_upsamplers
 
     started = time.perf_counter()
     _validate(config)
@@ -689,10 +565,6 @@ def _run_one(
 
     Returns the result (scores not filled in yet) and the predictions of every pair, category by category.
     """
-    from vitup_cli.probe import cache as _cache
-    from vitup_cli.probe.datasets import ProbeDataset
-    from vitup_cli.probe.run import checkpoint_refs
-    from vitup_cli.stores import open_store
 
     refs = checkpoint_refs(_probe_config(config, []))
 
@@ -749,8 +621,6 @@ def _write_outputs(
     canvases: dict[Path, tuple[Path, Geometry]],
     config: CorrespondenceConfig,
 ) -> None:
-    from vitup_cli.probe.correspondence_report import save_pairs_png
-    from vitup_cli.probe.report import write_json
 
     out.mkdir(parents=True, exist_ok=True)
     for res in report.results:

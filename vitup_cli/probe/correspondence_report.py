@@ -3,24 +3,152 @@ keypoints. ``report.json`` is ``CorrespondenceReport.to_json`` written by ``vitu
 
 from __future__ import annotations
 
+import datetime as _dt
 from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from vitup_cli.probe.correspondence import ALPHAS, CorrespondenceReport, Geometry
+from vitup_cli._version import __version__
+from vitup_cli.probe.report import _delta, _pct
 
 if TYPE_CHECKING:
     from rich.table import Table
+
+
+ALPHAS = (0.10, 0.05, 0.01)
+REPORT_FORMAT = "vitup-correspondence-report/1"
+
+
+# =================================================================================================
+# geometry
+# =================================================================================================
+@dataclass(frozen=True)
+class Geometry:
+    """Where an original ``w x h`` image sits on its padded square: ``px``/``py`` pixels of padding on
+    the left/top, ``side = max(w, h)`` (the scale the reference maps coordinates with)."""
+
+    width: int
+    height: int
+
+    @property
+    def pad(self) -> tuple[int, int]:
+        """``(px, py)``: the reference's ``get_square_paddings``: floor halves of the side difference."""
+        w, h = self.width, self.height
+        return ((h - w) // 2, 0) if h > w else (0, (w - h) // 2)
+
+    @property
+    def side(self) -> int:
+        return max(self.width, self.height)
+
+    @property
+    def canvas(self) -> tuple[int, int]:
+        """``(W, H)`` of the padded canvas (one short of ``side`` when the difference is odd)."""
+        px, py = self.pad
+        return self.width + 2 * px, self.height + 2 * py
+
+    def to_grid(self, xy: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
+        """``(K, 2)`` image pixels -> continuous grid coordinates ``(u, v)`` (cell ``j`` spans ``[j, j+1)``)."""
+        px, py = self.pad
+        gh, gw = grid
+        return np.stack([(xy[:, 0] + px) * gw / self.side, (xy[:, 1] + py) * gh / self.side], axis=1)
+
+    def cells(self, xy: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
+        """``(K, 2)`` integer ``(col, row)``: the cell holding each point (floor), clamped to the grid."""
+        uv = np.floor(self.to_grid(xy, grid)).astype(np.int64)
+        return np.stack([uv[:, 0].clip(0, grid[1] - 1), uv[:, 1].clip(0, grid[0] - 1)], axis=1)
+
+    def from_cells(self, cols: np.ndarray, rows: np.ndarray, grid: tuple[int, int], map_back: str) -> np.ndarray:
+        """Cells -> ``(K, 2)`` image pixels: the cell's centre (``center``) or top-left corner (``corner``),
+        scaled by ``side / res``, floored, minus the padding (the reference's ``int(...) - pad``)."""
+        off = 0.5 if map_back == "center" else 0.0
+        px, py = self.pad
+        gh, gw = grid
+        x = np.floor((cols + off) * self.side / gw) - px
+        y = np.floor((rows + off) * self.side / gh) - py
+        return np.stack([x, y], axis=1).astype(np.float64)
+
+    def valid_cells(self, grid: tuple[int, int]) -> np.ndarray:
+        """``(H * W,)`` bool: cells whose centre lies on the real image (not the padding)."""
+        px, py = self.pad
+        gh, gw = grid
+        cx = (np.arange(gw) + 0.5) * self.side / gw - px
+        cy = (np.arange(gh) + 0.5) * self.side / gh - py
+        return ((cy >= 0) & (cy < self.height))[:, None].repeat(gw, 1).reshape(-1) & np.tile(
+            (cx >= 0) & (cx < self.width), gh
+        )
+
+
+@dataclass
+class CorrespondenceResult:
+    """One upsampler's scores, where its features came from, and timings."""
+
+    name: str
+    metrics: dict[str, float]  # "pck@0.10": mean over categories, ...
+    per_category: dict[str, dict[str, float]]
+    per_point: dict[str, float]
+    per_pair: dict[str, float]
+    input_size: int = 0
+    channels: int = 0
+    grid: list[int] = field(default_factory=list)
+    stores: dict[str, str] = field(default_factory=dict)
+    cached: dict[str, bool] = field(default_factory=dict)
+    matches_cached: dict[str, bool] = field(default_factory=dict)
+    skipped: list[dict[str, str]] = field(default_factory=list)
+    extract_seconds: float = 0.0
+    match_seconds: float = 0.0
+    predictions: str | None = None
+
+
+@dataclass
+class CorrespondenceReport:
+    """What a correspondence run found (``to_json`` is ``report.json``)."""
+
+    dataset: str
+    split: str
+    root: str
+    categories: list[str]
+    pairs: dict[str, int]
+    points: dict[str, int]
+    notes: list[str]
+    protocol: dict[str, Any]
+    results: list[CorrespondenceResult]
+    skipped: list[dict[str, str]] = field(default_factory=list)
+    files: dict[str, str] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    def result(self, name: str) -> CorrespondenceResult:
+        return next(r for r in self.results if r.name == name)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "format": REPORT_FORMAT,
+            "vitup_version": __version__,
+            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "dataset": {
+                "name": self.dataset,
+                "split": self.split,
+                "root": self.root,
+                "categories": self.categories,
+                "pairs": self.pairs,
+                "points": self.points,
+                "notes": self.notes,
+            },
+            "protocol": self.protocol,
+            "reference": self.results[0].name if self.results else None,
+            "results": [asdict(r) for r in self.results],
+            "skipped": self.skipped,
+            "files": self.files,
+            "seconds": self.seconds,
+        }
 
 
 def results_table(report: CorrespondenceReport, per_category: bool = True) -> Table:
     """PCK side by side, one column per upsampler, the difference to the first in brackets; then the
     per-category PCK at the first alpha."""
     from rich.table import Table
-
-    from vitup_cli.probe.report import _delta, _pct
 
     results = report.results
     n_pairs, n_points = sum(report.pairs.values()), sum(report.points.values())

@@ -2,24 +2,92 @@
 
 from __future__ import annotations
 
+import datetime as _dt
 import json
 import math
 from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from PIL import Image, ImageDraw
 
+from vitup_cli._version import __version__
+from vitup_cli.fileio import atomic_write_bytes
+
 if TYPE_CHECKING:
     from rich.table import Table
-
-    from vitup_cli.probe.run import ProbeReport
 
 REPORT_FORMAT = "vitup-probe-report/1"
 SEG_METRICS = (("miou", "mIoU"), ("accuracy", "pixel acc"))
 DEPTH_METRICS = (("d1", "δ1 ↑"), ("d2", "δ2 ↑"), ("d3", "δ3 ↑"), ("abs_rel", "abs rel ↓"), ("rmse", "RMSE ↓"))
 _LOWER_IS_BETTER = {"abs_rel", "rmse"}
+
+
+@dataclass
+class UpsamplerResult:
+    """One upsampler's probe: scores, where its features came from, and timings."""
+
+    name: str
+    metrics: dict[str, float]
+    per_class_iou: dict[str, float | None] = field(default_factory=dict)
+    confusion: list[list[int]] | None = None
+    epoch_loss: list[float] = field(default_factory=list)
+    stores: dict[str, str | None] = field(default_factory=dict)
+    cached: dict[str, bool] = field(default_factory=dict)
+    streamed: dict[str, bool] = field(default_factory=dict)
+    input_size: int = 0
+    channels: int = 0
+    extract_seconds: float = 0.0
+    train_seconds: float = 0.0
+    eval_seconds: float = 0.0
+    head: str | None = None
+    skipped: list[dict[str, str]] = field(default_factory=list)
+
+
+@dataclass
+class ProbeReport:
+    """What a probe run found (``to_json`` is ``report.json``)."""
+
+    dataset: str
+    task: str
+    root: str
+    class_names: list[str]
+    train_images: int
+    val_images: int
+    notes: list[str]
+    protocol: dict[str, Any]
+    results: list[UpsamplerResult]
+    baseline: dict[str, Any] | None = None
+    files: dict[str, str] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    def result(self, name: str) -> UpsamplerResult:
+        return next(r for r in self.results if r.name == name)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "format": REPORT_FORMAT,
+            "vitup_version": __version__,
+            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "dataset": {
+                "name": self.dataset,
+                "task": self.task,
+                "root": self.root,
+                "train_images": self.train_images,
+                "val_images": self.val_images,
+                "num_classes": len(self.class_names),
+                "class_names": self.class_names,
+                "notes": self.notes,
+            },
+            "protocol": self.protocol,
+            "baseline": self.baseline,
+            "reference": self.results[0].name if self.results else None,
+            "results": [asdict(r) for r in self.results],
+            "files": self.files,
+            "seconds": self.seconds,
+        }
 
 
 # -- pictures -------------------------------------------------------------------------------------
@@ -141,7 +209,6 @@ def results_table(report: ProbeReport, per_class: bool = True) -> Table:
 
 
 def write_json(report: ProbeReport, path: Path) -> Path:
-    from vitup_cli.checkpoints import atomic_write_bytes
 
     data = _clean(report.to_json())
     atomic_write_bytes(path, (json.dumps(data, indent=2, allow_nan=False) + "\n").encode())

@@ -20,26 +20,29 @@ LoRA adapters off: the original backbone, what the paper compares against.
 
 from __future__ import annotations
 
-import datetime as _dt
 import json
 import os
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from vitup_cli import __version__
+from vitup_cli.backbones import load_backbone
+from vitup_cli.data.images import ImageLoadError, load_image
 from vitup_cli.errors import VitupError
-from vitup_cli.features import compile_upsampler, resolve_precision
-from vitup_cli.models import CHECKPOINT_ONLY, UPSAMPLERS, Upsampler, build_upsampler
+from vitup_cli.features import compile_upsampler, fit_image, resolve_precision
+from vitup_cli.fileio import atomic_write_bytes
+from vitup_cli.hub import checkpoint_method, load_trained, open_upsampler
+from vitup_cli.models import CHECKPOINT_ONLY, UPSAMPLERS, Upsampler, spec_of
 from vitup_cli.probe import cache as _cache
 from vitup_cli.probe.datasets import DEFAULT_EPOCHS, DEPTH, DEPTH_EPOCHS, SEG, TASKS, ProbeDataset, open_splits
 from vitup_cli.probe.heads import SCHEDULES
 from vitup_cli.probe.metrics import majority_baseline
+from vitup_cli.probe.report import ProbeReport, UpsamplerResult, save_grid, write_json
 from vitup_cli.probe.train import (
     FeatureSource,
     LiveFeatures,
@@ -48,6 +51,8 @@ from vitup_cli.probe.train import (
     evaluate,
     fit_head,
 )
+from vitup_cli.progress import default_reporter
+from vitup_cli.stores import DONE
 
 SEG_LR, DEPTH_LR = 2e-3, 5e-3
 
@@ -99,73 +104,9 @@ class ProbeConfig:
     visualize: int = 4
 
 
-@dataclass
-class UpsamplerResult:
-    """One upsampler's probe: scores, where its features came from, and timings."""
-
-    name: str
-    metrics: dict[str, float]
-    per_class_iou: dict[str, float | None] = field(default_factory=dict)
-    confusion: list[list[int]] | None = None
-    epoch_loss: list[float] = field(default_factory=list)
-    stores: dict[str, str | None] = field(default_factory=dict)
-    cached: dict[str, bool] = field(default_factory=dict)
-    streamed: dict[str, bool] = field(default_factory=dict)
-    input_size: int = 0
-    channels: int = 0
-    extract_seconds: float = 0.0
-    train_seconds: float = 0.0
-    eval_seconds: float = 0.0
-    head: str | None = None
-    skipped: list[dict[str, str]] = field(default_factory=list)
-
-
-@dataclass
-class ProbeReport:
-    """What a probe run found (``to_json`` is ``report.json``)."""
-
-    dataset: str
-    task: str
-    root: str
-    class_names: list[str]
-    train_images: int
-    val_images: int
-    notes: list[str]
-    protocol: dict[str, Any]
-    results: list[UpsamplerResult]
-    baseline: dict[str, Any] | None = None
-    files: dict[str, str] = field(default_factory=dict)
-    seconds: float = 0.0
-
-    def result(self, name: str) -> UpsamplerResult:
-        return next(r for r in self.results if r.name == name)
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "format": "vitup-probe-report/1",
-            "vitup_version": __version__,
-            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-            "dataset": {
-                "name": self.dataset,
-                "task": self.task,
-                "root": self.root,
-                "train_images": self.train_images,
-                "val_images": self.val_images,
-                "num_classes": len(self.class_names),
-                "class_names": self.class_names,
-                "notes": self.notes,
-            },
-            "protocol": self.protocol,
-            "baseline": self.baseline,
-            "reference": self.results[0].name if self.results else None,
-            "results": [asdict(r) for r in self.results],
-            "files": self.files,
-            "seconds": self.seconds,
-        }
-
-
 class TeacherView(Upsampler):
-    """A training-free upsampler over a LoRA-adapted backbone, run with the adapters off."""
+    """An upsampler over another method's LoRA-adapted backbone, run with the adapters off (the
+    original backbone, as a method without adapters sees it)."""
 
     def __init__(self, inner: Upsampler) -> None:
         super().__init__(inner.backbone, inner.input_size)
@@ -184,6 +125,19 @@ class TeacherView(Upsampler):
     def features(self, images: torch.Tensor, size: Any, tap: int | None = None) -> torch.Tensor:
         with self.backbone.adapters_disabled():
             return self.inner.features(images, size, tap)
+
+    def bands(self, images: torch.Tensor, size: Any, tap: int | None = None, chunk: int | None = None):
+        with self.backbone.adapters_disabled():
+            yield from self.inner.bands(images, size, tap, chunk)
+
+    def check_tap(self, tap: int) -> None:
+        self.inner.check_tap(tap)
+
+    def trained_tensors(self) -> dict[str, torch.Tensor]:
+        return self.inner.trained_tensors()
+
+    def settings(self) -> dict[str, Any]:
+        return self.inner.settings()
 
 
 # =================================================================================================
@@ -208,7 +162,6 @@ def _default_budget() -> int:
 
 def checkpoint_refs(config: ProbeConfig) -> dict[str, str]:
     """The checkpoints of ``config`` by the upsampler each holds (``vitup``, ``uplift``), in order."""
-    from vitup_cli.checkpoints import checkpoint_method
 
     given = config.checkpoint
     if given is None:
@@ -299,31 +252,26 @@ def _same_backbone(a: Any, b: Any) -> bool:
 
 
 def build_upsamplers(config: ProbeConfig) -> list[tuple[Upsampler, bool]]:
-    """``(upsampler, teacher)`` per name: trained ones (``vitup``, ``uplift``) from their checkpoints; the
-    others over the first checkpoint's backbone with its adapters off (``teacher``), or over
-    ``config.backbone`` without a checkpoint. Checkpoints side by side must share backbone and input size."""
-    from vitup_cli.backbones import load_backbone
-    from vitup_cli.checkpoints import load_trained
-    from vitup_cli.models.loftup import load_loftup
-
+    """``(upsampler, teacher)`` per name: trained ones from their checkpoints; the others over the first
+    checkpoint's backbone with its adapters off (``teacher``), or over ``config.backbone`` without a
+    checkpoint (a trained method with published weights for that backbone takes them). Checkpoints side by
+    side must share backbone and input size."""
     names = _names(config)
     torch.manual_seed(config.seed)  # a random-init backbone (--pretrained none) is the same in every run
     out: list[tuple[Upsampler, bool]] = []
     refs = checkpoint_refs(config)
     if refs:
-
-        def load(name: str, ref: str) -> Upsampler:
-            if name == "loftup":  # LoftUp runs at any input size, over --backbone for a local file
-                return load_loftup(
-                    ref, backbone=config.backbone, weights=config.weights, pretrained=config.pretrained,
-                    overrides=config.backbone_args, input_size=config.input_size,
-                )  # fmt: skip
-            return load_trained(ref, weights=config.weights, pretrained=config.pretrained)
-
-        trained = {name: load(name, ref).eval() for name, ref in refs.items()}
+        trained = {
+            name: load_trained(
+                ref, weights=config.weights, pretrained=config.pretrained, backbone=config.backbone,
+                overrides=config.backbone_args, input_size=config.input_size,
+            ).eval()
+            for name, ref in refs.items()
+        }  # fmt: skip
         first = next(iter(trained.values()))
         for name, model in trained.items():
-            if name != "loftup" and config.input_size not in (None, model.input_size):
+            fixed = spec_of(name).capabilities.input_size_from_weights
+            if fixed and config.input_size not in (None, model.input_size):
                 raise VitupError(
                     f"--input-size {config.input_size}: this {name} checkpoint was trained at {model.input_size}; "
                     "drop the flag"
@@ -334,26 +282,23 @@ def build_upsamplers(config: ProbeConfig) -> list[tuple[Upsampler, bool]]:
                     f"{model.backbone_size} px) differs from {first.name}'s ({first.backbone.weights_id}, "
                     f"{first.backbone_size} px); side-by-side probes need the same backbone and input size"
                 )
+        lora = first.backbone.lora is not None
         for name in names:
             if name in trained:
                 out.append((trained[name], False))
-            elif name == "loftup":  # the published weights for the checkpoints' backbone
-                loft = load_loftup(None, backbone=first.backbone, input_size=first.backbone_size)
-                lora = first.backbone.lora is not None
-                out.append((TeacherView(loft).eval() if lora else loft.eval(), lora))
-            else:  # over the backbone at the resolution the trained methods run it (FeatSharp: its global view)
-                inner = build_upsampler(name, first.backbone, input_size=first.backbone_size)
-                out.append((TeacherView(inner).eval(), first.backbone.lora is not None))
+                continue
+            # over the backbone at the resolution the trained methods run it (FeatSharp: its global view); a
+            # trained method without a checkpoint takes its published weights for that backbone
+            inner = open_upsampler(name, backbone=first.backbone, input_size=first.backbone_size)
+            wrap = lora or not spec_of(name).capabilities.trained
+            out.append((TeacherView(inner).eval() if wrap else inner.eval(), lora))
         return out
     backbone = load_backbone(
         config.backbone, weights=config.weights, pretrained=config.pretrained, overrides=config.backbone_args
     )
     for name in names:
         try:
-            if name == "loftup":  # the published weights for --backbone
-                out.append((load_loftup(None, backbone=backbone, input_size=config.input_size), False))
-                continue
-            out.append((build_upsampler(name, backbone, input_size=config.input_size).eval(), False))
+            out.append((open_upsampler(name, backbone=backbone, input_size=config.input_size).eval(), False))
         except ValueError as exc:
             raise VitupError(f"--input-size {config.input_size}: {exc}") from None
     return out
@@ -362,7 +307,6 @@ def build_upsamplers(config: ProbeConfig) -> list[tuple[Upsampler, bool]]:
 def _reporter(reporter: Any) -> Any:
     if reporter is not None:
         return reporter
-    from vitup_cli.progress import default_reporter
 
     return default_reporter()
 
@@ -532,8 +476,6 @@ def _usable_rows(
     """Rows whose features exist (the extraction could read the image) and whose image was readable."""
     ok = targets.readable.copy()
     if isinstance(source, StoreFeatures):
-        from vitup_cli.stores import DONE
-
         ok &= source.store.status == DONE
     bad = np.flatnonzero(~ok)
     for i in bad:
@@ -550,8 +492,6 @@ def _usable_rows(
 
 def _save_head(head: torch.nn.Module, out: Path, name: str, config: ProbeConfig, ds: ProbeDataset) -> Path:
     from safetensors.torch import save
-
-    from vitup_cli.checkpoints import atomic_write_bytes
 
     path = out / "heads" / f"{name}.safetensors"
     meta = {
@@ -576,9 +516,6 @@ def _write_outputs(
     predictions: dict[str, list[np.ndarray]],
     config: ProbeConfig,
 ) -> None:
-    from vitup_cli.data.images import ImageLoadError, load_image
-    from vitup_cli.features import fit_image
-    from vitup_cli.probe.report import save_grid, write_json
 
     out.mkdir(parents=True, exist_ok=True)
     if vis_rows:

@@ -24,9 +24,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vitup_cli.data.images import load_image
+from vitup_cli.features import dense_features, fit_image
 from vitup_cli.probe.datasets import DEPTH, IGNORE, SEG
 from vitup_cli.probe.heads import DepthHead, LinearHead, depth_loss, lr_at
 from vitup_cli.probe.metrics import DepthMetrics, SegMetrics
+from vitup_cli.stores import open_store
 
 
 # =================================================================================================
@@ -69,7 +72,6 @@ class StoreFeatures(FeatureSource):
     """
 
     def __init__(self, path: str | Path, memory_budget: int | None = None, threads: int = 4) -> None:
-        from vitup_cli.stores import open_store
 
         self.store = open_store(path)
         self._pool = ThreadPoolExecutor(max(1, threads))  # rows of a batch decompress in parallel
@@ -128,13 +130,10 @@ class LiveFeatures(FeatureSource):
         return len(self.files)
 
     def _load(self, i: int) -> torch.Tensor:
-        from vitup_cli.data.images import load_image
-        from vitup_cli.features import fit_image
 
         return fit_image(load_image(self.files[i]), self.upsampler.input_size, "crop", resample="bilinear")[0]
 
     def read(self, indices: Sequence[int], flip: Sequence[bool] | None = None) -> torch.Tensor:
-        from vitup_cli.features import dense_features
 
         x = torch.stack(list(self._pool.map(self._load, [int(i) for i in indices])))
         x = _mirror(x, flip)

@@ -23,10 +23,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from vitup_cli import __version__
-from vitup_cli.checkpoints import atomic_write_bytes, checkpoint_paths
+from vitup_cli._version import __version__
 from vitup_cli.data.images import list_images
 from vitup_cli.errors import VitupError
+from vitup_cli.fileio import atomic_write_bytes
+from vitup_cli.hub import init_from
+from vitup_cli.hub.format import checkpoint_paths
 from vitup_cli.progress import NullReporter, Reporter, default_reporter
 from vitup_cli.train.config import CommonConfig, check_common
 from vitup_cli.train.data import TRAIN_STREAM, VAL_STREAM, StepBatches, make_loader
@@ -278,8 +280,6 @@ def _train(
     run_dir = Path(cfg.out)
     reporter = (reporter or default_reporter()) if d.main else NullReporter()
     if getattr(cfg, "init_from", None) and not resume:  # on --resume the saved state replaces them anyway
-        from vitup_cli.checkpoints import init_from
-
         source = init_from(model, cfg.init_from, notify=reporter.message)
         reporter.message(f"--init-from: starting from the ViT-Up weights of {source}")
 

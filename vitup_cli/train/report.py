@@ -12,7 +12,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from vitup_cli.checkpoints import atomic_write_bytes
+from vitup_cli.fileio import atomic_write_bytes
 
 log = logging.getLogger("vitup.train")
 

@@ -18,8 +18,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from vitup_cli.checkpoints import atomic_write_bytes
 from vitup_cli.errors import VitupError
+from vitup_cli.fileio import atomic_write_bytes
 
 STATE_FORMAT = "vitup-train-state/1"
 STATE_NAME = "state.safetensors"

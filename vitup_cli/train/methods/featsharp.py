@@ -42,8 +42,8 @@ from PIL import Image
 from torch import nn
 
 from vitup_cli.backbones import load_backbone
-from vitup_cli.checkpoints import save_checkpoint
 from vitup_cli.errors import VitupError
+from vitup_cli.hub import save_checkpoint
 from vitup_cli.models.featsharp import FACTORS, FeatSharp, FeatSharpConfig, MomentAccumulator
 from vitup_cli.train.config import CommonConfig
 from vitup_cli.train.data import PositionDataset, make_loader

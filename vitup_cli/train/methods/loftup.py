@@ -37,7 +37,7 @@ import copy
 import hashlib
 import json
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -45,16 +45,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vitup_cli import __version__
 from vitup_cli.backbones import Backbone, load_backbone
 from vitup_cli.data.masks import MAX_MASKS, MaskedImages, open_masked_images
 from vitup_cli.errors import VitupError
+from vitup_cli.hub.loftup import read_run_checkpoint, save_run_checkpoint
 from vitup_cli.models.loftup import LoftUpConfig, LoftUpNet
 from vitup_cli.train.config import CommonConfig, check_common
 from vitup_cli.train.data import TRAIN_STREAM, PositionDataset
 from vitup_cli.train.methods.base import TrainMethod
-
-CHECKPOINT_FORMAT = "vitup-checkpoint/2"  # the format of every vitup checkpoint (checkpoints.FORMAT)
 
 
 @dataclass
@@ -493,102 +491,3 @@ class LoftUpMethod(TrainMethod):
                 "the released code uses all of them)"
             )
         return notes
-
-
-# -- run checkpoints (vitup format: NAME.safetensors + NAME.json) -------------------------------------
-def save_run_checkpoint(path: Path, net: LoftUpNet, backbone: Backbone, extra: dict[str, Any]) -> Path:
-    """LoftUp's weights in the published layout under ``loftup.`` (plus a random-init backbone's
-    weights under ``backbone.``), and a JSON that ``load_loftup`` rebuilds it from."""
-    import datetime as _dt
-
-    from safetensors.torch import save
-
-    from vitup_cli.checkpoints import atomic_write_bytes, checkpoint_paths
-
-    tensors = {f"loftup.{k}": v for k, v in net.state_dict().items()}
-    if backbone.random_init:
-        tensors.update({f"backbone.{k}": v for k, v in backbone.model.state_dict().items()})
-    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
-    blob = save(tensors, metadata={"format": CHECKPOINT_FORMAT})
-    weights_path, meta_path = checkpoint_paths(path)
-    meta = {
-        "format": CHECKPOINT_FORMAT,
-        "vitup_version": __version__,
-        "upsampler": "loftup",
-        "backbone": backbone.describe(),
-        "backbone_included": backbone.random_init,
-        "model": asdict(LoftUpConfig(n_freqs=net.config.n_freqs, lr_freqs=net.config.lr_freqs)),
-        "weights_sha256": hashlib.sha256(blob).hexdigest(),
-        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        **extra,
-    }
-    atomic_write_bytes(weights_path, blob)
-    atomic_write_bytes(meta_path, (json.dumps(meta, indent=2, sort_keys=True) + "\n").encode())
-    return weights_path
-
-
-def is_run_checkpoint(path: str | Path) -> bool:
-    """Does ``path`` name a LoftUp checkpoint written by ``vitup train --method loftup``?"""
-    from vitup_cli.checkpoints import checkpoint_paths
-
-    weights_path, meta_path = checkpoint_paths(path)
-    if not (weights_path.is_file() and meta_path.is_file()):
-        return False
-    try:
-        return json.loads(meta_path.read_text()).get("upsampler") == "loftup"
-    except (OSError, json.JSONDecodeError):
-        return False
-
-
-def read_run_checkpoint(path: str | Path, backbone: Backbone | None = None) -> dict[str, torch.Tensor]:
-    """The published-layout state dict of a LoftUp run checkpoint (checked against ``backbone``)."""
-    from safetensors.torch import load_file
-
-    from vitup_cli.checkpoints import checkpoint_paths, read_checkpoint_meta
-
-    if not is_run_checkpoint(path):
-        raise VitupError(
-            f"--init {path}: not a LoftUp checkpoint of `vitup train --method loftup` (NAME.safetensors + NAME.json)"
-        )
-    meta = read_checkpoint_meta(path)
-    tensors = load_file(str(checkpoint_paths(path)[0]))
-    if backbone is not None:
-        rec = meta["backbone"]
-        have = backbone.describe()
-        diffs = [k for k in ("timm_name", "embed_dim", "patch_size", "weights_id") if rec.get(k) != have[k]]
-        if diffs:
-            raise VitupError(
-                f"--init {path} was trained on another backbone ({', '.join(f'{k} {rec.get(k)!r}' for k in diffs)}); "
-                f"use --backbone {rec['name']} with the same weights"
-            )
-    return {k[len("loftup.") :]: v for k, v in tensors.items() if k.startswith("loftup.")}
-
-
-def open_run_checkpoint(
-    path: str | Path, weights: str | Path | None = None, pretrained: str = "hub"
-) -> tuple[Backbone, dict[str, torch.Tensor], dict[str, Any]]:
-    """A LoftUp run checkpoint -> its backbone (rebuilt), its state dict and its JSON."""
-    from safetensors.torch import load_file
-
-    from vitup_cli.checkpoints import checkpoint_paths, read_checkpoint_meta
-
-    meta = read_checkpoint_meta(path)
-    rec = meta["backbone"]
-    if meta.get("backbone_included"):
-        backbone = load_backbone(rec["name"], pretrained="none", overrides=rec.get("overrides"))
-        tensors = load_file(str(checkpoint_paths(path)[0]))
-        backbone.model.load_state_dict(
-            {k[len("backbone.") :]: v for k, v in tensors.items() if k.startswith("backbone.")}
-        )
-    else:
-        wid = rec["weights_id"]
-        if wid.startswith("file:") and weights is None:
-            raise VitupError(
-                f"checkpoint {path} was trained on backbone weights from a file ({wid}): pass --weights PATH"
-            )
-        tag = wid.rsplit(".", 1)[-1] if wid.startswith("timm/") else "hub"
-        backbone = load_backbone(
-            rec["name"], weights=weights, pretrained=pretrained if (weights or pretrained != "hub") else tag,
-            overrides=rec.get("overrides"),
-        )  # fmt: skip
-    return backbone, read_run_checkpoint(path, backbone), meta

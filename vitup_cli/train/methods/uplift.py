@@ -30,7 +30,8 @@ from torch import nn
 
 from vitup_cli.backbones import Backbone, load_backbone
 from vitup_cli.errors import VitupError
-from vitup_cli.models.uplift import UPLiFT, UPLiFTNet, save_uplift_checkpoint
+from vitup_cli.hub.uplift import save_uplift_checkpoint
+from vitup_cli.models.uplift import UPLiFT, UPLiFTNet
 from vitup_cli.train.config import CommonConfig
 from vitup_cli.train.data import PositionDataset
 from vitup_cli.train.methods.base import TrainMethod

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vitup_cli.backbones import Backbone, default_taps, load_backbone
-from vitup_cli.checkpoints import save_checkpoint
+from vitup_cli.hub import save_checkpoint
 from vitup_cli.models import ViTUp, ViTUpConfig
 from vitup_cli.models.vitup import parameter_summary
 from vitup_cli.train.config import Sizes, TrainConfig, resolve

@@ -14,11 +14,15 @@ from __future__ import annotations
 import re
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
 
 import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file
 
+from vitup_cli.backbones import Backbone, default_taps, load_backbone
 from vitup_cli.errors import VitupError
+from vitup_cli.hub.releases import RELEASES, Release, releases_for
+from vitup_cli.models.vitup import ViTUp, ViTUpConfig
 
 #: upsampler keys: reference name (after ``vit_up_blocks.N.`` or ``decoder_mlp.N.``) -> vitup name
 _BLOCK_NAMES: dict[str, str] = {
@@ -105,8 +109,6 @@ def is_official_layout(keys: list[str] | set[str]) -> bool:
 
 
 def safetensors_keys(path: Path) -> list[str]:
-    from safetensors import SafetensorError, safe_open
-
     try:
         with safe_open(str(path), framework="pt") as fh:
             return list(fh.keys())
@@ -114,7 +116,7 @@ def safetensors_keys(path: Path) -> list[str]:
         raise VitupError(f"{path}: unreadable safetensors file ({exc})") from None
 
 
-def _targets(model: Any) -> dict[str, torch.Tensor]:
+def _targets(model: ViTUp) -> dict[str, torch.Tensor]:
     """Every vitup tensor a released file must fill: upsampler parameters, the Fourier bands, LoRA."""
     out = {name: p for name, p in model.upsampler_parameters()}
     out["fourier_freqs"] = model.fourier_freqs
@@ -122,7 +124,7 @@ def _targets(model: Any) -> dict[str, torch.Tensor]:
     return out
 
 
-def load_official_state(model: Any, tensors: dict[str, torch.Tensor], label: str) -> None:
+def load_official_state(model: ViTUp, tensors: dict[str, torch.Tensor], label: str) -> None:
     """Copy a released state dict into ``model`` (a ViT-Up with LoRA): every key used, none missing."""
     targets = _targets(model)
     used: set[str] = set()
@@ -151,7 +153,7 @@ def load_official_state(model: Any, tensors: dict[str, torch.Tensor], label: str
             target.copy_(value.to(target.dtype))
 
 
-def _official_names(model: Any) -> dict[str, str]:
+def _official_names(model: ViTUp) -> dict[str, str]:
     """vitup name -> official key, for messages about missing tensors."""
     out: dict[str, str] = {"fourier_freqs": "rel_pos_enc.freqs"}
     for i in range(len(model.blocks)):
@@ -189,18 +191,18 @@ def _infer_shape(tensors: dict[str, torch.Tensor]) -> tuple[int, int, int]:
 def load_official(
     path: str | Path,
     *,
-    release: Any = None,
-    backbone: Any = None,
-    config: Any = None,
+    release: Release | None = None,
+    backbone: Backbone | None = None,
+    config: ViTUpConfig | None = None,
     weights: str | Path | None = None,
     pretrained: str = "hub",
     map_location: str | torch.device = "cpu",
     label: str | None = None,
-) -> Any:
+) -> ViTUp:
     """A ViT-Up from a released ``.safetensors`` file (the reference's key layout).
 
     Args:
-        release: the ``weights.Release`` the file is (implies its backbone); inferred from the width
+        release: the ``hub.releases.Release`` the file is (implies its backbone); inferred from the width
             (384: dinov3_s+, 768: dinov3_b) when ``None``.
         backbone: use this backbone (without LoRA; its taps must be the model's) instead of building
             the release's; for tests and shrunk models.
@@ -208,12 +210,6 @@ def load_official(
         weights, pretrained: where the base backbone weights come from (see ``load_backbone``); by
             default the hub tag the release was trained on.
     """
-    from safetensors.torch import load_file
-
-    from vitup_cli.backbones import default_taps, load_backbone
-    from vitup_cli.models import ViTUp, ViTUpConfig
-    from vitup_cli.weights import RELEASES, releases_for
-
     p = Path(path)
     label = label or str(p)
     try:
@@ -244,7 +240,7 @@ def load_official(
     return model.to(map_location)
 
 
-def official_state(model: Any) -> dict[str, torch.Tensor]:
+def official_state(model: ViTUp) -> dict[str, torch.Tensor]:
     """``model``'s upsampler and LoRA tensors under the official release's key names (the inverse of
     ``load_official_state``), e.g. to hand a vitup-trained ViT-Up to the reference's loader."""
     names = _official_names(model)

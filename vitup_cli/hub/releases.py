@@ -12,6 +12,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from huggingface_hub import hf_hub_download, try_to_load_from_cache
+
+from vitup_cli.backbones import ALIASES, _hub_offline
 from vitup_cli.errors import VitupError
 
 
@@ -104,7 +107,7 @@ RELEASES: dict[str, Release] = {
 }
 
 #: The release used when a command gets neither ``--checkpoint`` nor ``--upsampler``.
-DEFAULT_RELEASE: dict[str, str] = {"dinov3_s+": "vit-up:dinov3_splus", "dinov3_b": "vit-up:dinov3_b"}
+DEFAULT_RELEASE: dict[str, str] = {r.backbone: r.name for r in RELEASES.values() if r.method == "vitup"}
 
 _printed_licences: set[str] = set()
 
@@ -150,10 +153,6 @@ def _offline_message(label: str, repo_id: str, filename: str) -> str:
 
 def hub_file(repo_id: str, filename: str, label: str | None = None) -> Path:
     """A file of a Hugging Face repo: the cache first, the hub only when it is reachable."""
-    from huggingface_hub import hf_hub_download, try_to_load_from_cache
-
-    from vitup_cli.backbones import _hub_offline
-
     label = label or f"hf:{repo_id}/{filename}"
     cached = try_to_load_from_cache(repo_id, filename)
     if isinstance(cached, str):
@@ -198,3 +197,12 @@ def licence_notice(release: Release) -> str | None:
 def releases_for(method: str | None = None) -> list[Release]:
     """The known releases, optionally of one method, in table order."""
     return [r for r in RELEASES.values() if method is None or r.method == method]
+
+
+def release_for_backbone(method: str, backbone: str) -> Release | None:
+    """The first published release of ``method`` trained on ``backbone`` (aliases understood), if any."""
+    key = ALIASES.get(backbone, backbone)
+    for release in releases_for(method):
+        if ALIASES.get(release.backbone, release.backbone) == key:
+            return release
+    return None
