@@ -102,7 +102,6 @@ def _child(args: argparse.Namespace, res: int) -> dict:
     import torch
 
     from vitup_cli.backbones import parse_overrides
-    from vitup_cli.hub import open_upsampler
     from vitup_cli.distributed import Dist
     from vitup_cli.extract import (
         _SHARD_BYTES,
@@ -114,6 +113,7 @@ def _child(args: argparse.Namespace, res: int) -> dict:
         fill_colour,
         run_extract,
     )
+    from vitup_cli.hub import open_upsampler
 
     torch.set_num_threads(args.threads)
     device = _device(args.device, Dist())

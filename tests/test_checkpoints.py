@@ -6,8 +6,8 @@ from conftest import tiny_vitup
 from test_backbones import _Payload
 from test_vitup import _randomise
 
-from vitup_cli.hub import load_checkpoint, open_upsampler, read_checkpoint_meta, save_checkpoint
 from vitup_cli.errors import VitupError
+from vitup_cli.hub import load_checkpoint, open_upsampler, read_checkpoint_meta, save_checkpoint
 
 
 @pytest.fixture

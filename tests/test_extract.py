@@ -15,7 +15,6 @@ from PIL import Image
 from test_vitup import _randomise
 from typer.testing import CliRunner
 
-from vitup_cli.hub import open_upsampler, save_checkpoint
 from vitup_cli.cli import app
 from vitup_cli.data.images import load_image
 from vitup_cli.errors import VitupError
@@ -29,6 +28,7 @@ from vitup_cli.extract import (
     parse_res,
     run_extract,
 )
+from vitup_cli.hub import open_upsampler, save_checkpoint
 from vitup_cli.models import grid_xy
 from vitup_cli.stores import open_store, store_status
 

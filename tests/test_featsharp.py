@@ -9,9 +9,9 @@ from conftest import tiny_backbone
 from PIL import Image
 from typer.testing import CliRunner
 
-from vitup_cli.hub import load_checkpoint, open_upsampler, read_checkpoint_meta, save_checkpoint
 from vitup_cli.cli import app
 from vitup_cli.errors import VitupError
+from vitup_cli.hub import load_checkpoint, open_upsampler, read_checkpoint_meta, save_checkpoint
 from vitup_cli.models import FeatSharp, FeatSharpConfig, build_upsampler, sample_map
 from vitup_cli.models.featsharp import (
     FeatSharpHead,

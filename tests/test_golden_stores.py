@@ -61,10 +61,10 @@ def _images(folder: Path, side: int) -> Path:
 def _case_args(case: str, root: Path) -> tuple[list[str], int]:
     """The extract flags of ``case`` (its trained weights written under ``root``) and its input side."""
     from vitup_cli.hub import save_checkpoint
+    from vitup_cli.hub.uplift import save_uplift_checkpoint
     from vitup_cli.models import UPLiFT
     from vitup_cli.models.featsharp import FeatSharp, FeatSharpConfig
     from vitup_cli.models.loftup import LoftUpNet
-    from vitup_cli.hub.uplift import save_uplift_checkpoint
 
     if case == "bilinear":
         return [*BACKBONE, "--upsampler", "bilinear", "--input-size", "64"], 64

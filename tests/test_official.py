@@ -10,10 +10,10 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from vitup_cli.backbones import load_backbone
-from vitup_cli.hub import open_vitup
 from vitup_cli.errors import VitupError
-from vitup_cli.models import ViTUpConfig
+from vitup_cli.hub import open_vitup
 from vitup_cli.hub.official import load_official
+from vitup_cli.models import ViTUpConfig
 
 FIXTURE = Path(__file__).parent / "data" / "vitup_ref" / "vitup_ref.safetensors"
 KEYS = Path("/work/shared/reference/vit_up_official_keys_splus.txt")

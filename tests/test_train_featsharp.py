@@ -22,9 +22,9 @@ from PIL import Image
 from test_train import TINY_ARGS, _textures
 from typer.testing import CliRunner
 
-from vitup_cli.hub import open_upsampler
 from vitup_cli.cli import app
 from vitup_cli.errors import VitupError
+from vitup_cli.hub import open_upsampler
 from vitup_cli.models import FeatSharp
 from vitup_cli.train import build_config, resume_config
 from vitup_cli.train import loop as train_loop

@@ -9,9 +9,9 @@ from _train_helpers import _losses
 from test_masks import make_sa1b
 from typer.testing import CliRunner
 
-from vitup_cli.hub import open_upsampler
 from vitup_cli.cli import app
 from vitup_cli.errors import VitupError
+from vitup_cli.hub import open_upsampler
 from vitup_cli.train import build_config, resume_config
 from vitup_cli.train import loop as train_loop
 from vitup_cli.train.methods.loftup import (

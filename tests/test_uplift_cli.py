@@ -14,11 +14,11 @@ from probe_fixtures import make_folder
 from safetensors.torch import save_file
 from typer.testing import CliRunner
 
-from vitup_cli.hub import load_trained, save_checkpoint
 from vitup_cli.cli import app
 from vitup_cli.errors import VitupError
-from vitup_cli.models import UPLiFT
+from vitup_cli.hub import load_trained, save_checkpoint
 from vitup_cli.hub.uplift import save_uplift_checkpoint
+from vitup_cli.models import UPLiFT
 from vitup_cli.models.uplift import UPLiFTNet
 
 runner = CliRunner()
