@@ -192,7 +192,7 @@ def test_no_flags_means_the_published_vitup_of_the_backbone(offline_cache, photo
 def test_release_from_the_hf_cache_runs_and_is_recorded(offline_cache, photo, tmp_path):
     """A file with the official S+ keys in the Hugging Face cache layout: `--checkpoint vit-up:dinov3_splus`
     finds it offline. Its base backbone weights are not cached here, so the backbone is random-init."""
-    from vitup_cli import weights
+    from vitup_cli.hub import releases as weights
     from vitup_cli.stores import open_store
 
     path, _ = _zero_splus(tmp_path)

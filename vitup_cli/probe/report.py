@@ -14,7 +14,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from vitup_cli._version import __version__
-from vitup_cli.fileio import atomic_write_bytes
+from vitup_cli.fileio import atomic_write_bytes, jsonable
 
 if TYPE_CHECKING:
     from rich.table import Table
@@ -210,23 +210,6 @@ def results_table(report: ProbeReport, per_class: bool = True) -> Table:
 
 def write_json(report: ProbeReport, path: Path) -> Path:
 
-    data = _clean(report.to_json())
+    data = jsonable(report.to_json())
     atomic_write_bytes(path, (json.dumps(data, indent=2, allow_nan=False) + "\n").encode())
     return path
-
-
-def _clean(value: Any) -> Any:
-    """JSON-safe: NaN -> None, numpy scalars and arrays -> Python, paths -> str."""
-    if isinstance(value, dict):
-        return {str(k): _clean(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_clean(v) for v in value]
-    if isinstance(value, np.ndarray):
-        return _clean(value.tolist())
-    if isinstance(value, np.generic):
-        return _clean(value.item())
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, Path):
-        return str(value)
-    return value

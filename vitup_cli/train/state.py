@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from vitup_cli.errors import VitupError
-from vitup_cli.fileio import atomic_write_bytes
+from vitup_cli.fileio import atomic_write_bytes, jsonable
 
 STATE_FORMAT = "vitup-train-state/1"
 STATE_NAME = "state.safetensors"
@@ -74,16 +74,6 @@ def set_torch_rng_state(state: torch.Tensor, device: torch.device) -> None:
         torch.cuda.set_rng_state(state[offset + lengths[0] :].clone(), device)
 
 
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, torch.Tensor):
-        return value.item()
-    return value
-
-
 def save_state(
     path: Path,
     *,
@@ -108,9 +98,9 @@ def save_state(
     meta = {
         "format": STATE_FORMAT,
         "run": run.__dict__,
-        "param_groups": _jsonable(opt["param_groups"]),
+        "param_groups": jsonable(opt["param_groups"]),
         "scalar_slots": sorted({f"{i}/{k}" for i, s in opt["state"].items() for k, v in s.items() if not v.ndim}),
-        "scheduler": _jsonable(scheduler.state_dict()),
+        "scheduler": jsonable(scheduler.state_dict()),
         "host_rng": _host_rng(),
         "config": config,
     }

@@ -6,29 +6,21 @@ gradient accumulation, clipping, the NaN stop, metrics and progress, checkpoints
 ``last``/``best``/``step-N``, the resumable state and exact resume. A method owns its model, what one
 sample is, how a batch becomes a loss, which parameters train, and what goes into its checkpoints.
 
-Adding a method ``foo``:
+Adding a method ``foo`` (nothing else in vitup changes):
 
-1. Write ``vitup_cli/train/methods/foo.py`` with
-   - a configuration dataclass subclassing ``CommonConfig`` (``vitup_cli.train.config``): set
-     ``method: str = "foo"``, add the method's own settings with the paper's values as defaults, and
-     redeclare the shared fields whose paper defaults differ (``steps``, ``batch_size``, ``lr``,
-     ``schedule``, ``warmup``, ``grad_clip``, ...). Annotations drive parsing (``int``, ``float``,
-     ``str``, ``bool``, ``list[int]``), so YAML/TOML files and ``--resume`` work with no extra code.
-   - a ``TrainMethod`` subclass with ``name = "foo"`` and ``config_class`` set, implementing the
-     abstract methods below: ``build`` (validate the config, build ``self.model`` from ``cfg.seed``),
-     ``trainable_parameters``, ``dataset``, ``loss`` (teacher targets included; the loop calls it once
-     per micro-batch and passes the ``autocast`` context to put around the forward), ``term_keys``
-     and ``save_checkpoint``. Override ``set_train_mode``, ``student``, ``keep_in_state``, ``describe`` or
-     ``notes`` when the defaults do not fit.
-2. Register it in ``METHODS`` (``vitup_cli/train/methods/__init__.py``), and the loader of the
-   checkpoints it writes in ``vitup_cli.checkpoints._register_loaders`` (``CHECKPOINT_LOADERS`` by the
-   JSON's ``upsampler`` name; ``PUBLISHED_LOADERS`` by a release's method for official weights), so
-   ``--checkpoint`` works in extract, probe and visualize. ``methods/uplift.py`` is a complete small
-   example (its model, checkpoint writer and loaders live in ``vitup_cli/models/uplift.py``).
-3. Add its flags to ``vitup train`` in ``cli.py`` (only flags the user gives are passed, so each
-   method's own defaults apply; a flag another method does not know is refused in one line).
-4. Test: a few steps lower the loss, kill/resume equals an uninterrupted run, 2 gloo processes equal
-   one (``tests/test_train.py`` has helpers).
+1. ``vitup_cli/models/foo.py``: the ``Upsampler`` subclass (``query``; ``features``/``bands`` where it has a
+   faster dense path), its configuration dataclass with the paper's defaults, and one
+   ``register_upsampler(UpsamplerSpec(...))`` with its capabilities and reference preprocessing; import it in
+   ``vitup_cli/models/__init__.py`` (the import order is the listing order). ``extract``, ``probe``,
+   ``visualize``, ``vitup_cli.load`` and vitup checkpoints (``hub.save_checkpoint``) then work.
+2. If it trains: ``vitup_cli/train/methods/foo.py`` with a ``CommonConfig`` subclass (``method = "foo"``, its
+   own settings, redeclared shared defaults; annotations drive YAML/TOML/flag parsing) and a ``TrainMethod``
+   subclass implementing the abstract methods below (``save_checkpoint`` writes through ``vitup_cli.hub``);
+   add it to ``METHODS`` in ``train/methods/__init__.py``. Its config's fields become ``vitup train`` flags.
+3. If it has published weights: rows in ``vitup_cli/hub/releases.py`` (data), and a ``vitup_cli/hub/foo.py``
+   (imported in ``hub/__init__.py``) calling ``register_readers``, only when its files use a foreign key layout.
+4. Tests (a few steps lower the loss, kill/resume equals an uninterrupted run, 2 gloo processes equal one:
+   ``tests/_train_helpers.py``) and a README row.
 
 Rules the loop relies on: every random choice of a sample comes from the ``rng`` of its position
 (``PositionDataset``), so data never depends on workers, processes or where a run resumed; loss terms
