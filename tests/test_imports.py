@@ -120,9 +120,7 @@ ALLOWED = {
 @pytest.mark.parametrize("layer", sorted(ALLOWED))
 def test_layers_import_only_downwards(layer):
     wrong = {
-        m: sorted(n for n in deps if _layer(n) not in ALLOWED[layer])
-        for m, deps in GRAPH.items()
-        if _layer(m) == layer
+        m: sorted(n for n in deps if _layer(n) not in ALLOWED[layer]) for m, deps in GRAPH.items() if _layer(m) == layer
     }
     assert {m: d for m, d in wrong.items() if d} == {}
 

@@ -161,4 +161,3 @@ def test_load_rebuilds_it_from_its_checkpoint(toy):
     x = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         torch.testing.assert_close(loaded.features(x, 8), model.features(x, 8))
-
