@@ -49,6 +49,7 @@ import json
 import math
 import os
 import shutil
+import threading
 import warnings
 import zlib
 from abc import ABC, abstractmethod
@@ -762,6 +763,7 @@ def create_writer(
     *,
     storage_options: dict[str, Any] | None = None,
     compression: str = "zstd",
+    threads: int | None = None,
 ) -> StoreWriter:
     """Create a new store at its final size (``path`` must not exist: remove it first to overwrite).
 
@@ -771,6 +773,8 @@ def create_writer(
         pca: ``(components (K, Cb), mean (Cb,))`` when features are stored projected.
         storage_options: for a Zarr store at an fsspec URL.
         compression: the Zarr features' Blosc codec, ``zstd``, ``lz4`` or ``none`` (HDF5 keeps gzip).
+        threads: compression threads (default: the cores available, at most 8); 0 lets zarr's own codec
+            pipeline write Zarr features (vitup 0.2's writer).
     """
     p = store_path(path)
     if store_exists(p, storage_options):
@@ -781,12 +785,16 @@ def create_writer(
         raise ValueError("pass a projection exactly when the layout has pca components")
     full = _common_attrs(layout, dict(attrs or {}))
     if store_format(p) == "zarr":
-        return _ZarrWriter.create(p, layout, list(paths), full, pca, storage_options, compression)
-    return _H5Writer.create(Path(p), layout, list(paths), full, pca)
+        return _ZarrWriter.create(p, layout, list(paths), full, pca, storage_options, compression, threads)
+    return _H5Writer.create(Path(p), layout, list(paths), full, pca, threads)
 
 
 def open_writer(
-    path: str | Path, *, recover: bool = False, storage_options: dict[str, Any] | None = None
+    path: str | Path,
+    *,
+    recover: bool = False,
+    storage_options: dict[str, Any] | None = None,
+    threads: int | None = None,
 ) -> StoreWriter:
     """Reopen an existing store (or an unfinished HDF5 one) to continue writing it.
 
@@ -794,7 +802,8 @@ def open_writer(
     other process is writing this store (``vitup extract`` does it on rank 0 before any rank starts).
     """
     p = store_path(path)
-    writer = _ZarrWriter.open(p, storage_options) if store_format(p) == "zarr" else _H5Writer.open(Path(p))
+    zarr_store = store_format(p) == "zarr"
+    writer = _ZarrWriter.open(p, storage_options, threads) if zarr_store else _H5Writer.open(Path(p), threads)
     if recover:
         writer.recover()
     return writer
@@ -838,17 +847,119 @@ def _compressors(name: str) -> Any:
     return BloscCodec(cname=name, clevel=1, shuffle="shuffle")
 
 
+def default_writer_threads() -> int:
+    """Compression threads for a store writer: the cores this process may use, at most 8."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    return max(1, min(8, cores))
+
+
+class ShardEncoder:
+    """Encodes whole shards of a sharded Zarr v3 array the way zarr's codec pipeline would (inner chunks
+    through ``bytes`` and an optional Blosc codec, the index through ``bytes`` + ``crc32c`` at the end), with
+    the inner chunks compressed by a pool of threads: Blosc releases the GIL, so ``threads`` chunks compress
+    at once. zarr itself compresses concurrently too, but its per-chunk bookkeeping (the empty-chunk scan,
+    merging each chunk into a fresh buffer) runs on its one event-loop thread and keeps a 2-core box at
+    about 0.6 cores (``benchmarks/writer_throughput.py``). Inner chunks go in C order; readers use the index.
+    """
+
+    def __init__(self, array: Any, threads: int) -> None:
+        from numcodecs import Blosc
+        from zarr.codecs import BloscCodec, BytesCodec, Crc32cCodec, ShardingCodec
+
+        (sharding,) = array.metadata.codecs
+        if not isinstance(sharding, ShardingCodec) or sharding.index_location.value != "end":
+            raise ValueError("not a sharded array with its index at the end")
+        inner = list(sharding.codecs)
+        if not isinstance(inner[0], BytesCodec) or [type(c) for c in sharding.index_codecs] != [
+            BytesCodec,
+            Crc32cCodec,
+        ]:
+            raise ValueError("unknown codecs")
+        self.dtype = np.dtype(array.dtype).newbyteorder("<")
+        self.blosc = None
+        if len(inner) == 2 and isinstance(inner[1], BloscCodec):
+            b = inner[1]
+            shuffle = {"noshuffle": Blosc.NOSHUFFLE, "shuffle": Blosc.SHUFFLE, "bitshuffle": Blosc.BITSHUFFLE}
+            self.blosc = Blosc(
+                cname=b.cname.value, clevel=b.clevel, shuffle=shuffle[b.shuffle.value], blocksize=b.blocksize,
+                typesize=b.typesize,
+            )  # fmt: skip
+        elif len(inner) != 1:
+            raise ValueError("unknown codecs")
+        self.chunk = tuple(sharding.chunk_shape)
+        self.shard = tuple(array.metadata.chunk_grid.chunk_shape)
+        self.shape = tuple(array.shape)
+        self.fill = array.metadata.fill_value
+        self.per_shard = tuple(s // c for s, c in zip(self.shard, self.chunk, strict=True))
+        self._pool = ThreadPoolExecutor(max(1, threads), thread_name_prefix="vitup-compress")
+
+    def _compress(self, block: np.ndarray) -> bytes:
+        raw = np.ascontiguousarray(block, dtype=self.dtype)
+        return raw.tobytes() if self.blosc is None else bytes(self.blosc.encode(raw))
+
+    def encode(self, data: np.ndarray, shard: int) -> bytes:
+        """The bytes of shard ``shard`` (along the first axis; the array is one shard wide in every other
+        axis) holding ``data``: its rows of the array, ``(n, *shape[1:])``. Chunks outside the array are
+        left empty; edge chunks are padded with the fill value, as zarr does."""
+        import google_crc32c
+
+        start = shard * self.shard[0]
+        jobs: list[tuple[tuple[int, ...], np.ndarray]] = []
+        for coords in np.ndindex(*self.per_shard):
+            lo = [k * c for k, c in zip(coords, self.chunk, strict=True)]
+            if start + lo[0] >= self.shape[0]:
+                continue  # beyond the array's last row: zarr writes no chunk there
+            block = data[tuple(slice(a, a + c) for a, c in zip(lo, self.chunk, strict=True))]
+            if block.shape != self.chunk:
+                padded = np.full(self.chunk, self.fill, dtype=self.dtype)
+                padded[tuple(slice(0, n) for n in block.shape)] = block
+                block = padded
+            jobs.append((coords, block))
+        blobs = list(self._pool.map(self._compress, [b for _, b in jobs]))
+        index = np.full((*self.per_shard, 2), np.iinfo(np.uint64).max, dtype="<u8")
+        offset = 0
+        for (coords, _), blob in zip(jobs, blobs, strict=True):
+            index[coords] = (offset, len(blob))
+            offset += len(blob)
+        index_bytes = index.tobytes()
+        checksum = np.array([google_crc32c.value(index_bytes)], dtype="<u4").tobytes()
+        return b"".join([*blobs, index_bytes, checksum])
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
+
+
 # -- Zarr -----------------------------------------------------------------------------------------
 class _ZarrWriter(StoreWriter):
     format = "zarr"
 
-    def __init__(self, path: str | Path, layout: StoreLayout, attrs: dict[str, Any], group: Any, loc: Location) -> None:
+    def __init__(
+        self,
+        path: str | Path,
+        layout: StoreLayout,
+        attrs: dict[str, Any],
+        group: Any,
+        loc: Location,
+        threads: int | None = None,
+    ) -> None:
         super().__init__(path, layout, attrs)
         self._g = group
         self._loc = loc
         names = [*ARRAYS, *(["lowres"] if layout.lowres else []), *(["global"] if layout.global_dim else [])]
         # (by name: listing a bucket is slow and costly)
         self._arrays = {name: group[name] for name in names}  # lookups cost a metadata read
+        self.threads = default_writer_threads() if threads is None else int(threads)
+        # threads == 0: zarr's own codec pipeline for every array (what vitup 0.2 did; the benchmark's baseline)
+        self._encoders = {}
+        if self.threads > 0:
+            for name in ("features", "lowres"):
+                if name in self._arrays:
+                    with contextlib.suppress(ValueError):  # an unexpected layout keeps zarr's own path
+                        self._encoders[name] = ShardEncoder(self._arrays[name], self.threads)
+        self._small = threading.Lock()  # per-row arrays: several shards share one of their chunks
 
     @classmethod
     def create(
@@ -860,6 +971,7 @@ class _ZarrWriter(StoreWriter):
         pca: tuple[np.ndarray, np.ndarray] | None,
         storage_options: dict[str, Any] | None = None,
         compression: str = "zstd",
+        threads: int | None = None,
     ) -> _ZarrWriter:
         import zarr
 
@@ -913,10 +1025,12 @@ class _ZarrWriter(StoreWriter):
             group.create_array("pca_components", data=comps, chunks=comps.shape, dimension_names=dims["pca_components"])
             group.create_array("pca_mean", data=mean, chunks=mean.shape, dimension_names=dims["pca_mean"])
         group.attrs.update(attrs)  # last: a store without `format` was not fully created
-        return cls(path, layout, attrs, group, loc)
+        return cls(path, layout, attrs, group, loc, threads)
 
     @classmethod
-    def open(cls, path: str | Path, storage_options: dict[str, Any] | None = None) -> _ZarrWriter:
+    def open(
+        cls, path: str | Path, storage_options: dict[str, Any] | None = None, threads: int | None = None
+    ) -> _ZarrWriter:
         import zarr
 
         loc = Location(path, storage_options)
@@ -931,7 +1045,7 @@ class _ZarrWriter(StoreWriter):
                 f"{path}: not a complete vitup store (creation was interrupted, or another tool made it); "
                 "use --overwrite to start over"
             )
-        return cls(path, StoreLayout.from_json(attrs["layout"]), attrs, group, loc)
+        return cls(path, StoreLayout.from_json(attrs["layout"]), attrs, group, loc, threads)
 
     def recover(self) -> None:
         if self._loc.remote:  # an object is PUT whole or not at all: no temporary files
@@ -958,15 +1072,24 @@ class _ZarrWriter(StoreWriter):
         arrays = self._arrays
         for name in ("features", "lowres"):
             if name in rows:
+                key = f"{name}/c/{shard}/0/0/0"
                 # a shard left by an interrupted attempt is replaced, never merged into
-                self._loc.delete(f"{name}/c/{shard}/0/0/0")
-                arrays[name][start:stop] = rows[name]
-        if "global" in rows:
-            arrays["global"][start:stop] = rows["global"]
-        arrays["size"][start:stop] = rows["size"]
-        arrays["valid"][start:stop] = rows["valid"]
-        arrays["error"][start:stop] = rows["error"]
-        arrays["status"][start:stop] = rows["status"]  # last: the row is on disk
+                self._loc.delete(key)
+                if name in self._encoders:  # one atomic write of the whole shard, compressed in threads
+                    self._loc.write(key, self._encoders[name].encode(rows[name], shard))
+                else:
+                    arrays[name][start:stop] = rows[name]
+        with self._small:  # shards written at once by several threads share the chunks of these arrays
+            if "global" in rows:
+                arrays["global"][start:stop] = rows["global"]
+            arrays["size"][start:stop] = rows["size"]
+            arrays["valid"][start:stop] = rows["valid"]
+            arrays["error"][start:stop] = rows["error"]
+            arrays["status"][start:stop] = rows["status"]  # last: the row is on disk
+
+    def close(self) -> None:
+        for encoder in self._encoders.values():
+            encoder.close()
 
     def finalize(self, attrs: dict[str, Any] | None = None) -> str | Path:
         import zarr
@@ -1008,7 +1131,7 @@ class _H5Writer(StoreWriter):
     def __init__(self, path: Path, layout: StoreLayout, attrs: dict[str, Any], threads: int | None = None) -> None:
         super().__init__(path, layout, attrs)
         self._parts = parts_dir(path)
-        self._threads = threads or min(8, os.cpu_count() or 1)
+        self._threads = max(1, default_writer_threads() if threads is None else int(threads))
 
     @classmethod
     def create(
@@ -1018,6 +1141,7 @@ class _H5Writer(StoreWriter):
         paths: list[str],
         attrs: dict[str, Any],
         pca: tuple[np.ndarray, np.ndarray] | None,
+        threads: int | None = None,
     ) -> _H5Writer:
 
         parts = parts_dir(path)
@@ -1027,22 +1151,22 @@ class _H5Writer(StoreWriter):
             np.save(parts / "pca_mean.npy", np.asarray(pca[1], dtype=np.float32), allow_pickle=False)
         manifest = {"attrs": attrs, "paths": paths}
         atomic_write_bytes(parts / _MANIFEST, json.dumps(manifest).encode())  # last: marks a complete creation
-        return cls(path, layout, attrs)
+        return cls(path, layout, attrs, threads)
 
     @classmethod
-    def open(cls, path: Path) -> _H5Writer:
+    def open(cls, path: Path, threads: int | None = None) -> _H5Writer:
         parts = parts_dir(path)
         if path.exists():  # finished (a kill may have come between the final rename and the cleanup)
             with open_store(path) as store:
                 attrs = store.attrs
             if attrs.get("format") != STORE_FORMAT:
                 raise VitupError(f"{path}: not a vitup store; use --overwrite to replace it")
-            return cls(path, StoreLayout.from_json(attrs["layout"]), attrs)
+            return cls(path, StoreLayout.from_json(attrs["layout"]), attrs, threads)
         manifest = parts / _MANIFEST
         if not manifest.is_file():
             raise VitupError(f"{parts}: an HDF5 store whose creation was interrupted; use --overwrite to start over")
         attrs = json.loads(manifest.read_text())["attrs"]
-        return cls(path, StoreLayout.from_json(attrs["layout"]), attrs)
+        return cls(path, StoreLayout.from_json(attrs["layout"]), attrs, threads)
 
     def recover(self) -> None:
         if self.finished and self._parts.is_dir():  # a kill came between the final rename and the cleanup
