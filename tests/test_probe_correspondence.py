@@ -218,7 +218,7 @@ def test_stored_features_are_the_padded_square_resized(tmp_path):
     """The store row equals the upsampler run on the reference's padded canvas, resized to the input."""
     from vitup_cli.data.images import load_image
     from vitup_cli.extract import fit_image
-    from vitup_cli.probe.run import build_upsamplers
+    from vitup_cli.probe.upsamplers import build_upsamplers
     from vitup_cli.stores import open_store
 
     make_spair(tmp_path)
@@ -226,7 +226,7 @@ def test_stored_features_are_the_padded_square_resized(tmp_path):
     cfg = CorrespondenceConfig("spair", tmp_path, upsamplers=["bilinear"], categories=["bird"], cache=tmp_path / "c",
                                **small)  # fmt: skip
     report = run_correspondence(cfg, reporter=SilentReporter())
-    (upsampler, _), *_ = build_upsamplers(corr._probe_config(cfg, ["bilinear"]))
+    (upsampler, _), *_ = build_upsamplers(cfg, ["bilinear"])
     img = load_image(tmp_path / "SPair-71k" / "JPEGImages" / "bird" / "2009_000001.jpg")  # 80 x 112
     canvas = Image.new("RGB", (112, 112))
     canvas.paste(img, (16, 0))

@@ -31,7 +31,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import KW_ONLY, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +40,7 @@ import torch
 
 from vitup_cli import locks, stores
 from vitup_cli.backbones import sha256_file
+from vitup_cli.choice import ModelChoice
 from vitup_cli.data.images import ImageLoadError, list_images, load_image
 from vitup_cli.distributed import Dist
 from vitup_cli.errors import VitupError
@@ -134,7 +135,7 @@ def parse_res(text: str | int | Sequence[int]) -> tuple[int, int]:
 # configuration and results
 # =================================================================================================
 @dataclass
-class ExtractConfig:
+class ExtractConfig(ModelChoice):
     """Everything ``run_extract`` needs; the defaults are the command's.
 
     ``images``: a folder (recursive, sorted), ``@list.txt`` or one image. ``out``: ``*.zarr`` or
@@ -142,7 +143,9 @@ class ExtractConfig:
     takes as many images as fit in 256 MB of stored features (at most 8) for a new store, so memory does
     not grow with the output grid, and the store's own for ``resume``. ``workers``: DataLoader processes (None:
     half the CPUs, at most 8). ``pca``: store ``K`` principal components fitted on ``pca_images`` images.
-    ``lowres``: also store the backbone tokens. ``seed`` seeds the random init of ``pretrained='none'``.
+    ``lowres``: also store the backbone tokens. The model fields (``checkpoint``, ``backbone``, ``weights``,
+    ``pretrained``, ``backbone_args``, ``input_size``, ``device``, ``seed``) are
+    ``vitup_cli.choice.ModelChoice``'s, keyword-only; ``seed`` seeds the random init of ``pretrained='none'``.
 
     Where the data lives: ``out`` may be an fsspec URL (``s3://bucket/feats.zarr``) and ``images`` an
     ``@list.txt`` of URLs or tar shards (``shards/{000..099}.tar``); ``storage_options`` go to fsspec for
@@ -159,12 +162,7 @@ class ExtractConfig:
     out: str | Path
     res: tuple[int, int] = (224, 224)
     upsampler: str | None = None  # None: vitup (the checkpoint, else the backbone's published weights)
-    checkpoint: str | Path | None = None
-    backbone: str = "dinov3_s+"
-    weights: str | Path | None = None
-    pretrained: str = "hub"
-    backbone_args: dict[str, Any] = field(default_factory=dict)
-    input_size: int | None = None
+    _: KW_ONLY
     fit: str = "pad"
     resample: str | None = None  # PIL filter of the fit (--resize-filter); None: the method's reference filter
     tap: int | None = None
@@ -174,7 +172,6 @@ class ExtractConfig:
     lowres: bool = False
     batch_size: int | None = None
     workers: int | None = None
-    device: str = "auto"
     precision: str = "auto"  # auto: bf16 autocast on CUDA, fp32 elsewhere (features.resolve_precision)
     compile: bool = False  # torch.compile the heavy modules (features.compile_upsampler)
     chunk_queries: int | None = None
@@ -183,7 +180,6 @@ class ExtractConfig:
     resume: bool = False
     force: bool = False
     strict: bool = False
-    seed: int = 0
     command: str | None = None
     storage_options: dict[str, Any] = field(default_factory=dict)
     part: tuple[int, int] | None = None

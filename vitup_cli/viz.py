@@ -20,13 +20,14 @@ import io
 import math
 import os
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import InitVar, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from vitup_cli.choice import ModelChoice
 from vitup_cli.data.images import ImageLoadError, load_image, to_tensor
 from vitup_cli.errors import VitupError
 from vitup_cli.fileio import atomic_write_bytes
@@ -472,18 +473,23 @@ def _display_image(pil: Any) -> np.ndarray:
 
 
 # -- from a model -----------------------------------------------------------------------------------
-@dataclass
-class ModelOptions:
-    """Where the features come from: a checkpoint (ViT-Up and its backbone) or a backbone by name."""
+@dataclass(kw_only=True)
+class ModelOptions(ModelChoice):
+    """Where the features come from: a checkpoint (ViT-Up and its backbone) or a backbone by name
+    (``vitup_cli.choice.ModelChoice``). ``device``: ``cpu`` unless given (``vitup visualize`` resolves
+    ``auto`` itself). ``seed`` seeds a random-init backbone (``pretrained="none"``), so demo pictures are
+    reproducible. ``overrides``: ``backbone_args`` by its former name, taken by the constructor only (reading
+    ``model.overrides`` gives None: read ``backbone_args``).
+    """
 
-    checkpoint: Path | None = None
-    backbone: str = "dinov3_s+"
-    weights: Path | None = None
-    pretrained: str = "hub"
-    overrides: dict[str, Any] | None = None
-    input_size: int | None = None
     device: str = "cpu"
-    seed: int = 0  # seeds a random-init backbone (pretrained="none"), so demo pictures are reproducible
+    overrides: InitVar[dict[str, Any] | None] = None
+
+    def __post_init__(self, overrides: dict[str, Any] | None) -> None:
+        if overrides is not None:
+            if self.backbone_args:
+                raise TypeError("ModelOptions: give backbone_args or overrides, not both")
+            self.backbone_args = overrides
 
 
 def trained_method(checkpoint: Path | str | None) -> str | None:
@@ -535,7 +541,10 @@ def with_default_checkpoint(model: ModelOptions, compare: str | None, log: Log |
     if model.checkpoint is not None or not wants_vitup:
         return model
     release = default_checkpoint(
-        model.backbone, pretrained=model.pretrained, overrides=model.overrides, alternative="--compare bilinear,nearest"
+        model.backbone,
+        pretrained=model.pretrained,
+        overrides=model.backbone_args,
+        alternative="--compare bilinear,nearest",
     )
     if log is not None:
         log(f"no --checkpoint: ViT-Up with the published weights {release} for {model.backbone}")
@@ -570,14 +579,14 @@ def _open_primary(model: ModelOptions, device: torch.device, log: Log | None = N
     if model.checkpoint is not None:  # any trained method (a local LoftUp file takes --backbone)
         return open_upsampler(
             checkpoint=model.checkpoint, backbone=model.backbone, weights=model.weights, pretrained=model.pretrained,
-            overrides=model.overrides, input_size=model.input_size, device=device, notify=log,
+            overrides=model.backbone_args, input_size=model.input_size, device=device, notify=log,
         )  # fmt: skip
     return open_upsampler(
         LOWRES,
         backbone=model.backbone,
         weights=model.weights,
         pretrained=model.pretrained,
-        overrides=model.overrides,
+        overrides=model.backbone_args,
         input_size=model.input_size,
         device=device,
     )

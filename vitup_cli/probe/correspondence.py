@@ -26,7 +26,7 @@ import math
 import os
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import KW_ONLY, asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -34,6 +34,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from vitup_cli.choice import ModelChoice
 from vitup_cli.data.images import ImageLoadError, load_image
 from vitup_cli.errors import VitupError
 from vitup_cli.features import compile_upsampler, resolve_precision
@@ -49,8 +50,9 @@ from vitup_cli.probe.correspondence_report import (
 )
 from vitup_cli.probe.datasets import ProbeDataset
 from vitup_cli.probe.report import write_json
-from vitup_cli.probe.run import ProbeConfig, _reporter, _resolve_device, build_upsamplers, checkpoint_refs
 from vitup_cli.probe.spair import PAIR_READERS, KeypointPair, PairSet
+from vitup_cli.probe.upsamplers import build_upsamplers, checkpoint_refs, resolve_device
+from vitup_cli.progress import default_reporter
 from vitup_cli.stores import DONE, open_store
 
 if TYPE_CHECKING:
@@ -243,9 +245,11 @@ def pck_scores(
 # the run
 # =================================================================================================
 @dataclass
-class CorrespondenceConfig:
+class CorrespondenceConfig(ModelChoice):
     """Everything ``run_correspondence`` needs; the defaults are the ViT-Up reference protocol's.
 
+    The model fields (``checkpoint``, ``backbone``, ``weights``, ``pretrained``, ``backbone_args``,
+    ``input_size``, ``device``, ``seed``) are ``vitup_cli.choice.ModelChoice``'s, keyword-only.
     ``dataset``: ``spair`` or ``keypoints`` (your own ``pairs.json``). ``upsamplers``: names to compare
     (default ``lowres,bilinear`` and the upsampler of each checkpoint); the first is the reference column.
     ``checkpoint``: one reference or a list, one per trained method (as ``vitup probe``'s ``--checkpoint``).
@@ -258,12 +262,8 @@ class CorrespondenceConfig:
     categories: Sequence[str] | None = None
     limit: int | None = None
     upsamplers: Sequence[str] | None = None
-    checkpoint: str | Path | Sequence[str | Path] | None = None
-    backbone: str = "dinov3_s+"
-    weights: str | Path | None = None
-    pretrained: str = "hub"
-    backbone_args: dict[str, Any] = field(default_factory=dict)
-    input_size: int | None = None
+    _: KW_ONLY
+    checkpoint: str | Path | Sequence[str | Path] | None = None  # one per trained upsampler
     res: int = 448
     alphas: Sequence[float] = ALPHAS
     padding: str = "include"
@@ -273,11 +273,9 @@ class CorrespondenceConfig:
     cache: str | Path | None = None
     out: str | Path | None = None
     overwrite: bool = False
-    device: str = "auto"
     precision: str = "auto"  # auto: bf16 autocast on CUDA, fp32 elsewhere
     compile: bool = False  # torch.compile the heavy modules (features.compile_upsampler)
     workers: int | None = None
-    seed: int = 0
     visualize: int = 4
     sim_budget: int = _SIM_BUDGET
 
@@ -289,7 +287,7 @@ class CorrespondenceConfig:
 def _names(config: CorrespondenceConfig) -> list[str]:
     names = [n.strip() for n in (config.upsamplers or []) if n.strip()]
     if not names:
-        names = ["lowres", "bilinear", *checkpoint_refs(_probe_config(config, []))]
+        names = ["lowres", "bilinear", *checkpoint_refs(config.checkpoint)]
     return names
 
 
@@ -376,14 +374,6 @@ def _checkpoint_json(checkpoint: Any) -> str | list[str] | None:
     return [str(c) for c in checkpoint]
 
 
-def _probe_config(config: CorrespondenceConfig, names: list[str]) -> Any:
-    return ProbeConfig(
-        dataset=config.dataset, root=config.root, upsamplers=names, checkpoint=config.checkpoint,
-        backbone=config.backbone, weights=config.weights, pretrained=config.pretrained,
-        backbone_args=config.backbone_args, input_size=config.input_size, seed=config.seed,
-    )  # fmt: skip
-
-
 def match_category(
     pairs: Sequence[KeypointPair],
     store_path: Path,
@@ -462,13 +452,14 @@ def run_correspondence(config: CorrespondenceConfig, reporter: Any = None) -> Co
 
     started = time.perf_counter()
     _validate(config)
-    reporter = _reporter(reporter)
-    device = _resolve_device(config.device)
+    if reporter is None:
+        reporter = default_reporter()
+    device = resolve_device(config.device)
     pairset: PairSet = PAIR_READERS[config.dataset](
         config.root, split=config.split, categories=config.categories, limit=config.limit
     )
     names = _names(config)
-    upsamplers = build_upsamplers(_probe_config(config, names))
+    upsamplers = build_upsamplers(config, names)
     cache_dir = Path(config.cache).expanduser() if config.cache else default_cache_dir()
     cache_dir.mkdir(parents=True, exist_ok=True)
     workers = config.workers if config.workers is not None else min(8, os.cpu_count() or 1)
@@ -566,7 +557,7 @@ def _run_one(
     Returns the result (scores not filled in yet) and the predictions of every pair, category by category.
     """
 
-    refs = checkpoint_refs(_probe_config(config, []))
+    refs = checkpoint_refs(config.checkpoint)
 
     tap = upsampler.backbone.taps[-1]
     result = CorrespondenceResult(name, {}, {}, {}, {}, input_size=upsampler.input_size, channels=upsampler.dim)

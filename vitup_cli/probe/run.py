@@ -15,7 +15,8 @@
    (``heads/NAME.safetensors``) to ``out``, and returns a ``ProbeReport`` (``report.results_table`` renders it).
 
 With a ViT-Up checkpoint, training-free upsamplers (``bilinear``, ...) run on the same backbone with the
-LoRA adapters off: the original backbone, what the paper compares against.
+LoRA adapters off: the original backbone, what the paper compares against (``vitup_cli.probe.upsamplers``
+builds them, for this run and for ``correspondence``).
 """
 
 from __future__ import annotations
@@ -24,20 +25,18 @@ import json
 import os
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import KW_ONLY, dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from vitup_cli.backbones import load_backbone
+from vitup_cli.choice import ModelChoice
 from vitup_cli.data.images import ImageLoadError, load_image
 from vitup_cli.errors import VitupError
 from vitup_cli.features import compile_upsampler, fit_image, resolve_precision
 from vitup_cli.fileio import atomic_write_bytes
-from vitup_cli.hub import checkpoint_method, load_trained, open_upsampler
-from vitup_cli.models import CHECKPOINT_ONLY, UPSAMPLERS, Upsampler, spec_of
 from vitup_cli.probe import cache as _cache
 from vitup_cli.probe.datasets import DEFAULT_EPOCHS, DEPTH, DEPTH_EPOCHS, SEG, TASKS, ProbeDataset, open_splits
 from vitup_cli.probe.heads import SCHEDULES
@@ -51,6 +50,7 @@ from vitup_cli.probe.train import (
     evaluate,
     fit_head,
 )
+from vitup_cli.probe.upsamplers import build_upsamplers, checkpoint_refs, choose_names, resolve_device
 from vitup_cli.progress import default_reporter
 from vitup_cli.stores import DONE
 
@@ -58,9 +58,12 @@ SEG_LR, DEPTH_LR = 2e-3, 5e-3
 
 
 @dataclass
-class ProbeConfig:
+class ProbeConfig(ModelChoice):
     """Everything ``run_probe`` needs; the defaults are the protocol's (ViT-Up's runs).
 
+    The model fields (``checkpoint``, ``backbone``, ``weights``, ``pretrained``, ``backbone_args``,
+    ``input_size``, ``device``, ``seed``) are ``vitup_cli.choice.ModelChoice``'s, keyword-only; ``seed`` also
+    seeds the heads' training. ``checkpoint``: one reference or one per trained upsampler.
     ``upsamplers``: names to compare (default ``vitup`` with a checkpoint, else ``bilinear``); the first is
     the reference column. ``epochs``/``lr``: None takes the task's default (seg 20 epochs, COCO-Stuff 5,
     lr 2e-3; depth 5 epochs, lr 5e-3). ``crop``: label (and score) size. ``res``: stored feature grid.
@@ -72,11 +75,8 @@ class ProbeConfig:
     dataset: str
     root: str | Path
     upsamplers: Sequence[str] | None = None
+    _: KW_ONLY
     checkpoint: str | Path | Sequence[str | Path] | None = None  # one per trained upsampler
-    backbone: str = "dinov3_s+"
-    weights: str | Path | None = None
-    pretrained: str = "hub"
-    backbone_args: dict[str, Any] = field(default_factory=dict)
     task: str = SEG
     epochs: int | None = None
     lr: float | None = None
@@ -84,7 +84,6 @@ class ProbeConfig:
     weight_decay: float = 1e-5
     schedule: str = "cosine"
     flip: bool = True
-    input_size: int | None = None
     res: int = 224
     crop: int = 448
     dtype: str = "float16"
@@ -93,118 +92,23 @@ class ProbeConfig:
     out: str | Path | None = None
     overwrite: bool = False  # replace a report already in ``out``
     limit: int | None = None
-    device: str = "auto"
     precision: str = "auto"  # auto: bf16 autocast on CUDA, fp32 elsewhere
     compile: bool = False  # torch.compile the heavy modules (features.compile_upsampler)
     workers: int | None = None
-    seed: int = 0
     memory_budget: int | None = None
     depth_scale: float | None = None
     max_depth: float = 10.0
     visualize: int = 4
 
 
-class TeacherView(Upsampler):
-    """An upsampler over another method's LoRA-adapted backbone, run with the adapters off (the
-    original backbone, as a method without adapters sees it)."""
-
-    def __init__(self, inner: Upsampler) -> None:
-        super().__init__(inner.backbone, inner.input_size)
-        self.inner = inner
-        self.name = inner.name
-        self.native_resolution_only = inner.native_resolution_only
-
-    def tokens(self, images: torch.Tensor, tap: int | None = None) -> torch.Tensor:
-        with self.backbone.adapters_disabled():
-            return self.inner.tokens(images, tap)
-
-    def query(self, images: torch.Tensor, xy: torch.Tensor, tap: int | None = None) -> torch.Tensor:
-        with self.backbone.adapters_disabled():
-            return self.inner.query(images, xy, tap)
-
-    def features(self, images: torch.Tensor, size: Any, tap: int | None = None) -> torch.Tensor:
-        with self.backbone.adapters_disabled():
-            return self.inner.features(images, size, tap)
-
-    def bands(self, images: torch.Tensor, size: Any, tap: int | None = None, chunk: int | None = None):
-        with self.backbone.adapters_disabled():
-            yield from self.inner.bands(images, size, tap, chunk)
-
-    def check_tap(self, tap: int) -> None:
-        self.inner.check_tap(tap)
-
-    def trained_tensors(self) -> dict[str, torch.Tensor]:
-        return self.inner.trained_tensors()
-
-    def settings(self) -> dict[str, Any]:
-        return self.inner.settings()
-
-
 # =================================================================================================
 # helpers
 # =================================================================================================
-def _resolve_device(name: str) -> str:
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name != "cpu" and not name.startswith("cuda"):
-        raise VitupError(f"--device {name}: use auto, cpu or cuda")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise VitupError("--device cuda: no CUDA device is available here; use --device cpu")
-    return name
-
-
 def _default_budget() -> int:
     try:
         return int(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")) // 4
     except (ValueError, OSError, AttributeError):
         return 4 << 30
-
-
-def checkpoint_refs(config: ProbeConfig) -> dict[str, str]:
-    """The checkpoints of ``config`` by the upsampler each holds (``vitup``, ``uplift``), in order."""
-
-    given = config.checkpoint
-    if given is None:
-        return {}
-    refs = [given] if isinstance(given, (str, Path)) else list(given)
-    out: dict[str, str] = {}
-    for ref in (str(r) for r in refs):
-        name = checkpoint_method(ref)
-        if name in out:
-            raise VitupError(f"--checkpoint {ref}: a second {name} checkpoint (after {out[name]}); give one per method")
-        out[name] = ref
-    return out
-
-
-def _names(config: ProbeConfig) -> list[str]:
-    names = [n.strip() for n in (config.upsamplers or []) if n.strip()]
-    refs = checkpoint_refs(config)
-    if not names:
-        names = list(refs) if refs else ["bilinear"]
-    dupes = sorted({n for n in names if names.count(n) > 1})
-    if dupes:
-        raise VitupError(f"--upsampler lists {', '.join(dupes)} twice")
-    unknown = [n for n in names if n not in UPSAMPLERS]
-    if unknown:
-        raise VitupError(f"--upsampler {unknown[0]}: unknown; use one of {', '.join(UPSAMPLERS)}")
-    needing = [n for n in names if n in CHECKPOINT_ONLY and n not in refs]
-    if needing == ["uplift"]:
-        raise VitupError(
-            "--upsampler uplift needs --checkpoint uplift:dinov3_splus (published weights) or a "
-            "`vitup train --method uplift` checkpoint (--checkpoint may be given once per method)"
-        )
-    if needing and refs:
-        held = ", ".join(f"{ref} holds a {name} upsampler" for name, ref in refs.items())
-        raise VitupError(
-            f"--upsampler {needing[0]} needs its own --checkpoint ({held}; --checkpoint may be given once per method)"
-        )
-    if needing:
-        how = "`vitup train`" if needing[0] == "vitup" else f"`vitup train --method {needing[0]}`"
-        raise VitupError(
-            f"--upsampler {needing[0]} needs --checkpoint (train one with {how}; --checkpoint may be given once "
-            "per method)"
-        )
-    return names
 
 
 def _validate(config: ProbeConfig) -> None:
@@ -227,88 +131,6 @@ def _validate(config: ProbeConfig) -> None:
         raise VitupError(f"--lr {config.lr}: must be positive")
     if config.dtype not in ("float16", "float32"):
         raise VitupError(f"--dtype {config.dtype}: use float16 or float32")
-
-
-def _base_weights(backbone: Any) -> dict[str, torch.Tensor]:
-    """The backbone's own tensors, LoRA factors left out, peft's ``base_layer`` names unwrapped and ViT-Up's
-    split ``q_proj`` / ``k_proj`` / ``v_proj`` joined back into timm's ``qkv``."""
-    out = {k.replace(".base_layer", ""): v for k, v in backbone.model.state_dict().items() if ".lora_" not in k}
-    for key in [k for k in out if ".q_proj." in k]:
-        parts = [out.pop(key.replace(".q_proj.", f".{x}_proj.")) for x in "qkv"]
-        out[key.replace(".q_proj.", ".qkv.")] = torch.cat(parts)
-    return out
-
-
-def _same_backbone(a: Any, b: Any) -> bool:
-    """Same timm model, weights and overrides; random-init backbones (stored in their checkpoints, all with
-    the same weights id) by their tensors."""
-    keys = ("timm_name", "weights_id", "overrides")
-    if [a.describe()[k] for k in keys] != [b.describe()[k] for k in keys]:
-        return False
-    if not a.random_init:
-        return True
-    wa, wb = _base_weights(a), _base_weights(b)
-    return wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
-
-
-def build_upsamplers(config: ProbeConfig) -> list[tuple[Upsampler, bool]]:
-    """``(upsampler, teacher)`` per name: trained ones from their checkpoints; the others over the first
-    checkpoint's backbone with its adapters off (``teacher``), or over ``config.backbone`` without a
-    checkpoint (a trained method with published weights for that backbone takes them). Checkpoints side by
-    side must share backbone and input size."""
-    names = _names(config)
-    torch.manual_seed(config.seed)  # a random-init backbone (--pretrained none) is the same in every run
-    out: list[tuple[Upsampler, bool]] = []
-    refs = checkpoint_refs(config)
-    if refs:
-        trained = {
-            name: load_trained(
-                ref, weights=config.weights, pretrained=config.pretrained, backbone=config.backbone,
-                overrides=config.backbone_args, input_size=config.input_size,
-            ).eval()
-            for name, ref in refs.items()
-        }  # fmt: skip
-        first = next(iter(trained.values()))
-        for name, model in trained.items():
-            fixed = spec_of(name).capabilities.input_size_from_weights
-            if fixed and config.input_size not in (None, model.input_size):
-                raise VitupError(
-                    f"--input-size {config.input_size}: this {name} checkpoint was trained at {model.input_size}; "
-                    "drop the flag"
-                )
-            if not _same_backbone(model.backbone, first.backbone) or model.backbone_size != first.backbone_size:
-                raise VitupError(
-                    f"--checkpoint {refs[name]}: its backbone/input ({model.backbone.weights_id}, "
-                    f"{model.backbone_size} px) differs from {first.name}'s ({first.backbone.weights_id}, "
-                    f"{first.backbone_size} px); side-by-side probes need the same backbone and input size"
-                )
-        lora = first.backbone.lora is not None
-        for name in names:
-            if name in trained:
-                out.append((trained[name], False))
-                continue
-            # over the backbone at the resolution the trained methods run it (FeatSharp: its global view); a
-            # trained method without a checkpoint takes its published weights for that backbone
-            inner = open_upsampler(name, backbone=first.backbone, input_size=first.backbone_size)
-            wrap = lora or not spec_of(name).capabilities.trained
-            out.append((TeacherView(inner).eval() if wrap else inner.eval(), lora))
-        return out
-    backbone = load_backbone(
-        config.backbone, weights=config.weights, pretrained=config.pretrained, overrides=config.backbone_args
-    )
-    for name in names:
-        try:
-            out.append((open_upsampler(name, backbone=backbone, input_size=config.input_size).eval(), False))
-        except ValueError as exc:
-            raise VitupError(f"--input-size {config.input_size}: {exc}") from None
-    return out
-
-
-def _reporter(reporter: Any) -> Any:
-    if reporter is not None:
-        return reporter
-
-    return default_reporter()
 
 
 def _with_progress(reporter: Any, total: int, label: str):
@@ -337,13 +159,15 @@ def run_probe(config: ProbeConfig, reporter: Any = None) -> ProbeReport:
     """
     started = time.perf_counter()
     _validate(config)
-    reporter = _reporter(reporter)
-    device = _resolve_device(config.device)
+    if reporter is None:
+        reporter = default_reporter()
+    device = resolve_device(config.device)
     precision = resolve_precision(config.precision, device)
     train_ds, val_ds = open_splits(
         config.dataset, config.root, config.task, limit=config.limit, depth_scale=config.depth_scale
     )
-    names = _names(config)
+    refs = checkpoint_refs(config.checkpoint)
+    names = choose_names(config.upsamplers, refs)
     task = config.task
     epochs = config.epochs or (DEPTH_EPOCHS if task == DEPTH else DEFAULT_EPOCHS[config.dataset])
     lr = config.lr or (DEPTH_LR if task == DEPTH else SEG_LR)
@@ -363,8 +187,7 @@ def run_probe(config: ProbeConfig, reporter: Any = None) -> ProbeReport:
         for ds in (train_ds, val_ds)
     }
     num_classes = train_ds.num_classes
-    upsamplers = build_upsamplers(config)
-    refs = checkpoint_refs(config)
+    upsamplers = build_upsamplers(config, names)
     budget = config.memory_budget if config.memory_budget is not None else _default_budget()
     results = []
     predictions: dict[str, list[np.ndarray]] = {}
