@@ -25,8 +25,10 @@ Adding a method ``foo``:
    JSON's ``upsampler`` name; ``PUBLISHED_LOADERS`` by a release's method for official weights), so
    ``--checkpoint`` works in extract, probe and visualize. ``methods/uplift.py`` is a complete small
    example (its model, checkpoint writer and loaders live in ``vitup_cli/models/uplift.py``).
-3. Add its flags to ``vitup train`` in ``cli.py`` (only flags the user gives are passed, so each
-   method's own defaults apply; a flag another method does not know is refused in one line).
+3. Its flags need no code: each field the configuration adds to ``CommonConfig`` is a ``vitup train``
+   flag (``vitup_cli/cli/train.py``), whose help line is ``field(metadata={"help": ...})`` (only flags the
+   user gives are passed, so each method's own defaults apply; a flag another method does not know is
+   refused in one line).
 4. Test: a few steps lower the loss, kill/resume equals an uninterrupted run, 2 gloo processes equal
    one (``tests/test_train.py`` has helpers).
 
