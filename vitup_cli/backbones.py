@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from vitup_cli.choice import parse_overrides  # noqa: F401 - re-exported: the backbone's constructor overrides
 from vitup_cli.errors import VitupError
 
 
@@ -440,26 +441,3 @@ def _create(model_name: str, overrides: dict[str, Any], **kwargs: Any) -> Any:
             f"--backbone-args {_overrides_text(overrides)}: timm cannot build {model_name.split('.')[0]} with these "
             f"overrides ({type(exc).__name__}: {first}); use constructor arguments such as depth, embed_dim, num_heads"
         ) from None
-
-
-def parse_overrides(text: str | None) -> dict[str, Any]:
-    """``"depth=4,embed_dim=192,num_heads=3"`` -> ``{"depth": 4, ...}`` (ints, floats, bools, strings)."""
-    if not text:
-        return {}
-    out: dict[str, Any] = {}
-    for item in text.split(","):
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise VitupError(f"--backbone-args '{text}': expected KEY=VALUE[,KEY=VALUE...]")
-        value = value.strip()
-        parsed: Any = value
-        for cast in (int, float):
-            try:
-                parsed = cast(value)
-                break
-            except ValueError:
-                continue
-        if value.lower() in {"true", "false"}:
-            parsed = value.lower() == "true"
-        out[key.strip()] = parsed
-    return out

@@ -5,8 +5,8 @@ spair|keypoints`` (``probe.correspondence.CorrespondenceConfig``) and ``vitup vi
 (``viz.ModelOptions``) inherit these fields; each command adds its own (the upsampler names it takes, tap,
 precision, store dtype, ...). A field is here only when it has the same name, type, default and meaning in
 all of them; a command whose default differs (visualize's ``device``) or that takes more (the probes' one
-checkpoint per method) redeclares it. Nothing here imports more than the standard library, so every layer
-may use it.
+checkpoint per method) redeclares it. Nothing here imports more than the standard library and ``errors``,
+so every layer may use it, the CLI's torch-free start included.
 """
 
 from __future__ import annotations
@@ -14,6 +14,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from vitup_cli.errors import VitupError
 
 
 @dataclass(kw_only=True)
@@ -41,3 +43,26 @@ class ModelChoice:
     input_size: int | None = None
     device: str = "auto"
     seed: int = 0
+
+
+def parse_overrides(text: str | None) -> dict[str, Any]:
+    """``"depth=4,embed_dim=192,num_heads=3"`` -> ``{"depth": 4, ...}`` (ints, floats, bools, strings)."""
+    if not text:
+        return {}
+    out: dict[str, Any] = {}
+    for item in text.split(","):
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise VitupError(f"--backbone-args '{text}': expected KEY=VALUE[,KEY=VALUE...]")
+        value = value.strip()
+        parsed: Any = value
+        for cast in (int, float):
+            try:
+                parsed = cast(value)
+                break
+            except ValueError:
+                continue
+        if value.lower() in {"true", "false"}:
+            parsed = value.lower() == "true"
+        out[key.strip()] = parsed
+    return out

@@ -8,9 +8,9 @@ Precedence: the dataclass defaults < a ``--config`` file < flags given on the co
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields, replace
-from typing import Any
+from typing import Any, ClassVar
 
-from vitup_cli.backbones import parse_overrides
+from vitup_cli.choice import parse_overrides
 from vitup_cli.errors import VitupError
 
 #: settings that may differ on ``--resume`` without changing what the run computes
@@ -26,7 +26,16 @@ class CommonConfig:
 
     Each method's configuration subclasses this and redeclares the fields whose paper defaults differ
     (``steps``, ``lr``, ...). ``method`` names the ``TrainMethod`` (``vitup_cli.train.methods.METHODS``).
+
+    The fields a method adds are its ``vitup train`` flags (``vitup_cli/cli/train.py``): ``--NAME`` with
+    dashes for underscores, typed by the annotation (``bool`` is ``--NAME/--no-NAME``; ``list[int]`` takes
+    ``1,2,3``), with the help line ``field(metadata={"help": ...})``. Optional metadata: ``"flag"`` (another
+    spelling) and ``"panel"`` (the help panel; default ``"TITLE (--method NAME)"``, ``TITLE`` the class's
+    ``title``). The shared fields here have their own hand-written flags.
     """
+
+    #: the method's name for people (help panels, ``vitup train --help``)
+    title: ClassVar[str] = ""
 
     method: str = "vitup"
     # data and run
@@ -67,6 +76,9 @@ class CommonConfig:
         return asdict(self)
 
 
+_MODEL, _SIZES, _LOSSES, _LORA = "ViT-Up model", "Distillation sizes", "Losses", "LoRA"  # help panels
+
+
 @dataclass
 class TrainConfig(CommonConfig):
     """Every hyperparameter of ``vitup train --method vitup``; defaults are the paper's (DINOv3-S+,
@@ -76,32 +88,69 @@ class TrainConfig(CommonConfig):
     ``resolve`` once the backbone's patch size is known (values for patch 16 in the comments).
     """
 
-    taps: list[int] | None = None  # None: evenly spaced, num_blocks + 1 of them
+    title: ClassVar[str] = "ViT-Up"
+
+    taps: list[int] | None = field(
+        default=None,  # None: evenly spaced, num_blocks + 1 of them
+        metadata={"help": "Hidden-state taps, e.g. 0,2,4,6,8,10,12 (default: evenly spaced).", "panel": "Backbone"},
+    )
     # model
-    num_blocks: int = 6
-    input_tokens: int = 28  # student backbone input, tokens per side (448 px)
-    embed_grid: int = 224  # query-embedding grid, tokens per side (3584 px)
-    window: int | None = None  # cross-attention window in tokens; None = global
-    # ViT-Up weights to start from (fine-tuning): a release (vit-up:dinov3_splus), hf:ORG/REPO/FILE, an
-    # official .safetensors file or a vitup checkpoint; None: a fresh ViT-Up from `seed`
-    init_from: str | None = None
+    num_blocks: int = field(
+        default=6, metadata={"help": "ViT-Up blocks (taps = blocks + 1).", "flag": "--blocks", "panel": _MODEL}
+    )
+    input_tokens: int = field(
+        default=28,  # 448 px
+        metadata={"help": "Student backbone input, tokens per side (28: 448 px at patch 16).", "panel": _MODEL},
+    )
+    embed_grid: int = field(
+        default=224,  # 3584 px
+        metadata={"help": "Query-embedding grid, tokens per side.", "panel": _MODEL},
+    )
+    window: int | None = field(
+        default=None, metadata={"help": "Cross-attention window in tokens (default: global).", "panel": _MODEL}
+    )
+    # ViT-Up weights to start from (fine-tuning); None: a fresh ViT-Up from `seed`
+    init_from: str | None = field(
+        default=None,
+        metadata={
+            "help": "Fine-tune from ViT-Up weights: vit-up:dinov3_splus, vit-up:dinov3_b, hf:ORG/REPO/FILE, an "
+            "official .safetensors file or a vitup checkpoint (same backbone and shape as this run).",
+            "panel": _MODEL,
+        },
+    )
     # sizes of the distillation task
-    canvas: int | None = None  # student canvas side; None: input_tokens * patch (448)
-    queries: int | None = None  # query grid side; None: the finest teacher grid (56)
-    teacher_sizes: list[int] = field(default_factory=lambda: [224, 448, 896])  # 14, 28, 56 tokens
-    scale_min: float = 0.1  # the crop is pasted at s ~ U(scale_min, scale_max) of the canvas
-    scale_max: float = 1.0
-    crop_min: float = 1.0  # square crop side ~ U(crop_min, 1) x the short side (1: largest square)
+    canvas: int | None = field(
+        default=None,  # None: input_tokens * patch (448)
+        metadata={"help": "Student canvas side in px (default: input tokens x patch = 448).", "panel": _SIZES},
+    )
+    queries: int | None = field(
+        default=None,  # None: the finest teacher grid (56)
+        metadata={"help": "Query grid side over the pasted crop (default: finest teacher grid, 56).", "panel": _SIZES},
+    )
+    teacher_sizes: list[int] = field(
+        default_factory=lambda: [224, 448, 896],  # 14, 28, 56 tokens
+        metadata={"help": "Teacher input sizes in px (14, 28, 56 tokens at patch 16).", "panel": _SIZES},
+    )
+    # the crop is pasted at s ~ U(scale_min, scale_max) of the canvas
+    scale_min: float = field(default=0.1, metadata={"help": "Smallest paste scale s.", "panel": _SIZES})
+    scale_max: float = field(default=1.0, metadata={"help": "Largest paste scale s.", "panel": _SIZES})
+    crop_min: float = field(
+        default=1.0,
+        metadata={"help": "Square crop side ~ U(crop-min, 1) x short side (1: largest square).", "panel": _SIZES},
+    )
     # losses
-    w_l2: float = 1.0
-    w_cos: float = 1.0
-    w_kl: float = 1.0
-    tau: float = 0.5
-    kl_window: int = 28  # relational KL within windows of this many positions per side (7x7 blocks of 4x4)
+    w_l2: float = field(default=1.0, metadata={"help": "Weight of the target-normalised L2.", "panel": _LOSSES})
+    w_cos: float = field(default=1.0, metadata={"help": "Weight of the cosine distance.", "panel": _LOSSES})
+    w_kl: float = field(default=1.0, metadata={"help": "Weight of the relational KL.", "panel": _LOSSES})
+    tau: float = field(default=0.5, metadata={"help": "Relational KL temperature.", "panel": _LOSSES})
+    kl_window: int = field(
+        default=28,  # 7x7 blocks of 4x4
+        metadata={"help": "Relational KL within windows of this many positions per side.", "panel": _LOSSES},
+    )
     # LoRA on the student backbone (r = 0: no adapters)
-    lora_r: int = 16
-    lora_alpha: float = 32.0
-    lora_dropout: float = 0.05
+    lora_r: int = field(default=16, metadata={"help": "LoRA rank (0: no adapters).", "panel": _LORA})
+    lora_alpha: float = field(default=32.0, metadata={"help": "LoRA alpha.", "panel": _LORA})
+    lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout.", "panel": _LORA})
 
 
 def _int_list(name: str, value: Any) -> list[int] | None:

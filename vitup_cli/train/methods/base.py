@@ -16,7 +16,8 @@ Adding a method ``foo`` (nothing else in vitup changes):
 2. If it trains: ``vitup_cli/train/methods/foo.py`` with a ``CommonConfig`` subclass (``method = "foo"``, its
    own settings, redeclared shared defaults; annotations drive YAML/TOML/flag parsing) and a ``TrainMethod``
    subclass implementing the abstract methods below (``save_checkpoint`` writes through ``vitup_cli.hub``);
-   add it to ``METHODS`` in ``train/methods/__init__.py``. Its config's fields become ``vitup train`` flags.
+   add it to ``METHODS`` in ``train/methods/__init__.py``. Each field its configuration adds is a ``vitup train``
+   flag with no CLI code (help: ``field(metadata={"help": ...})``; ``vitup_cli/cli/train.py``).
 3. If it has published weights: rows in ``vitup_cli/hub/releases.py`` (data), and a ``vitup_cli/hub/foo.py``
    (imported in ``hub/__init__.py``) calling ``register_readers``, only when its files use a foreign key layout.
 4. Tests (a few steps lower the loss, kill/resume equals an uninterrupted run, 2 gloo processes equal one:

@@ -31,9 +31,9 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -57,28 +57,48 @@ class FeatSharpTrainConfig(CommonConfig):
     """Every hyperparameter of ``vitup train --method featsharp``; defaults are the paper's (table 11,
     "long" recipe) except where the README's FeatSharp section says otherwise."""
 
+    title: ClassVar[str] = "FeatSharp"
+
     method: str = "featsharp"
     # model
-    factor: int = 2  # u: 2 or 4
-    input_tokens: int = 28  # the global view's tokens per side (448 px at patch 16)
-    window: int = 7  # local attention window
-    debias: bool = True
+    factor: int = field(default=2, metadata={"help": "Upsample factor u, 2 or 4: 1 + u^2 backbone passes per image."})
+    input_tokens: int = field(
+        default=28, metadata={"help": "Tokens per side of the global view (28: 448 px at patch 16)."}
+    )
+    window: int = field(default=7, metadata={"help": "Local attention window (7)."})
+    debias: bool = field(
+        default=True, metadata={"help": "Learn a de-bias buffer that cancels fixed-position artefacts of the tokens."}
+    )
     # views
-    jitters: int = 5
-    zoom_max: float = 2.0  # shared zoom of the student crop ~ U(1, zoom_max)
-    jitter_zoom: float = 0.95  # per-view zoom ~ U(jitter_zoom, 1 / jitter_zoom)
-    rotation: float = 5.0  # degrees, +-
-    shift: float = 0.1  # per-view shift (the crop), +- this fraction of the side
-    perspective_min: float = 0.01  # corner displacement, fraction of the side
-    perspective_max: float = 0.05
-    flip_prob: float = 0.0
+    jitters: int = field(default=5, metadata={"help": "Jittered views per image, with known homographies (5)."})
+    zoom_max: float = field(default=2.0, metadata={"help": "Shared zoom of the student crop ~ U(1, zoom-max)."})
+    jitter_zoom: float = field(
+        default=0.95, metadata={"help": "Per-view zoom ~ U(jitter-zoom, 1 / jitter-zoom), in (0, 1]."}
+    )
+    rotation: float = field(default=5.0, metadata={"help": "Per-view rotation, +- this many degrees."})
+    shift: float = field(default=0.1, metadata={"help": "Per-view shift, +- this fraction of the crop's side."})
+    perspective_min: float = field(
+        default=0.01, metadata={"help": "Per-view perspective: each corner moves at least this fraction of the side."}
+    )
+    perspective_max: float = field(
+        default=0.05, metadata={"help": "Per-view perspective: each corner moves at most this fraction of the side."}
+    )
+    flip_prob: float = field(default=0.0, metadata={"help": "Probability of a horizontally flipped view."})
     # objective
-    downsampler_kernel: int = 7
-    downsampler_dropout: float = 0.2
-    seam_weight: float = 2.0
-    uncertainty: bool = True
-    uncertainty_lr_scale: float = 0.1
-    phis_images: int = 100_000
+    downsampler_kernel: int = field(default=7, metadata={"help": "Attention downsampler kernel (paper: 7)."})
+    downsampler_dropout: float = field(
+        default=0.2, metadata={"help": "Attention downsampler logit dropout while training."}
+    )
+    seam_weight: float = field(
+        default=2.0, metadata={"help": "Loss weight of the 2-token lines on tile borders (renormalised to mean 1)."}
+    )
+    uncertainty: bool = field(default=True, metadata={"help": "Weigh the loss by a learned per-position uncertainty."})
+    uncertainty_lr_scale: float = field(
+        default=0.1, metadata={"help": "Learning rate of the uncertainty net, times --lr."}
+    )
+    phis_images: int = field(
+        default=100_000, metadata={"help": "Images whose features fit the PHI-S statistics (at most all)."}
+    )
     # the shared settings with FeatSharp's values
     steps: int = 9000
     batch_size: int = 32

@@ -39,7 +39,7 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -59,11 +59,24 @@ from vitup_cli.train.methods.base import TrainMethod
 class LoftUpTrainConfig(CommonConfig):
     """``vitup train --method loftup``; defaults are the released code's (DINOv2-S/14 on SA-1B)."""
 
+    title: ClassVar[str] = "LoftUp"
+
     method: str = "loftup"
-    stage: int = 1
-    init: str | None = None  # stage 2: the stage-1 checkpoint (NAME of NAME.safetensors + NAME.json)
-    layout: str = "auto"  # masks: sa1b, folder, auto
-    max_masks: int = MAX_MASKS
+    stage: int = field(
+        default=1,
+        metadata={
+            "help": "1: mask pseudo ground truth (NAdam lr 1e-4); 2: EMA self-distillation (AdamW lr 1e-3, needs "
+            "--init). Released code's lrs; the paper says 1e-3 / 1e-4. Backbone default dinov2_s, batch 8."
+        },
+    )
+    init: str | None = field(
+        default=None,  # NAME of NAME.safetensors + NAME.json
+        metadata={"help": "Stage 2: the stage-1 checkpoint (runs/s1/last)."},
+    )
+    layout: str = field(
+        default="auto", metadata={"help": "Masks: sa1b (sa_N.jpg + sa_N.json), folder (images/ + masks/), auto."}
+    )
+    max_masks: int = field(default=MAX_MASKS, metadata={"help": "Masks per image, in file order."})
     backbone: str = "dinov2_s"
     steps: int = 125000  # 1 M images / batch 8, one epoch (the released loaders used 100 k images)
     batch_size: int = 8
@@ -72,28 +85,49 @@ class LoftUpTrainConfig(CommonConfig):
     warmup: float = 0.0
     weight_decay: float | None = None  # None: 0 (stage 1, NAdam) / 0.01 (stage 2, AdamW's default)
     grad_clip: float = 0.0
-    clip_first: float = 1e-4  # stage 1: gradient norm clipped to this for the first `clip_steps` steps
-    clip_steps: int = 10
+    clip_first: float = field(
+        default=1e-4, metadata={"help": "Stage 1: max gradient norm over the first --clip-steps steps."}
+    )
+    clip_steps: int = field(default=10, metadata={"help": "Stage 1: steps whose gradient norm --clip-first bounds."})
     # stage 1
-    image_size: int = 224
-    mask_alpha: float = 0.8
+    image_size: int = field(default=224, metadata={"help": "Stage-1 image and output side (224)."})
+    mask_alpha: float = field(default=0.8, metadata={"help": "Stage-1 mask blending."})
     # both stages
-    jitters: int | None = None  # multi-view jitters; None: 4 (stage 1) / 2 (stage 2)
-    max_pad: int = 8
-    max_zoom: float = 1.1
-    proj_dim: int = 64
-    tv_weight: float | None = None  # None: 0.01 (stage 1; the README command uses 0.001) / 0.05 (stage 2)
-    mask_weight: float = 1.0
+    jitters: int | None = field(
+        default=None,  # None: 4 (stage 1) / 2 (stage 2)
+        metadata={"help": "Jittered views per image for the multi-view term (4 in stage 1, 2 in stage 2)."},
+    )
+    max_pad: int = field(
+        default=8, metadata={"help": "Jitter: reflect padding in px, then a random crop back to the size."}
+    )
+    max_zoom: float = field(
+        default=1.1, metadata={"help": "Jitter: zoom ~ U(1, max-zoom) with probability 1/2, else none."}
+    )
+    proj_dim: int = field(
+        default=64, metadata={"help": "Random unit projections of the channels the losses compare (new every step)."}
+    )
+    tv_weight: float | None = field(
+        default=None,  # None: 0.01 (stage 1; the README command uses 0.001) / 0.05 (stage 2)
+        metadata={"help": "TV weight (default 0.01 stage 1, 0.05 stage 2)."},
+    )
+    mask_weight: float = field(default=1.0, metadata={"help": "Stage-1 weight of the pseudo ground truth MSE."})
     # stage 2
-    hr_size: int = 896
-    input_sizes: list[int] = field(default_factory=lambda: [224, 336, 448, 518])
-    crops: int = 2
-    hr_alpha: float = 0.5
-    hr_weight: float = 20.0
-    affinity_border: float = 0.1
-    affinity_pixels: int = 4096
-    ema_beta: float = 0.99
-    ema_every: int = 10
+    hr_size: int = field(default=896, metadata={"help": "Stage-2 source image side."})
+    input_sizes: list[int] = field(
+        default_factory=lambda: [224, 336, 448, 518],
+        metadata={"help": "Stage-2 student inputs, one per step (paper: 224 or 336)."},
+    )
+    crops: int = field(default=2, metadata={"help": "Stage 2: teacher crops per image and step."})
+    hr_alpha: float = field(default=0.5, metadata={"help": "Stage-2 teacher mask blending."})
+    hr_weight: float = field(default=20.0, metadata={"help": "Stage-2 affinity loss weight."})
+    affinity_border: float = field(
+        default=0.1, metadata={"help": "Stage 2: the affinity loss leaves out this fraction of each side."}
+    )
+    affinity_pixels: int = field(
+        default=4096, metadata={"help": "Stage 2: pixels per Gram matrix (bounds its memory)."}
+    )
+    ema_beta: float = field(default=0.99, metadata={"help": "Stage-2 EMA teacher decay."})
+    ema_every: int = field(default=10, metadata={"help": "Stage 2: steps between EMA updates."})
 
     def __post_init__(self) -> None:
         two = self.stage == 2

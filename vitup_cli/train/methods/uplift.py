@@ -18,9 +18,9 @@ the BatchNorms are synchronised (``sync_bn``), so the statistics are those of th
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -43,6 +43,8 @@ FITS = ("squash", "crop")
 class UpliftTrainConfig(CommonConfig):
     """Every setting of ``vitup train --method uplift``; defaults are the paper's (ImageNet-1K)."""
 
+    title: ClassVar[str] = "UPLiFT"
+
     method: str = "uplift"
     steps: int = 40037  # one ImageNet-1K epoch (1,281,167 images) at batch 32
     batch_size: int = 32
@@ -50,10 +52,19 @@ class UpliftTrainConfig(CommonConfig):
     schedule: str = "constant"
     warmup: float = 0.0
     grad_clip: float = 0.0  # the reference clips nothing
-    image_size: int = 448  # the top of the pyramid, px
-    fit: str = "squash"  # squash: resize to image_size x image_size (ImageNet); crop: short side + centre crop
-    depths: list[int] | None = None  # None: [1, 2, 3], or [1, 2] for DINOv3 backbones
-    sync_bn: bool = True  # synchronise BatchNorm across processes under DDP on CUDA
+    image_size: int = field(default=448, metadata={"help": "Top of the image pyramid, px (448: 448/224/112/56)."})
+    fit: str = field(
+        default="squash",  # squash: resize to image_size x image_size (ImageNet); crop: short side + centre crop
+        metadata={"help": "squash (resize to a square, the ImageNet recipe) or crop (centre)."},
+    )
+    depths: list[int] | None = field(
+        default=None,  # None: [1, 2, 3], or [1, 2] for DINOv3 backbones
+        metadata={"help": "Iteration depths trained every step (default 1,2,3; DINOv3 1,2)."},
+    )
+    sync_bn: bool = field(
+        default=True,  # under DDP on CUDA
+        metadata={"help": "Synchronise BatchNorm across GPUs under DDP."},
+    )
 
 
 def default_depths(backbone: Backbone) -> list[int]:
