@@ -574,3 +574,50 @@ def test_global_vectors_come_from_the_same_pass(tmp_path, suffix):
         assert ds["global"].dims == ("image", "channel") and ds["global"].attrs["kind"] == "cls"
     bad = _cli(images, "--out", tmp_path / "x.zarr", "--res", "8", "--global", "max", *TINY_ARGS)
     assert bad.exit_code == 2 and "--global max" in bad.stderr
+
+
+@pytest.mark.parametrize(("workers", "depth"), [(1, 2), (2, 1), (3, 2)])
+def test_background_writer_is_bounded_by_backpressure(workers, depth):
+    """With a store slower than the model, ``submit`` blocks once ``depth`` shards wait and ``workers`` are
+    being written: outstanding shards (and their memory) never exceed ``depth + workers``."""
+    import threading
+
+    from vitup_cli.extract import BackgroundWriter
+    from vitup_cli.progress import NullReporter
+
+    gate = threading.Event()
+    lock = threading.Lock()
+    state = {"writing": 0, "most_writing": 0, "written": []}
+
+    class SlowStore:
+        def write_shard(self, shard, **rows):
+            with lock:
+                state["writing"] += 1
+                state["most_writing"] = max(state["most_writing"], state["writing"])
+            gate.wait(timeout=30)
+            with lock:
+                state["writing"] -= 1
+                state["written"].append(shard)
+
+    background = BackgroundWriter(SlowStore(), NullReporter(), depth=depth, workers=workers)
+    submitted = []
+    rows = {"status": np.ones(2, np.uint8)}
+
+    def produce():
+        for k in range(10):
+            background.submit(k, rows)
+            submitted.append(k)
+
+    producer = threading.Thread(target=produce, daemon=True)
+    producer.start()
+    deadline = time.time() + 10
+    while len(submitted) < depth + workers and time.time() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.2)  # room for a submit that should have blocked to go through
+    assert len(submitted) == depth + workers and producer.is_alive()  # blocked: backpressure
+    assert state["writing"] == workers and background._queue.qsize() == depth
+    gate.set()
+    producer.join(timeout=30)
+    background.close()
+    assert sorted(state["written"]) == list(range(10)) and background.rows == 20
+    assert state["most_writing"] == workers

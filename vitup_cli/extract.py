@@ -188,6 +188,7 @@ class ExtractConfig(ModelChoice):
     compression: str = DEFAULT_COMPRESSION
     lock_timeout: float = DEFAULT_LOCK_TIMEOUT
     global_pool: str | None = None  # "cls" or "mean": also store one vector per image, from the same pass
+    writer_threads: int | None = None  # shard compression threads (None: the cores available; 0: zarr's own)
 
 
 @dataclass
@@ -276,18 +277,36 @@ def _loader(dataset: _ImageRows, batches: list[list[int]], workers: int, pin: bo
 # =================================================================================================
 # the background writer
 # =================================================================================================
-class _BackgroundWriter:
-    """Writes shards in a thread so the model never waits for the disk (at most ``depth`` queued)."""
+class BackgroundWriter:
+    """Writes shards in ``workers`` threads so the model never waits for the disk, with backpressure: at
+    most ``depth`` shards wait in the queue and ``workers`` are being written, so ``submit`` blocks (and the
+    model pauses) once ``depth + workers`` shards are outstanding; memory never grows beyond that.
 
-    def __init__(self, writer: stores.StoreWriter, reporter: Reporter, depth: int = 2, on_write: Any = None) -> None:
+    Several workers overlap one shard's disk write with the next one's compression (a store writer may
+    compress each shard in threads of its own: ``stores.ShardEncoder``). Rows of different shards are
+    independent; each shard's ``status`` is still written after its features."""
+
+    def __init__(
+        self,
+        writer: stores.StoreWriter,
+        reporter: Reporter,
+        depth: int = 2,
+        on_write: Any = None,
+        workers: int = 1,
+    ) -> None:
         self.writer, self.reporter = writer, reporter
         self.on_write = on_write
         self.seconds = 0.0
         self.rows = self.failed = 0
-        self._queue: queue.Queue = queue.Queue(maxsize=depth)
+        self.depth, self.workers = max(1, depth), max(1, workers)
+        self._queue: queue.Queue = queue.Queue(maxsize=self.depth)
         self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, name="vitup-store-writer", daemon=True)
-        self._thread.start()
+        self._count = threading.Lock()
+        self._threads = [
+            threading.Thread(target=self._run, name=f"vitup-store-writer-{i}", daemon=True) for i in range(self.workers)
+        ]
+        for thread in self._threads:
+            thread.start()
 
     def _run(self) -> None:
         while True:
@@ -300,17 +319,19 @@ class _BackgroundWriter:
             try:
                 t0 = time.perf_counter()
                 self.writer.write_shard(shard, **rows)
-                self.seconds += time.perf_counter() - t0
                 n = len(rows["status"])
-                self.rows += n
-                self.failed += int((rows["status"] == stores.FAILED).sum())
-                self.reporter.advance(n)
-                if self.on_write is not None:
-                    self.on_write()
+                with self._count:
+                    self.seconds += time.perf_counter() - t0
+                    self.rows += n
+                    self.failed += int((rows["status"] == stores.FAILED).sum())
+                    self.reporter.advance(n)
+                    if self.on_write is not None:
+                        self.on_write()
             except BaseException as exc:  # re-raised in the main thread
                 self._error = exc
 
     def submit(self, shard: int, rows: dict[str, Any]) -> None:
+        """Queue one whole shard; blocks while ``depth`` shards already wait."""
         self._raise()
         self._queue.put((shard, rows))
 
@@ -319,9 +340,17 @@ class _BackgroundWriter:
             raise self._error
 
     def close(self) -> None:
-        self._queue.put(None)
-        self._thread.join()
+        for _ in self._threads:
+            self._queue.put(None)
+        for thread in self._threads:
+            thread.join()
         self._raise()
+
+
+def writer_workers(writer: stores.StoreWriter) -> int:
+    """Shards written at once: two for a Zarr store compressing in threads (one shard's write overlaps the
+    next one's compression), else one."""
+    return 2 if writer.format == "zarr" and getattr(writer, "threads", 0) > 0 else 1
 
 
 def _free_bytes(path: Path) -> tuple[int, Path]:
@@ -361,6 +390,8 @@ def _validate(config: ExtractConfig) -> None:
         raise VitupError(f"--pca-images {config.pca_images}: must be at least 1")
     if config.chunk_queries is not None and config.chunk_queries < 1:
         raise VitupError(f"--chunk-queries {config.chunk_queries}: must be at least 1")
+    if config.writer_threads is not None and config.writer_threads < 0:
+        raise VitupError(f"--writer-threads {config.writer_threads}: use 0 (zarr's own pipeline) or more threads")
     if config.compression not in stores.CODECS:
         raise VitupError(f"--compression {config.compression}: use one of {', '.join(stores.CODECS)}")
     if config.part is not None:
@@ -732,7 +763,7 @@ def _extract(
 ) -> ExtractSummary:
     out = stores.store_path(config.out)
     layout = stores.StoreLayout.from_json(plan.layout)
-    writer = stores.open_writer(out, storage_options=config.storage_options)
+    writer = stores.open_writer(out, storage_options=config.storage_options, threads=config.writer_threads)
     pca = writer.pca()
     projection = None if pca is None else (torch.from_numpy(pca[0]), torch.from_numpy(pca[1]))
 
@@ -760,7 +791,10 @@ def _extract(
     model_seconds = 0.0
     loop_start = time.perf_counter()
     reporter.start(todo, label)
-    background = _BackgroundWriter(writer, reporter, on_write=None if lock is None else lock.heartbeat)
+    workers = writer_workers(writer)
+    background = BackgroundWriter(
+        writer, reporter, depth=3 - workers, workers=workers, on_write=None if lock is None else lock.heartbeat
+    )  # at most 3 shards outstanding, as with one worker and a queue of 2
     try:
         for batch in _loader(dataset, batches, workers, pin=device.type == "cuda"):
             shard = batch["indices"][0] // layout.shard_size
@@ -996,7 +1030,7 @@ def _create(config: ExtractConfig, upsampler: Upsampler, reporter: Reporter, inp
         "complete": False,
     }
     writer = stores.create_writer(
-        out, layout, paths, attrs, pca, storage_options=so, compression=config.compression
+        out, layout, paths, attrs, pca, storage_options=so, compression=config.compression, threads=0
     )  # fmt: skip
     writer.close()
     return _Plan(layout.to_json(), paths, files, root, 0, layout.n * layout.image_bytes, fresh=True)

@@ -93,6 +93,15 @@ def extract_cmd(
             help="squash, crop (centre) or pad (keeps the aspect; `valid` records the image).",
         ),
     ] = "pad",
+    resize_filter: Annotated[
+        str | None,
+        typer.Option(
+            "--resize-filter",
+            rich_help_panel=FEATURES,
+            help="PIL filter that fits images to the input size: bicubic, bilinear, nearest or lanczos "
+            "(default: the method's reference pipeline's; LoftUp bilinear, the others bicubic). Recorded.",
+        ),
+    ] = None,
     dtype: DtypeOpt = "float16",
     pca: Annotated[
         int | None,
@@ -125,6 +134,15 @@ def extract_cmd(
         typer.Option("--chunk-queries", rich_help_panel=RUN, help="ViT-Up queries per chunk (bounds memory)."),
     ] = None,
     seed: SeedOpt = 0,
+    writer_threads: Annotated[
+        int | None,
+        typer.Option(
+            "--writer-threads",
+            rich_help_panel=RUN,
+            help="Threads compressing the store's shards (default: the cores available, at most 8); 0: zarr's "
+            "own codec pipeline.",
+        ),
+    ] = None,
     overwrite: Annotated[bool, variant(OverwriteOpt, _EX_SAFE, help="Replace an existing store.")] = False,
     resume: Annotated[bool, variant(ResumeOpt, _EX_SAFE)] = False,
     force: Annotated[
@@ -201,6 +219,7 @@ def extract_cmd(
         backbone_args=parse_overrides(backbone_args),
         input_size=input_size,
         fit=fit,
+        resample=resize_filter,
         tap=tap,
         dtype=dtype,
         pca=pca,
@@ -226,6 +245,7 @@ def extract_cmd(
         compression=compression,
         lock_timeout=lock_timeout,
         global_pool=global_pool,
+        writer_threads=writer_threads,
     )
     progress = reporter()
     summary = run_extract(config, reporter=progress)
