@@ -31,11 +31,15 @@ demo out="out/quickstart":
     bash examples/quickstart.sh {{out}}
 
 # Every benchmark (faithfulness takes ~10 minutes on 2 cores)
-bench: bench-extract bench-faithfulness bench-probe
+bench: bench-extract bench-writer bench-faithfulness bench-probe
 
 # Extraction throughput and memory (model-only vs end-to-end, R=224 vs 448)
 bench-extract *args:
     python benchmarks/extract_throughput.py {{args}}
+
+# Store writer MB/s per codec and writer threads vs zarr's own pipeline, beside the rate a GPU makes (JSON in benchmarks/results)
+bench-writer *args:
+    python benchmarks/writer_throughput.py {{args}}
 
 # Does training make ViT-Up closer to the teacher than bilinear? (3 seeds, JSON in benchmarks/results)
 bench-faithfulness *args:

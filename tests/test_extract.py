@@ -495,15 +495,18 @@ def _torchrun_extract(images: Path, out: Path | str, args: list[str]) -> subproc
 
 @pytest.mark.integration
 @pytest.mark.slow
-@pytest.mark.parametrize("suffix", [".zarr", ".h5"])
-def test_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path, suffix):
+@pytest.mark.parametrize(("suffix", "writer_threads"), [(".zarr", "4"), (".zarr", "0"), (".h5", "4")])
+def test_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path, suffix, writer_threads):
+    """Killed at any moment and resumed, a store equals an uninterrupted run; the reference is written by
+    zarr's own codec pipeline (``--writer-threads 0``), so the threaded writer is checked against it too."""
     images = _folder(tmp_path / "in", n=24)
     (images / "zz broken.jpg").write_text("not an image")  # a failed row must survive the crash too
     model = _randomise(tiny_vitup(seed=2))
     ckpt = save_checkpoint(tmp_path / "run" / "last", model)
-    args = ["--checkpoint", ckpt, "--res", "32", "--batch-size", "2", "--workers", "1"]
+    base = ["--checkpoint", ckpt, "--res", "32", "--batch-size", "2", "--workers", "1"]
+    args = [*base, "--writer-threads", writer_threads]
     reference, killed = tmp_path / f"ref{suffix}", tmp_path / f"killed{suffix}"
-    assert _cli(images, "--out", reference, *args).exit_code == 0
+    assert _cli(images, "--out", reference, *base, "--writer-threads", "0").exit_code == 0
     left = _kill_extract_after(images, killed, args, 4, poll_s=0.01)
     assert 0 < left < 25, "the kill should leave some rows pending"
     result = _cli(images, "--out", killed, *args)  # no flag: refused, store untouched
