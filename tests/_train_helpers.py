@@ -11,9 +11,11 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from conftest import single_thread
+from PIL import Image
 from typer.testing import CliRunner
 
 from vitup_cli.cli import app
@@ -32,6 +34,24 @@ def _tiny_train_args(data: Path, out: Path, *flags: str) -> list[str]:
         "train", "--data", str(data), "--out", str(out), "--backbone", "dinov3_s", "--pretrained", "none",
         "--backbone-args", "depth=2,embed_dim=64,num_heads=1", "--batch-size", "2", "--workers", "0", *flags,
     ]  # fmt: skip
+
+
+def _textures(folder: Path, n: int, seed: int = 0) -> Path:
+    """Small images with structure: gradients, stripes, discs and noise."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        h, w = int(rng.integers(40, 90)), int(rng.integers(40, 90))
+        yy, xx = np.mgrid[0:h, 0:w]
+        img = np.zeros((h, w, 3))
+        for c in range(3):
+            f = rng.uniform(0.05, 0.5)
+            img[..., c] = 0.5 + 0.5 * np.sin(f * (xx * rng.normal() + yy * rng.normal()) + rng.uniform(0, 6))
+        cy, cx, r = rng.integers(0, h), rng.integers(0, w), rng.integers(5, 25)
+        img[(yy - cy) ** 2 + (xx - cx) ** 2 < r**2] = rng.uniform(0, 1, 3)
+        img += rng.normal(0, 0.05, img.shape)
+        Image.fromarray((img.clip(0, 1) * 255).astype(np.uint8)).save(folder / f"img{i:02d}.png")
+    return folder
 
 
 def _env(threads: int = 1) -> dict[str, str]:

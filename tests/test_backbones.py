@@ -2,6 +2,7 @@ import time
 
 import pytest
 import torch
+from _helpers import PicklePayload
 from conftest import tiny_backbone
 from safetensors.torch import save_file
 
@@ -124,16 +125,9 @@ def test_weights_file_round_trips(tmp_path):
     assert torch.equal(src.hidden_states(x)[-1], loaded.hidden_states(x)[-1])
 
 
-class _Payload:
-    def __reduce__(self):
-        import os
-
-        return (os.system, ("touch PWNED_BY_PICKLE",))
-
-
 def test_pickled_weights_are_refused_without_running(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    torch.save({"x": _Payload()}, tmp_path / "evil.pth")
+    torch.save({"x": PicklePayload()}, tmp_path / "evil.pth")
     with pytest.raises(VitupError, match="evil.pth"):
         load_backbone(
             "dinov3_s", weights=tmp_path / "evil.pth", overrides={"depth": 1, "embed_dim": 64, "num_heads": 1}

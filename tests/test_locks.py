@@ -8,7 +8,7 @@ import sys
 import time
 
 import pytest
-from test_extract import TINY_ARGS, _assert_same_store, _cli, _env, _folder
+from _extract_helpers import TINY_ARGS, _assert_same_store, _cli, _env, _folder
 
 from vitup_cli import locks
 from vitup_cli.errors import VitupError

@@ -9,7 +9,7 @@ import time
 
 import numpy as np
 import pytest
-from test_extract import TINY_ARGS, _cli, _env, _folder
+from _extract_helpers import TINY_ARGS, _cli, _env, _folder
 
 from vitup_cli.errors import VitupError
 from vitup_cli.extract import parse_part

@@ -6,8 +6,8 @@ import socket
 
 import numpy as np
 import pytest
+from _extract_helpers import TINY_ARGS, _assert_same_store, _cli, _folder, _kill_extract_after, _torchrun_extract
 from conftest import single_thread
-from test_extract import TINY_ARGS, _assert_same_store, _cli, _folder, _kill_extract_after, _torchrun_extract
 
 from vitup_cli.errors import VitupError
 from vitup_cli.extract import ExtractConfig, parse_storage_options, run_extract

@@ -7,8 +7,8 @@ import tarfile
 
 import numpy as np
 import pytest
+from _extract_helpers import TINY_ARGS, _cli, _rgb
 from PIL import Image
-from test_extract import TINY_ARGS, _cli, _rgb
 
 from vitup_cli.data.images import ImageLoadError, list_images, load_image
 from vitup_cli.data.shards import expand_braces, is_shard_input

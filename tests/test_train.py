@@ -15,11 +15,13 @@ import pytest
 import torch
 from _train_helpers import (
     _losses,
+    _textures,
     _tiny_train_args,
     assert_killed_run_resumes_bit_exact,
     assert_same_state,
     torchrun_two_and_one,
 )
+from conftest import TINY
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -47,8 +49,6 @@ from vitup_cli.train.losses import (
 from vitup_cli.train.methods import vitup as vitup_method
 from vitup_cli.train.state import load_state
 
-TINY_ARGS = {"depth": 2, "embed_dim": 64, "num_heads": 1}
-
 
 def tiny_config(data: Path, out: Path, **kw) -> TrainConfig:
     """A run that takes about a second per few steps on a CPU: 64 px canvas, teachers at 32/64/128 px."""
@@ -57,7 +57,7 @@ def tiny_config(data: Path, out: Path, **kw) -> TrainConfig:
         out=str(out),
         backbone="dinov3_s",
         pretrained="none",
-        backbone_args=dict(TINY_ARGS),
+        backbone_args=dict(TINY),
         input_tokens=4,
         embed_grid=16,
         teacher_sizes=[32, 64, 128],
@@ -71,24 +71,6 @@ def tiny_config(data: Path, out: Path, **kw) -> TrainConfig:
     )
     base.update(kw)
     return TrainConfig(**base)
-
-
-def _textures(folder: Path, n: int, seed: int = 0) -> Path:
-    """Small images with structure: gradients, stripes, discs and noise."""
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    for i in range(n):
-        h, w = int(rng.integers(40, 90)), int(rng.integers(40, 90))
-        yy, xx = np.mgrid[0:h, 0:w]
-        img = np.zeros((h, w, 3))
-        for c in range(3):
-            f = rng.uniform(0.05, 0.5)
-            img[..., c] = 0.5 + 0.5 * np.sin(f * (xx * rng.normal() + yy * rng.normal()) + rng.uniform(0, 6))
-        cy, cx, r = rng.integers(0, h), rng.integers(0, w), rng.integers(5, 25)
-        img[(yy - cy) ** 2 + (xx - cx) ** 2 < r**2] = rng.uniform(0, 1, 3)
-        img += rng.normal(0, 0.05, img.shape)
-        Image.fromarray((img.clip(0, 1) * 255).astype(np.uint8)).save(folder / f"img{i:02d}.png")
-    return folder
 
 
 @pytest.fixture(scope="module")
@@ -496,7 +478,7 @@ def test_resume_refuses_other_base_weights(image_dir, tmp_path):
     from vitup_cli.backbones import load_backbone
 
     torch.manual_seed(0)
-    other = load_backbone("dinov3_s", pretrained="none", overrides=dict(TINY_ARGS))
+    other = load_backbone("dinov3_s", pretrained="none", overrides=dict(TINY))
     save_file({k: v.contiguous() for k, v in other.model.state_dict().items()}, tmp_path / "other.safetensors")
     first = train_loop.train(
         tiny_config(image_dir, tmp_path / "run", steps=4, save_every=2),

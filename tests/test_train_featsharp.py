@@ -13,13 +13,14 @@ import torch
 import torch.nn.functional as F
 from _train_helpers import (
     _losses,
+    _textures,
     _tiny_train_args,
     assert_killed_run_resumes_bit_exact,
     assert_same_state,
     torchrun_two_and_one,
 )
+from conftest import TINY
 from PIL import Image
-from test_train import TINY_ARGS, _textures
 from typer.testing import CliRunner
 
 from vitup_cli.checkpoints import open_upsampler
@@ -48,7 +49,7 @@ from vitup_cli.train.state import load_state
 def tiny_config(data: Path, out: Path, **kw) -> FeatSharpTrainConfig:
     """64 px global views (4x4 tokens), 128 px student crops: a few steps take seconds on a CPU."""
     base = dict(
-        data=str(data), out=str(out), backbone="dinov3_s", pretrained="none", backbone_args=dict(TINY_ARGS),
+        data=str(data), out=str(out), backbone="dinov3_s", pretrained="none", backbone_args=dict(TINY),
         input_tokens=4, steps=6, batch_size=2, workers=0, save_every=3, log_every=1, lr=1e-3, warmup=0.2,
         phis_images=6,
     )  # fmt: skip

@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from _helpers import make_sa1b
 from _train_helpers import _losses
-from test_masks import make_sa1b
 from typer.testing import CliRunner
 
 from vitup_cli.checkpoints import open_upsampler

@@ -10,12 +10,13 @@ import pytest
 import torch
 from _train_helpers import (
     _losses,
+    _textures,
     _tiny_train_args,
     assert_killed_run_resumes_bit_exact,
     assert_same_state,
     torchrun_two_and_one,
 )
-from test_train import TINY_ARGS, _textures
+from conftest import TINY
 from typer.testing import CliRunner
 
 from vitup_cli.cli import app
@@ -34,7 +35,7 @@ def tiny_uplift_config(data: Path, out: Path, **kw) -> UpliftTrainConfig:
         out=str(out),
         backbone="dinov3_s",
         pretrained="none",
-        backbone_args=dict(TINY_ARGS),
+        backbone_args=dict(TINY),
         image_size=64,
         steps=6,
         batch_size=2,
