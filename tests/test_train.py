@@ -14,12 +14,11 @@ import numpy as np
 import pytest
 import torch
 from _train_helpers import (
-    _losses,
     _textures,
     _tiny_train_args,
     assert_killed_run_resumes_bit_exact,
-    assert_same_state,
-    torchrun_two_and_one,
+    assert_stopped_run_resumes_bit_exact,
+    assert_torchrun_two_match_one,
 )
 from conftest import TINY
 from PIL import Image
@@ -444,20 +443,11 @@ def test_extract_accepts_a_train_checkpoint(finished_run, image_dir, tmp_path):
 
 def test_resume_is_bit_exact(image_dir, tmp_path):
     """3 steps, stop, resume for 3 more == 6 uninterrupted steps (weights, optimiser, metrics)."""
-    kw = dict(steps=6, save_every=100, lora_dropout=0.05)
-    train_loop.train(tiny_config(image_dir, tmp_path / "a", **kw), reporter=train_loop.NullReporter())
-    first = train_loop.train(
-        tiny_config(image_dir, tmp_path / "b", **kw), reporter=train_loop.NullReporter(), stop_after=3
-    )
-    assert not first.finished and first.step == 3
-    cfg_b = resume_config(tmp_path / "b", {"workers": 1})  # a changed worker count must not matter
-    second = train_loop.train(cfg_b, resume=True, reporter=train_loop.NullReporter())
-    assert second.finished and second.step == 6
-    a, b = load_state(tmp_path / "a" / "state.safetensors"), load_state(tmp_path / "b" / "state.safetensors")
-    assert a.model.keys() == b.model.keys()
-    assert_same_state(a, b)
+    config = partial(tiny_config, image_dir, steps=6, save_every=100, lora_dropout=0.05)
+    resume = partial(resume_config, overrides={"workers": 1})  # a changed worker count must not matter
+    straight, resumed = assert_stopped_run_resumes_bit_exact(config, resume, tmp_path, stop_after=3)
+    a, b = load_state(straight / "state.safetensors"), load_state(resumed / "state.safetensors")
     assert a.scheduler["last_epoch"] == b.scheduler["last_epoch"] == 6
-    assert _losses(tmp_path / "a") == _losses(tmp_path / "b")
 
 
 def test_resume_refuses_changed_settings_and_fresh_runs_refuse_existing_dirs(finished_run):
@@ -569,9 +559,7 @@ def test_torchrun_two_processes_match_one(image_dir, tmp_path):
     """2 gloo processes (1 image each per step) reach the weights of 1 process with the same global batch:
     per-rank shards of the same global batches, gradients averaged, rank 0 writes."""
     common = ["--steps", "3", "--save-every", "3", "--lora-dropout", "0", "--log-every", "1"]
-    a, b = torchrun_two_and_one(partial(_cli_args, image_dir), tmp_path, common, timeout=300)
-    for name in a.model:
-        assert torch.allclose(a.model[name], b.model[name], atol=1e-5, rtol=1e-4), name
+    assert_torchrun_two_match_one(partial(_cli_args, image_dir), tmp_path, common, timeout=300, atol=1e-5, rtol=1e-4)
 
 
 # -- methods ----------------------------------------------------------------------------------------------

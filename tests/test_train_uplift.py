@@ -9,12 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 from _train_helpers import (
-    _losses,
     _textures,
     _tiny_train_args,
     assert_killed_run_resumes_bit_exact,
-    assert_same_state,
-    torchrun_two_and_one,
+    assert_stopped_run_resumes_bit_exact,
+    assert_torchrun_two_match_one,
 )
 from conftest import TINY
 from typer.testing import CliRunner
@@ -174,22 +173,14 @@ def test_a_run_writes_its_directory_and_a_loadable_checkpoint(finished, tmp_path
 
 def test_resume_is_bit_exact(image_dir, tmp_path):
     """3 steps, stop, resume for 3 more == 6 uninterrupted steps (weights, BN statistics, optimiser, metrics)."""
-    kw = dict(steps=6, save_every=100)
-    train_loop.train(tiny_uplift_config(image_dir, tmp_path / "a", **kw), reporter=train_loop.NullReporter())
-    first = train_loop.train(
-        tiny_uplift_config(image_dir, tmp_path / "b", **kw), reporter=train_loop.NullReporter(), stop_after=3
-    )
-    assert first.step == 3 and not first.finished
-    cfg = resume_config(tmp_path / "b", {"workers": 1})
+    config = partial(tiny_uplift_config, image_dir, steps=6, save_every=100)
+    resume = partial(resume_config, overrides={"workers": 1})
+    straight, resumed = assert_stopped_run_resumes_bit_exact(config, resume, tmp_path, stop_after=3)
+    cfg = resume(resumed)
     assert cfg.method == "uplift" and cfg.depths == [1, 2]
-    second = train_loop.train(cfg, resume=True, reporter=train_loop.NullReporter())
-    assert second.finished
-    a, b = load_state(tmp_path / "a" / "state.safetensors"), load_state(tmp_path / "b" / "state.safetensors")
-    assert a.model.keys() == b.model.keys() and any(k.endswith("running_var") for k in a.model)
-    assert_same_state(a, b)
-    assert _losses(tmp_path / "a") == _losses(tmp_path / "b")
+    assert any(k.endswith("running_var") for k in load_state(straight / "state.safetensors").model)
     with pytest.raises(VitupError, match="--image-size differs"):
-        resume_config(tmp_path / "b", {"image_size": 128})
+        resume_config(resumed, {"image_size": 128})
 
 
 def test_nan_loss_stops_the_run(image_dir, tmp_path, monkeypatch):
@@ -230,14 +221,14 @@ def test_torchrun_two_processes_match_one(image_dir, tmp_path):
     running statistics follow rank 0 under DDP (on CPU there is no SyncBatchNorm), so those buffers are
     not compared."""
     common = ["--steps", "3", "--save-every", "3", "--log-every", "1"]
-    a, b = torchrun_two_and_one(
+    assert_torchrun_two_match_one(
         partial(_cli_args, image_dir, size=128),
         tmp_path,
         common,
         timeout=400,
         single_extra=["--accum", "2"],
+        skip=("running_mean", "running_var", "num_batches_tracked"),
+        compared_includes="attender",
+        atol=1e-5,
+        rtol=1e-4,
     )
-    compared = [n for n in a.model if not n.endswith(("running_mean", "running_var", "num_batches_tracked"))]
-    assert any("attender" in n for n in compared)
-    for name in compared:
-        assert torch.allclose(a.model[name], b.model[name], atol=1e-5, rtol=1e-4), name
