@@ -67,6 +67,23 @@ def _losses(run: Path) -> list[float]:
     return [json.loads(x)["loss"] for x in (run / "metrics.jsonl").read_text().splitlines()]
 
 
+def poison_loss(monkeypatch, module: Any, name: str, *, at_call: int, terms: Sequence[str] = ("loss",)) -> None:
+    """Patch ``module.name``, a loss returning ``(total, terms)``, to return a NaN total at its ``at_call``-th
+    call, logged as the value of each of ``terms`` too; every other call is the real loss."""
+    real = getattr(module, name)
+    calls = {"n": 0}
+
+    def poisoned(*args):
+        calls["n"] += 1
+        total, logged = real(*args)
+        if calls["n"] == at_call:
+            total = total * float("nan")
+            logged = {**logged, **dict.fromkeys(terms, total.detach())}
+        return total, logged
+
+    monkeypatch.setattr(module, name, poisoned)
+
+
 def assert_same_state(a: LoadedState, b: LoadedState) -> None:
     """Every model tensor and every optimiser state tensor of ``a`` equals ``b``'s, bit for bit."""
     for name in a.model:

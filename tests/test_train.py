@@ -19,6 +19,7 @@ from _train_helpers import (
     assert_killed_run_resumes_bit_exact,
     assert_stopped_run_resumes_bit_exact,
     assert_torchrun_two_match_one,
+    poison_loss,
 )
 from conftest import TINY
 from PIL import Image
@@ -482,18 +483,7 @@ def test_resume_refuses_other_base_weights(image_dir, tmp_path):
 
 
 def test_nan_loss_stops_naming_the_step_and_the_last_good_checkpoint(image_dir, tmp_path, monkeypatch):
-    real = vitup_method.distillation_loss
-    calls = {"n": 0}
-
-    def poisoned(preds, targets, weights):
-        calls["n"] += 1
-        total, terms = real(preds, targets, weights)
-        if calls["n"] == 3:
-            total = total * float("nan")
-            terms = {**terms, "kl": total.detach(), "loss": total.detach()}
-        return total, terms
-
-    monkeypatch.setattr(vitup_method, "distillation_loss", poisoned)
+    poison_loss(monkeypatch, vitup_method, "distillation_loss", at_call=3, terms=("kl", "loss"))
     cfg = tiny_config(image_dir, tmp_path / "nan", save_every=2)
     with pytest.raises(train_loop.TrainingDiverged) as info:
         train_loop.train(cfg, reporter=train_loop.NullReporter())

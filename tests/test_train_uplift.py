@@ -14,6 +14,7 @@ from _train_helpers import (
     assert_killed_run_resumes_bit_exact,
     assert_stopped_run_resumes_bit_exact,
     assert_torchrun_two_match_one,
+    poison_loss,
 )
 from conftest import TINY
 from typer.testing import CliRunner
@@ -186,18 +187,7 @@ def test_resume_is_bit_exact(image_dir, tmp_path):
 def test_nan_loss_stops_the_run(image_dir, tmp_path, monkeypatch):
     from vitup_cli.train.methods import uplift as uplift_method
 
-    real = uplift_method.uplift_loss
-    calls = {"n": 0}
-
-    def poisoned(outputs, targets, depths):
-        calls["n"] += 1
-        total, terms = real(outputs, targets, depths)
-        if calls["n"] == 2:
-            total = total * float("nan")
-            terms = {**terms, "loss": total.detach()}
-        return total, terms
-
-    monkeypatch.setattr(uplift_method, "uplift_loss", poisoned)
+    poison_loss(monkeypatch, uplift_method, "uplift_loss", at_call=2)
     with pytest.raises(train_loop.TrainingDiverged, match="diverged at step 2: loss term loss is nan"):
         train_loop.train(
             tiny_uplift_config(image_dir, tmp_path / "nan", save_every=1), reporter=train_loop.NullReporter()
