@@ -24,6 +24,15 @@ def tiny_vitup(name: str = "dinov3_s", seed: int = 0, lora: bool = True, **confi
     return ViTUp(backbone, cfg).eval()
 
 
+def _randomise(model):
+    """Move every zero-initialised part off zero so tests see the whole network at work."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "film" in name or "lora_B" in name:
+                p.normal_(std=0.05)
+    return model
+
+
 @pytest.fixture
 def images():
     return torch.rand(2, 3, 72, 88, generator=torch.Generator().manual_seed(0))
@@ -80,3 +89,34 @@ def single_thread():
         yield
     finally:
         torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def one_line_error():
+    """``check(result, *needles)``: ``result`` is a user error as ``vitup`` reports it (a ``VitupError``):
+    exit code 2, no traceback, and one non-empty line of output, ``error: ...`` on stderr, holding every
+    needle; it returns that line. ``result`` is a ``CliRunner`` result, or a ``VitupError`` raised by the
+    library (checked as the line the CLI prints for it). ``alone=False``, for a run that fails midway:
+    the lines it printed before may precede the error, which is still one line, the only and last
+    ``error:`` line."""
+
+    def check(result, *needles: str, alone: bool = True) -> str:
+        if isinstance(result, BaseException):
+            exit_code, output = getattr(result, "exit_code", None), f"error: {result}\n"
+            stderr = output
+        else:
+            exit_code, output, stderr = result.exit_code, result.output, result.stderr
+        assert exit_code == 2, output
+        assert "Traceback" not in output, output
+        lines = [line for line in output.splitlines() if line.strip()]
+        errors = [line for line in lines if line.startswith("error: ")]
+        assert len(errors) == 1 and lines[-1] == errors[0], output
+        if alone:
+            assert len(lines) == 1 and stderr.strip() == lines[0], (stderr, output)  # on stderr, alone
+        else:
+            assert stderr.strip().splitlines()[-1] == lines[-1], (stderr, output)  # on stderr
+        for needle in needles:
+            assert needle in lines[-1], (needle, lines[-1])
+        return lines[-1]
+
+    return check

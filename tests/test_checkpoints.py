@@ -2,9 +2,8 @@ import json
 
 import pytest
 import torch
-from conftest import tiny_vitup
-from test_backbones import _Payload
-from test_vitup import _randomise
+from _helpers import PicklePayload
+from conftest import _randomise, tiny_vitup
 
 from vitup_cli.errors import VitupError
 from vitup_cli.hub import load_checkpoint, open_upsampler, read_checkpoint_meta, save_checkpoint
@@ -44,7 +43,7 @@ def test_other_backbone_is_refused(saved):
 
 def test_pickle_is_refused_without_running(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    torch.save({"state": _Payload()}, tmp_path / "model.pt")
+    torch.save({"state": PicklePayload()}, tmp_path / "model.pt")
     with pytest.raises(VitupError, match="never unpickles"):
         load_checkpoint(tmp_path / "model.pt")
     # the same bytes under a safetensors name are sniffed and refused too

@@ -1,18 +1,22 @@
 import hashlib
 import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
-from conftest import TINY, single_thread, tiny_vitup
+from _extract_helpers import (
+    BACKBONE,
+    TINY_ARGS,
+    _assert_same_store,
+    _folder,
+    _kill_extract_after,
+    _rgb,
+    _torchrun_extract,
+)
+from conftest import TINY, _randomise, single_thread, tiny_vitup
 from PIL import Image
-from test_vitup import _randomise
 from typer.testing import CliRunner
 
 from vitup_cli.cli import app
@@ -32,10 +36,7 @@ from vitup_cli.hub import open_upsampler, save_checkpoint
 from vitup_cli.models import grid_xy
 from vitup_cli.stores import open_store, store_status
 
-ROOT = Path(__file__).resolve().parents[1]
 runner = CliRunner()
-BACKBONE = ["--backbone", "dinov3_s", "--pretrained", "none", "--backbone-args", "depth=2,embed_dim=64,num_heads=1"]
-TINY_ARGS = [*BACKBONE, "--upsampler", "bilinear", "--input-size", "64", "--workers", "0"]
 GOOD = [
     "a.jpg",
     "anim.gif",
@@ -58,10 +59,6 @@ BAD = {
 }
 
 
-def _rgb(h=40, w=60, seed=0):
-    return np.random.default_rng(seed).integers(0, 255, (h, w, 3), dtype=np.uint8)
-
-
 def _cli(*args, **kw):
     return runner.invoke(app, ["extract", *[str(a) for a in args]], **kw)
 
@@ -79,21 +76,6 @@ def _store_digest(path):
     path = Path(path)
     files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
     return {str(p): hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
-
-
-def _assert_same_store(a, b, so_a=None, so_b=None):
-    """Two stores (``so_a``/``so_b``: their storage options) hold the same rows, features and attributes,
-    but for when and how they were made."""
-    with open_store(a, so_a) as x, open_store(b, so_b) as y:
-        assert x.shape == y.shape and x.paths == y.paths
-        assert np.array_equal(x.status, y.status)
-        assert np.array_equal(x.sizes, y.sizes) and np.array_equal(x.valid, y.valid)
-        assert x.errors == y.errors
-        assert np.array_equal(x[0 : len(x)], y[0 : len(y)], equal_nan=True)
-        ax, ay = x.attrs, y.attrs
-        for key in ("command", "created", "completed", "resumed"):
-            ax.pop(key, None), ay.pop(key, None)
-        assert ax == ay
 
 
 @pytest.fixture(autouse=True)
@@ -245,29 +227,18 @@ def test_every_input_case_good_ones_extracted_bad_ones_reported(mixed, tmp_path)
         assert np.isnan(store[store.paths.index("empty.png")]).all()
 
 
-def test_strict_stops_at_the_first_bad_file(mixed, tmp_path):
+def test_strict_stops_at_the_first_bad_file(mixed, tmp_path, one_line_error):
     result = _cli(mixed, "--out", tmp_path / "s.zarr", "--res", "16", "--strict", *TINY_ARGS)
-    assert result.exit_code == 2
-    error = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
-    assert len(error) == 1 and "bomb.png" in error[0] and "pixel limit" in error[0] and "--strict" in error[0]
-    assert "Traceback" not in result.output and "empty.png" not in result.stderr
+    one_line_error(result, "bomb.png", "pixel limit", "--strict", alone=False)
+    assert "empty.png" not in result.stderr
 
 
-def test_missing_and_empty_inputs_are_one_clear_error(tmp_path):
+def test_missing_and_empty_inputs_are_one_clear_error(tmp_path, one_line_error):
     (tmp_path / "empty").mkdir()
     for source, message in ((tmp_path / "nope", "no such file"), (tmp_path / "empty", "no images found")):
-        result = _cli(source, "--out", tmp_path / "x.zarr", *TINY_ARGS)
-        assert result.exit_code == 2 and message in result.stderr and "Traceback" not in result.output
+        one_line_error(_cli(source, "--out", tmp_path / "x.zarr", *TINY_ARGS), message)
         assert not (tmp_path / "x.zarr").exists()
-    result = _cli(tmp_path, "--out", tmp_path / "x.npy", *TINY_ARGS)
-    assert result.exit_code == 2 and "NAME.zarr" in result.stderr
-
-
-def _folder(root, n=6, seed=0):
-    root.mkdir(parents=True, exist_ok=True)
-    for i in range(n):
-        Image.fromarray(_rgb(30 + 3 * i, 50, seed=seed + i)).save(root / f"img{i:02d}.png")
-    return root
+    one_line_error(_cli(tmp_path, "--out", tmp_path / "x.npy", *TINY_ARGS), "NAME.zarr")
 
 
 @pytest.mark.parametrize("suffix", [".zarr", ".h5"])
@@ -448,51 +419,6 @@ def test_api_returns_a_summary(tmp_path):
 
 
 # -- crash and resume, torchrun: whole processes -----------------------------------------------------
-def _env():
-    env = dict(os.environ)
-    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-    env["OMP_NUM_THREADS"] = "1"  # like torchrun's workers; the in-process runs match it (one_thread)
-    return env
-
-
-def _kill_extract_after(
-    images: Path,
-    out: Path | str,
-    args: list,
-    rows: int,
-    *,
-    poll_s: float,
-    transient: tuple[type[Exception], ...] = (VitupError, OSError, ValueError),
-) -> int:
-    """Run ``vitup extract IMAGES --out OUT ARGS`` as a process, SIGKILL it once ``rows`` rows are written
-    (reading the store's status every ``poll_s``; ``transient``: errors of a store still being made) and
-    return how many rows it left pending."""
-    cmd = [sys.executable, "-m", "vitup_cli", "extract", str(images), "--out", str(out), *map(str, args)]
-    proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.time() + 120
-    while proc.poll() is None and time.time() < deadline:
-        try:
-            done = int((store_status(out) != 0).sum())
-        except transient:
-            done = 0
-        if done >= rows:
-            os.kill(proc.pid, signal.SIGKILL)
-            break
-        time.sleep(poll_s)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL, f"not killed mid-run (rc {proc.returncode}): {proc.stderr.read()}"
-    return int((store_status(out) == 0).sum())
-
-
-def _torchrun_extract(images: Path, out: Path | str, args: list[str]) -> subprocess.CompletedProcess:
-    """``vitup extract`` on 2 CPU processes under ``torchrun --standalone``; it must succeed."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "vitup_cli",
-           "extract", str(images), "--out", str(out), *args, "--device", "cpu"]  # fmt: skip
-    result = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return result
-
-
 @pytest.mark.integration
 @pytest.mark.slow
 @pytest.mark.parametrize(("suffix", "writer_threads"), [(".zarr", "4"), (".zarr", "0"), (".h5", "4")])
@@ -509,8 +435,10 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path, suffix, write
     assert _cli(images, "--out", reference, *base, "--writer-threads", "0").exit_code == 0
     left = _kill_extract_after(images, killed, args, 4, poll_s=0.01)
     assert 0 < left < 25, "the kill should leave some rows pending"
+    status = store_status(killed)
     result = _cli(images, "--out", killed, *args)  # no flag: refused, store untouched
     assert result.exit_code == 2 and "already exists" in result.stderr
+    assert np.array_equal(store_status(killed), status)
     result = _cli(images, "--out", killed, *args, "--resume")
     assert result.exit_code == 0, result.output
     assert "resuming" in result.stderr and f"{25 - left} skipped" in result.stdout

@@ -251,26 +251,19 @@ def test_keypoints_layout_end_to_end(tmp_path):
     assert any("whole target image" in n for n in data["dataset"]["notes"])
 
 
-def _error(result):
-    assert result.exit_code == 2, result.output
-    lines = [line for line in result.output.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in result.output
-    return lines[0]
-
-
-def test_bad_input_is_one_clear_line(tmp_path):
+def test_bad_input_is_one_clear_line(tmp_path, one_line_error):
     make_spair(tmp_path)
     base = ["probe", "spair", "--root", str(tmp_path), *TOY, "--cache", str(tmp_path / "c")]
-    assert "SPair-71k layout" in _error(runner.invoke(app, ["probe", "spair", "--root", str(tmp_path / "no"), *TOY]))
-    assert "--map-back" in _error(runner.invoke(app, [*base, "--map-back", "middle"]))
-    assert "--source-sampling" in _error(runner.invoke(app, [*base, "--source-sampling", "cubic"]))
-    assert "--alpha" in _error(runner.invoke(app, [*base, "--alpha", "ten"]))
-    assert "--alpha" in _error(runner.invoke(app, [*base, "--alpha", "2"]))
-    assert "--categories horse" in _error(runner.invoke(app, [*base, "--categories", "horse"]))
-    assert "--split" in _error(runner.invoke(app, [*base, "--split", "holdout"]))
-    assert "pairs.json" in _error(runner.invoke(app, ["probe", "keypoints", "--root", str(tmp_path), *TOY]))
-    assert "--no-cache: not for" in _error(runner.invoke(app, [*base, "--no-cache"]))
-    assert "--task depth: not for" in _error(runner.invoke(app, [*base, "--task", "depth"]))
+    one_line_error(runner.invoke(app, ["probe", "spair", "--root", str(tmp_path / "no"), *TOY]), "SPair-71k layout")
+    one_line_error(runner.invoke(app, [*base, "--map-back", "middle"]), "--map-back")
+    one_line_error(runner.invoke(app, [*base, "--source-sampling", "cubic"]), "--source-sampling")
+    one_line_error(runner.invoke(app, [*base, "--alpha", "ten"]), "--alpha")
+    one_line_error(runner.invoke(app, [*base, "--alpha", "2"]), "--alpha")
+    one_line_error(runner.invoke(app, [*base, "--categories", "horse"]), "--categories horse")
+    one_line_error(runner.invoke(app, [*base, "--split", "holdout"]), "--split")
+    one_line_error(runner.invoke(app, ["probe", "keypoints", "--root", str(tmp_path), *TOY]), "pairs.json")
+    one_line_error(runner.invoke(app, [*base, "--no-cache"]), "--no-cache: not for")
+    one_line_error(runner.invoke(app, [*base, "--task", "depth"]), "--task depth: not for")
 
 
 def test_config_errors_are_user_errors(tmp_path):

@@ -12,14 +12,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 from _train_helpers import (
-    _losses,
+    _textures,
     _tiny_train_args,
     assert_killed_run_resumes_bit_exact,
-    assert_same_state,
-    torchrun_two_and_one,
+    assert_stopped_run_resumes_bit_exact,
+    assert_torchrun_two_match_one,
 )
+from conftest import TINY
 from PIL import Image
-from test_train import TINY_ARGS, _textures
 from typer.testing import CliRunner
 
 from vitup_cli.cli import app
@@ -48,7 +48,7 @@ from vitup_cli.train.state import load_state
 def tiny_config(data: Path, out: Path, **kw) -> FeatSharpTrainConfig:
     """64 px global views (4x4 tokens), 128 px student crops: a few steps take seconds on a CPU."""
     base = dict(
-        data=str(data), out=str(out), backbone="dinov3_s", pretrained="none", backbone_args=dict(TINY_ARGS),
+        data=str(data), out=str(out), backbone="dinov3_s", pretrained="none", backbone_args=dict(TINY),
         input_tokens=4, steps=6, batch_size=2, workers=0, save_every=3, log_every=1, lr=1e-3, warmup=0.2,
         phis_images=6,
     )  # fmt: skip
@@ -230,18 +230,9 @@ def test_a_run_saves_a_featsharp_checkpoint_and_logs_fidelity(image_dir, tmp_pat
 
 def test_resume_is_bit_exact(image_dir, tmp_path):
     """3 steps, stop, resume for 3 more == 6 uninterrupted steps (weights, PHI-S, optimiser, metrics)."""
-    kw = dict(steps=6, save_every=100)
-    train_loop.train(tiny_config(image_dir, tmp_path / "a", **kw), reporter=train_loop.NullReporter())
-    first = train_loop.train(
-        tiny_config(image_dir, tmp_path / "b", **kw), reporter=train_loop.NullReporter(), stop_after=3
-    )
-    assert not first.finished and first.step == 3
-    second = train_loop.train(resume_config(tmp_path / "b"), resume=True, reporter=train_loop.NullReporter())
-    assert second.finished and second.step == 6
-    a, b = load_state(tmp_path / "a" / "state.safetensors"), load_state(tmp_path / "b" / "state.safetensors")
-    assert "featsharp.phis.rotation" in a.model and a.model.keys() == b.model.keys()
-    assert_same_state(a, b)
-    assert _losses(tmp_path / "a") == _losses(tmp_path / "b")
+    config = partial(tiny_config, image_dir, steps=6, save_every=100)
+    straight, _ = assert_stopped_run_resumes_bit_exact(config, resume_config, tmp_path, stop_after=3)
+    assert "featsharp.phis.rotation" in load_state(straight / "state.safetensors").model
 
 
 def _cli_args(image_dir: Path, out: Path, *extra: str) -> list[str]:
@@ -276,7 +267,7 @@ def test_torchrun_two_processes_match_one(image_dir, tmp_path):
     no_dropout = tmp_path / "c.toml"  # the downsampler's logit dropout draws per-process noise
     no_dropout.write_text("downsampler_dropout = 0.0\n")
     common = ["--steps", "3", "--save-every", "3", "--log-every", "1", "--config", str(no_dropout)]
-    a, b = torchrun_two_and_one(partial(_cli_args, image_dir), tmp_path, common, timeout=400, reported_once=False)
+    a, b = assert_torchrun_two_match_one(
+        partial(_cli_args, image_dir), tmp_path, common, timeout=400, reported_once=False, atol=1e-5, rtol=1e-4
+    )
     torch.testing.assert_close(a.model["featsharp.phis.mean"], b.model["featsharp.phis.mean"], rtol=1e-6, atol=1e-6)
-    for name in a.model:
-        assert torch.allclose(a.model[name], b.model[name], atol=1e-5, rtol=1e-4), name

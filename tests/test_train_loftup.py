@@ -1,12 +1,13 @@
 """`vitup train --method loftup`: the objective's pieces, both stages on SA-1B-layout data, exact resume."""
 
 import json
+from functools import partial
 from pathlib import Path
 
 import pytest
 import torch
-from _train_helpers import _losses
-from test_masks import make_sa1b
+from _helpers import make_sa1b
+from _train_helpers import assert_stopped_run_resumes_bit_exact
 from typer.testing import CliRunner
 
 from vitup_cli.cli import app
@@ -119,18 +120,10 @@ def test_resume_equals_an_uninterrupted_run(sa1b, stage1_run, tmp_path, stage):
     kw = {"steps": 4, "save_every": 2}
     if stage == 2:
         kw.update(init=str(stage1_run / "last"), ema_every=1)  # EMA updates on both sides of the stop
-    train_loop.train(_cfg(sa1b, tmp_path / "a", stage, **kw), reporter=train_loop.NullReporter())
-    first = train_loop.train(_cfg(sa1b, tmp_path / "b", stage, **kw), reporter=train_loop.NullReporter(), stop_after=2)
-    assert not first.finished and first.step == 2
-    second = train_loop.train(resume_config(tmp_path / "b"), resume=True, reporter=train_loop.NullReporter())
-    assert second.finished and second.step == 4
-    a, b = load_state(tmp_path / "a" / "state.safetensors"), load_state(tmp_path / "b" / "state.safetensors")
-    assert a.model.keys() == b.model.keys()
+    config = partial(_cfg, sa1b, stage=stage, **kw)
+    straight, _ = assert_stopped_run_resumes_bit_exact(config, resume_config, tmp_path, stop_after=2, optimizer=False)
     if stage == 2:
-        assert any(k.startswith("teacher.") for k in a.model)
-    for name in a.model:
-        assert torch.equal(a.model[name], b.model[name]), name
-    assert _losses(tmp_path / "a") == _losses(tmp_path / "b")
+        assert any(k.startswith("teacher.") for k in load_state(straight / "state.safetensors").model)
 
 
 def test_cli_trains_loftup_and_refuses_a_folder_without_masks(sa1b, tmp_path):

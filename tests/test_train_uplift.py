@@ -9,13 +9,14 @@ from pathlib import Path
 import pytest
 import torch
 from _train_helpers import (
-    _losses,
+    _textures,
     _tiny_train_args,
     assert_killed_run_resumes_bit_exact,
-    assert_same_state,
-    torchrun_two_and_one,
+    assert_stopped_run_resumes_bit_exact,
+    assert_torchrun_two_match_one,
+    poison_loss,
 )
-from test_train import TINY_ARGS, _textures
+from conftest import TINY
 from typer.testing import CliRunner
 
 from vitup_cli.cli import app
@@ -34,7 +35,7 @@ def tiny_uplift_config(data: Path, out: Path, **kw) -> UpliftTrainConfig:
         out=str(out),
         backbone="dinov3_s",
         pretrained="none",
-        backbone_args=dict(TINY_ARGS),
+        backbone_args=dict(TINY),
         image_size=64,
         steps=6,
         batch_size=2,
@@ -84,13 +85,13 @@ def test_depths_default_per_backbone_and_pyramid_sizes(tmp_path):
         train_loop.make_method(tiny_uplift_config(tmp_path, tmp_path / "c", depths=[1, 2, 3]))
 
 
-def test_flags_of_another_method_are_refused_in_one_line(image_dir, tmp_path):
+def test_flags_of_another_method_are_refused_in_one_line(image_dir, tmp_path, one_line_error):
     with pytest.raises(VitupError, match="unknown setting 'lora_r' for --method uplift"):
         build_config(None, {"method": "uplift", "lora_r": 4})
     result = CliRunner().invoke(app, [*_cli_args(image_dir, tmp_path / "x"), "--lora-r", "4"])
-    assert result.exit_code == 2 and "unknown setting 'lora_r' for --method uplift" in result.output
+    one_line_error(result, "unknown setting 'lora_r' for --method uplift")
     result = CliRunner().invoke(app, ["train", "--data", str(image_dir), "--out", "y", "--image-size", "64"])
-    assert result.exit_code == 2 and "unknown setting 'image_size' for --method vitup" in result.output
+    one_line_error(result, "unknown setting 'image_size' for --method vitup")
 
 
 def test_six_summed_mse_terms_against_the_matching_scales():
@@ -173,39 +174,20 @@ def test_a_run_writes_its_directory_and_a_loadable_checkpoint(finished, tmp_path
 
 def test_resume_is_bit_exact(image_dir, tmp_path):
     """3 steps, stop, resume for 3 more == 6 uninterrupted steps (weights, BN statistics, optimiser, metrics)."""
-    kw = dict(steps=6, save_every=100)
-    train_loop.train(tiny_uplift_config(image_dir, tmp_path / "a", **kw), reporter=train_loop.NullReporter())
-    first = train_loop.train(
-        tiny_uplift_config(image_dir, tmp_path / "b", **kw), reporter=train_loop.NullReporter(), stop_after=3
-    )
-    assert first.step == 3 and not first.finished
-    cfg = resume_config(tmp_path / "b", {"workers": 1})
+    config = partial(tiny_uplift_config, image_dir, steps=6, save_every=100)
+    resume = partial(resume_config, overrides={"workers": 1})
+    straight, resumed = assert_stopped_run_resumes_bit_exact(config, resume, tmp_path, stop_after=3)
+    cfg = resume(resumed)
     assert cfg.method == "uplift" and cfg.depths == [1, 2]
-    second = train_loop.train(cfg, resume=True, reporter=train_loop.NullReporter())
-    assert second.finished
-    a, b = load_state(tmp_path / "a" / "state.safetensors"), load_state(tmp_path / "b" / "state.safetensors")
-    assert a.model.keys() == b.model.keys() and any(k.endswith("running_var") for k in a.model)
-    assert_same_state(a, b)
-    assert _losses(tmp_path / "a") == _losses(tmp_path / "b")
+    assert any(k.endswith("running_var") for k in load_state(straight / "state.safetensors").model)
     with pytest.raises(VitupError, match="--image-size differs"):
-        resume_config(tmp_path / "b", {"image_size": 128})
+        resume_config(resumed, {"image_size": 128})
 
 
 def test_nan_loss_stops_the_run(image_dir, tmp_path, monkeypatch):
     from vitup_cli.train.methods import uplift as uplift_method
 
-    real = uplift_method.uplift_loss
-    calls = {"n": 0}
-
-    def poisoned(outputs, targets, depths):
-        calls["n"] += 1
-        total, terms = real(outputs, targets, depths)
-        if calls["n"] == 2:
-            total = total * float("nan")
-            terms = {**terms, "loss": total.detach()}
-        return total, terms
-
-    monkeypatch.setattr(uplift_method, "uplift_loss", poisoned)
+    poison_loss(monkeypatch, uplift_method, "uplift_loss", at_call=2)
     with pytest.raises(train_loop.TrainingDiverged, match="diverged at step 2: loss term loss is nan"):
         train_loop.train(
             tiny_uplift_config(image_dir, tmp_path / "nan", save_every=1), reporter=train_loop.NullReporter()
@@ -229,14 +211,14 @@ def test_torchrun_two_processes_match_one(image_dir, tmp_path):
     running statistics follow rank 0 under DDP (on CPU there is no SyncBatchNorm), so those buffers are
     not compared."""
     common = ["--steps", "3", "--save-every", "3", "--log-every", "1"]
-    a, b = torchrun_two_and_one(
+    assert_torchrun_two_match_one(
         partial(_cli_args, image_dir, size=128),
         tmp_path,
         common,
         timeout=400,
         single_extra=["--accum", "2"],
+        skip=("running_mean", "running_var", "num_batches_tracked"),
+        compared_includes="attender",
+        atol=1e-5,
+        rtol=1e-4,
     )
-    compared = [n for n in a.model if not n.endswith(("running_mean", "running_var", "num_batches_tracked"))]
-    assert any("attender" in n for n in compared)
-    for name in compared:
-        assert torch.allclose(a.model[name], b.model[name], atol=1e-5, rtol=1e-4), name

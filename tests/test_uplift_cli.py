@@ -146,7 +146,7 @@ def test_local_copy_of_published_weights_loads_with_its_release_backbone(tmp_pat
         assert torch.equal(up.net.state_dict()[name], value), name
 
 
-def test_published_weights_errors_are_one_line(photos, tmp_path, monkeypatch):
+def test_published_weights_errors_are_one_line(photos, tmp_path, monkeypatch, one_line_error):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
     with pytest.raises(VitupError, match="uplift:dinov3_splus: .* not in the Hugging Face cache"):
@@ -157,4 +157,4 @@ def test_published_weights_errors_are_one_line(photos, tmp_path, monkeypatch):
     with pytest.raises(VitupError, match=r"has shape .* this UPLiFT needs .*384-channel"):
         load_trained(path, pretrained="none")
     result = runner.invoke(app, ["extract", str(photos), "--out", str(tmp_path / "x.zarr"), "-c", "uplift:nope"])
-    assert result.exit_code == 2 and "unknown release 'uplift:nope'" in result.output
+    one_line_error(result, "unknown release 'uplift:nope'")

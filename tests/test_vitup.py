@@ -1,6 +1,6 @@
 import pytest
 import torch
-from conftest import tiny_backbone, tiny_vitup
+from conftest import _randomise, tiny_backbone, tiny_vitup
 
 from vitup_cli.backbones import load_backbone
 from vitup_cli.errors import VitupError
@@ -15,15 +15,6 @@ from vitup_cli.models.vitup import (
     rope_angles,
     window_index,
 )
-
-
-def _randomise(model):
-    """Move every zero-initialised part off zero so tests see the whole network at work."""
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "film" in name or "lora_B" in name:
-                p.normal_(std=0.05)
-    return model
 
 
 def test_paper_parameter_count_for_dinov3_splus():

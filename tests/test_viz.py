@@ -44,15 +44,6 @@ def _run(*args):
     return CliRunner().invoke(app, ["visualize", *map(str, args)])
 
 
-def _error_line(result):
-    """A user error: exit code 2, one line starting with `error:`, no traceback."""
-    assert result.exit_code == 2, result.output
-    lines = [ln for ln in result.output.splitlines() if ln.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.output
-    assert "Traceback" not in result.output
-    return lines[0]
-
-
 # -- joint PCA ---------------------------------------------------------------------------------------
 def test_joint_pca_gives_identical_colours_for_identical_features_across_panels():
     g = torch.Generator().manual_seed(0)
@@ -254,7 +245,7 @@ def test_checkpoint_draws_vitup_beside_teacher_baselines(photo, tmp_path, tiny_c
 
 
 # -- the CLI -----------------------------------------------------------------------------------------
-def test_cli_default_name_and_no_silent_overwrite(photo):
+def test_cli_default_name_and_no_silent_overwrite(photo, one_line_error):
     result = _run(photo, "--point", "10,12", *PAIR, *TINY_ARGS)
     assert result.exit_code == 0, result.output
     out = photo.with_name("photo.vitup.png")
@@ -263,14 +254,13 @@ def test_cli_default_name_and_no_silent_overwrite(photo):
     os.umask(umask)
     assert out.stat().st_mode & 0o777 == 0o666 & ~umask  # a normal file, not the temp file's 0600
     before = out.read_bytes()
-    line = _error_line(_run(photo, *PAIR, *TINY_ARGS))
-    assert "already exists" in line and "--overwrite" in line
+    one_line_error(_run(photo, *PAIR, *TINY_ARGS), "already exists", "--overwrite")
     assert out.read_bytes() == before
     assert _run(photo, "--overwrite", "--compare", "nearest", *TINY_ARGS).exit_code == 0
     assert Image.open(out).size == (3 * 60, round((viz.HEADER_H + viz.TITLE_H + 1.5 * 0.75 + viz.FOOTER_H) * 40))
 
 
-def test_cli_bad_inputs_give_one_line_and_exit_2(photo, tmp_path):
+def test_cli_bad_inputs_give_one_line_and_exit_2(photo, tmp_path, one_line_error):
     (tmp_path / "junk.jpg").write_text("not an image")
     cases = {
         "no such image": [tmp_path / "missing.jpg", *PAIR, *TINY_ARGS],
@@ -286,7 +276,7 @@ def test_cli_bad_inputs_give_one_line_and_exit_2(photo, tmp_path):
         "with --pretrained none": [photo, *TINY_ARGS, "--backbone", "dinov3_s+"],
     }
     for needle, args in cases.items():
-        assert needle in _error_line(_run(*args)), needle
+        one_line_error(_run(*args), needle)
     assert not list(tmp_path.glob("*.vitup.png"))
 
 
@@ -425,7 +415,7 @@ def test_store_similarity_marks_the_same_image_point(tmp_path, no_model):
     assert viz.cosine_similarity_map(tokens.features, xy, tokens.box)[2, 3] == 1.0
 
 
-def test_store_bad_inputs_give_one_line_and_exit_2(tmp_path, no_model):
+def test_store_bad_inputs_give_one_line_and_exit_2(tmp_path, no_model, one_line_error):
     import zarr
 
     path, *_ = _make_store(tmp_path, statuses=(1, 0, 1))
@@ -442,7 +432,7 @@ def test_store_bad_inputs_give_one_line_and_exit_2(tmp_path, no_model):
         "do not apply to a store": [path, "--index", "0", "--compare", "bilinear"],
     }
     for needle, args in cases.items():
-        assert needle in _error_line(_run(*args)), needle
+        one_line_error(_run(*args), needle)
     assert not list(tmp_path.glob("*.row*.png"))
     # the image may live elsewhere: --images finds it, and a missing one is a blank panel, not an error
     moved = tmp_path / "moved"

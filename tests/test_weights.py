@@ -11,13 +11,12 @@ from vitup_cli.errors import VitupError
 from vitup_cli.hub.releases import RELEASES, licence_notice, resolve_weights
 
 
-def test_offline_without_cache_fails_fast_with_one_line(offline_cache):
+def test_offline_without_cache_fails_fast_with_one_line(offline_cache, one_line_error):
     start = time.perf_counter()
     with pytest.raises(VitupError) as err:
         resolve_weights("vit-up:dinov3_splus")
     assert time.perf_counter() - start < 1.0
-    msg = str(err.value)
-    assert "\n" not in msg and "Krispin/vit-up/vit_up_dinov3_splus.safetensors" in msg and "--checkpoint" in msg
+    one_line_error(err.value, "Krispin/vit-up/vit_up_dinov3_splus.safetensors", "--checkpoint")
 
 
 def test_short_name_and_hf_ref_resolve_from_cache(offline_cache):
