@@ -1,5 +1,6 @@
 import hashlib
 import os
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
