@@ -185,6 +185,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--source", choices=("vitup", "bilinear"), default="vitup")
     p.add_argument("--repeats", type=int, default=2, help="runs per cell; the best is kept")
     p.add_argument("--s3", action="store_true", help="also write to a moto S3 bucket on 127.0.0.1")
+    p.add_argument("--s3-res", default="224", help="the sides written to S3 too (moto is slow; default 224)")
     p.add_argument("--dir", default=None, help="where the local stores go (default: a temporary folder)")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "writer_throughput.json"))
     args = p.parse_args(argv)
@@ -211,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
             pool = feature_pool(res, args.pool, args.source)
             print(f"\n{res}^2: {args.pool} {args.source} feature maps made in {time.perf_counter() - t0:.0f} s")
             image_mb = CHANNELS * res * res * 2 / 1e6
-            for target in targets:
+            for target in (t for t in targets if t == "local" or str(res) in args.s3_res.split(",")):
                 for codec in args.codecs.split(","):
                     for dtype in args.dtypes.split(","):
                         for chunk in (int(c) for c in args.chunks.split(",")):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import os
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -18,18 +19,23 @@ def _umask() -> int:
     return mask
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temporary file and ``os.replace``: readers never see half a file.
+def atomic_write_bytes(path: Path, data: bytes | Sequence[bytes], *, fsync: bool = True) -> None:
+    """Write ``data`` (or its parts, one after another) to ``path`` via a temporary file and ``os.replace``:
+    readers, and a process killed at any moment, never see half a file.
 
-    The file gets the usual permissions (``0666`` minus the umask), not ``mkstemp``'s private ``0600``.
+    ``fsync=False`` skips flushing to the device before the rename (what zarr's own local store does): a
+    killed process still leaves the old file or the whole new one, but a power cut may not. The file gets
+    the usual permissions (``0666`` minus the umask), not ``mkstemp``'s private ``0600``.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
+            for part in [data] if isinstance(data, (bytes, bytearray, memoryview)) else data:
+                fh.write(part)
             fh.flush()
-            os.fsync(fh.fileno())
+            if fsync:
+                os.fsync(fh.fileno())
         os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:

@@ -146,7 +146,9 @@ class Location:
         except FileNotFoundError:
             return None
 
-    def write(self, name: str, data: bytes, exclusive: bool = False) -> None:
+    def write(self, name: str, data: bytes | Sequence[bytes], exclusive: bool = False, fsync: bool = True) -> None:
+        """Write key ``name`` (``data`` may come in parts); ``fsync=False``: atomic against a killed process
+        but not flushed to the device first (bulk data, as zarr's own store writes it)."""
         if not self.remote:
             target = Path(self.path) / name
             target.parent.mkdir(parents=True, exist_ok=True)
@@ -156,7 +158,7 @@ class Location:
                     fh.write(data)
                 return
 
-            atomic_write_bytes(target, data)
+            atomic_write_bytes(target, data, fsync=fsync)
             return
         if exclusive:
             try:
@@ -171,7 +173,7 @@ class Location:
                 if "PreconditionFailed" in repr(exc) or "412" in str(exc):
                     raise FileExistsError(self.key(name)) from None
                 raise
-        self.fs.pipe_file(self.key(name), data)
+        self.fs.pipe_file(self.key(name), data if isinstance(data, bytes) else b"".join(data))
 
     def delete(self, name: str) -> None:
         if not self.remote:
@@ -900,7 +902,7 @@ class ShardEncoder:
         raw = np.ascontiguousarray(block, dtype=self.dtype)
         return raw.tobytes() if self.blosc is None else bytes(self.blosc.encode(raw))
 
-    def encode(self, data: np.ndarray, shard: int) -> bytes:
+    def encode(self, data: np.ndarray, shard: int) -> list[bytes]:
         """The bytes of shard ``shard`` (along the first axis; the array is one shard wide in every other
         axis) holding ``data``: its rows of the array, ``(n, *shape[1:])``. Chunks outside the array are
         left empty; edge chunks are padded with the fill value, as zarr does."""
@@ -926,7 +928,7 @@ class ShardEncoder:
             offset += len(blob)
         index_bytes = index.tobytes()
         checksum = np.array([google_crc32c.value(index_bytes)], dtype="<u4").tobytes()
-        return b"".join([*blobs, index_bytes, checksum])
+        return [*blobs, index_bytes, checksum]  # the shard's bytes, in order
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)
@@ -1076,7 +1078,7 @@ class _ZarrWriter(StoreWriter):
                 # a shard left by an interrupted attempt is replaced, never merged into
                 self._loc.delete(key)
                 if name in self._encoders:  # one atomic write of the whole shard, compressed in threads
-                    self._loc.write(key, self._encoders[name].encode(rows[name], shard))
+                    self._loc.write(key, self._encoders[name].encode(rows[name], shard), fsync=False)
                 else:
                     arrays[name][start:stop] = rows[name]
         with self._small:  # shards written at once by several threads share the chunks of these arrays
