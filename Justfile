@@ -53,10 +53,11 @@ bench-loftup *args:
 bench-runtime *args:
     python benchmarks/runtime.py {{args}}
 
-# On a CUDA machine: the paper's Table 9 setting (bf16), eager, then torch.compile'd (JSON in benchmarks/results)
+# On a CUDA machine: the paper's Table 9 setting (bf16), eager, then torch.compile'd; then end-to-end extraction with the published ViT-Up at 224^2/448^2 (JSON in benchmarks/results)
 bench-gpu:
     python benchmarks/runtime.py --device cuda --precision bf16
     python benchmarks/runtime.py --device cuda --precision bf16 --compile --upsamplers vitup,uplift,loftup
+    python benchmarks/extract_throughput.py --device cuda --checkpoint vit-up:dinov3_splus --count 256 --res 224,448 --workers 8 --out benchmarks/results/extract_cuda.json
 
 # Probe training streamed from a store vs held in memory
 bench-probe *args:

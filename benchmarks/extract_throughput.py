@@ -12,7 +12,9 @@ side with the 448/224 ratio (goal <= 1.3). All in one invocation, on the same im
 
 The codec table: step 2 runs once per Zarr codec in ``--codecs`` (default ``zstd,lz4,none``, ``--compression``
 of ``vitup extract``), and the table gives, per resolution and codec, end-to-end images/s, its ratio to
-model-only, the stored size and the compression ratio: what the default codec is chosen by.
+model-only, the stored size and the compression ratio: what the default codec is chosen by. With
+``--writer-threads auto,0`` every codec also runs with zarr's own codec pipeline (vitup 0.2's writer),
+side by side with extract's threaded writer; ``--out FILE`` keeps the results as JSON.
 
 Two diagnostics explain a ratio below 1: ``stall``, the share of the end-to-end loop in which the model
 step was not running (waiting for decoded images or for the writer's queue, start-up, the last write),
@@ -113,6 +115,7 @@ def _child(args: argparse.Namespace, res: int) -> dict:
         fill_colour,
         run_extract,
     )
+    from vitup_cli.features import resolve_precision
     from vitup_cli.hub import open_upsampler
 
     torch.set_num_threads(args.threads)
@@ -138,17 +141,21 @@ def _child(args: argparse.Namespace, res: int) -> dict:
         rows = _ImageRows(files, model.input_size, "pad", fill_colour(model))
         images = torch.stack([rows[i]["image"] for i in range(len(files))])
         batches = [images[i : i + batch_size] for i in range(0, len(images), batch_size)]
-        dense_features(model, batches[0].to(device).float() / 255, grid, dtype=dtype)  # warm-up
+        precision = resolve_precision("auto", device)  # what extract runs: bf16 autocast on CUDA, fp32 on CPU
+        dense_features(model, batches[0].to(device).float() / 255, grid, dtype=dtype, precision=precision)  # warm-up
         t0 = time.perf_counter()
         for batch in batches:
-            out, _ = dense_features(model, batch.to(device, non_blocking=True).float() / 255, grid, dtype=dtype)
+            batch = batch.to(device, non_blocking=True).float() / 255
+            out, _ = dense_features(model, batch, grid, dtype=dtype, precision=precision)
             del out
         model_s = time.perf_counter() - t0
         del images, batches
         # 2. end to end on the same files, same model object, once per codec
         codecs = args.codecs.split(",") if args.format == "zarr" else ["gzip"]
+        settings = [None if w == "auto" else int(w) for w in str(args.writer_threads).split(",")]
         per_codec = {}
-        for codec in codecs:
+        for codec, writer_threads in ((c, w) for w in settings for c in codecs):
+            label = codec if writer_threads is None else f"{codec} w{writer_threads}"
             with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
                 listing = Path(tmp) / "list.txt"
                 listing.write_text("\n".join(str(f) for f in files))
@@ -161,16 +168,17 @@ def _child(args: argparse.Namespace, res: int) -> dict:
                     workers=args.workers,
                     device=str(device),
                     command="benchmark",
+                    writer_threads=writer_threads,
                     **({"compression": codec} if args.format == "zarr" else {}),
                 )
                 summary = run_extract(config, upsampler=model, reporter=SilentReporter())
-            per_codec[codec] = {
+            per_codec[label] = {
                 "e2e_ips": summary.images_per_s,
                 "e2e_model_s": summary.model_seconds,
                 "e2e_write_s": summary.write_seconds,
                 "stored_bytes": summary.bytes_on_disk,
             }
-        summary_codec = per_codec[codecs[0]]
+        summary_codec = next(iter(per_codec.values()))
     peak_self = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
     return {
         "res": res,
@@ -210,7 +218,14 @@ def main() -> None:
     p.add_argument(
         "--codecs", default="zstd,lz4,none", help="Zarr codecs for the codec table (the first is the main row)"
     )
+    p.add_argument(
+        "--writer-threads",
+        default="auto",
+        help="store writer settings, comma-separated: auto (extract's default) and/or N (0: zarr's own pipeline, "
+        "vitup 0.2's writer); each codec runs once per setting",
+    )
     p.add_argument("--workdir", default=None, help="where the temporary stores go (default: system temp)")
+    p.add_argument("--out", default=None, help="also write the results as JSON here (with the machine described)")
     p.add_argument("--child", type=int, default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
 
@@ -227,6 +242,7 @@ def main() -> None:
             cmd = [sys.executable, __file__, "--child", str(res)]
             keys = ("images", "count", "backbone", "pretrained", "backbone_args", "upsampler", "checkpoint")
             keys += ("input_size", "batch_size", "workers", "threads", "device", "dtype", "format", "workdir", "codecs")
+            keys += ("writer_threads",)
             for key in keys:
                 value = getattr(args, key)
                 if value is not None:
@@ -273,6 +289,18 @@ def main() -> None:
     for r in results[1:]:
         print(f"peak RSS R={r['res']} / R={first['res']}: {r['peak_rss'] / first['peak_rss']:.2f} (goal <= 1.3)")
     print(json.dumps(results))
+    if args.out:
+        out = {
+            "benchmark": "extract_throughput",
+            "command": " ".join(["benchmarks/extract_throughput.py", *sys.argv[1:]]),
+            "machine": {
+                "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+                "load_average_at_end": os.getloadavg(),
+            },
+            "results": results,
+        }
+        Path(args.out).write_text(json.dumps(out, indent=1) + "\n")
+        print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":

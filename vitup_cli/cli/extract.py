@@ -9,6 +9,7 @@ from typing import Annotated
 
 import typer
 
+from vitup_cli.choice import parse_overrides
 from vitup_cli.cli._app import (
     FEATURES,
     IO,
@@ -204,7 +205,6 @@ def extract_cmd(
 ) -> None:
     """Write upsampled dense features for image folders to Zarr or HDF5 stores."""
     # they import torch: lazy for CLI start-up speed
-    from vitup_cli.backbones import parse_overrides
     from vitup_cli.extract import ExtractConfig, parse_part, parse_res, parse_storage_options, run_extract
 
     config = ExtractConfig(

@@ -9,6 +9,7 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 
+from vitup_cli.choice import parse_overrides
 from vitup_cli.cli._app import (
     RUN,
     BackboneArgsOpt,
@@ -238,7 +239,6 @@ def probe_cmd(
         return
 
     # they import torch: lazy for CLI start-up speed
-    from vitup_cli.backbones import parse_overrides
     from vitup_cli.probe import ProbeConfig, run_probe
     from vitup_cli.probe.report import results_table
 
@@ -290,7 +290,6 @@ def _correspondence(dataset: str, root: Path, *, upsampler: str | None, categori
                     backbone_args: str | None, out: Path | None, **kw: Any) -> None:  # fmt: skip
     """``vitup probe spair|keypoints``: PCK of nearest-neighbour matches (``vitup_cli.probe.correspondence``)."""
     # they import torch: lazy for CLI start-up speed
-    from vitup_cli.backbones import parse_overrides
     from vitup_cli.probe.correspondence import CorrespondenceConfig, run_correspondence
     from vitup_cli.probe.correspondence_report import results_table
 

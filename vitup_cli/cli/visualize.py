@@ -7,6 +7,7 @@ from typing import Annotated
 
 import typer
 
+from vitup_cli.choice import parse_overrides
 from vitup_cli.cli._app import (
     FEATURES,
     IO,
@@ -110,7 +111,6 @@ def visualize_cmd(
     """
     # they import torch: lazy for CLI start-up speed
     from vitup_cli import viz
-    from vitup_cli.backbones import parse_overrides
 
     log = reporter().info
 

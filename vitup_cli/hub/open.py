@@ -89,7 +89,6 @@ def load_trained(
     *,
     weights: str | Path | None = None,
     pretrained: str = "hub",
-    antialias: bool | None = None,
     map_location: str | torch.device = "cpu",
     notify: Callable[[str], None] | None = None,
     backbone: str | Backbone | None = None,
@@ -100,7 +99,8 @@ def load_trained(
     """A trained upsampler from ``--checkpoint`` in any of its forms (see the module docstring).
 
     ``backbone``, ``overrides`` and ``input_size`` apply to methods whose files do not fix them (a local
-    published LoftUp file runs over ``backbone``); ``antialias`` overrides ViT-Up's recorded resize."""
+    published LoftUp file runs over ``backbone``). ``vitup_cli.hub.open_vitup`` also overrides ViT-Up's
+    recorded resize antialiasing."""
     text = str(ref)
     if not checkpoint_paths(text)[1].is_file() and not is_release_ref(text) and not Path(text).is_file():
         resolve_weights(text)  # a mistyped short name (``uplift:nope``) gets the list of releases
@@ -108,11 +108,7 @@ def load_trained(
         backbone=backbone, weights=weights, pretrained=pretrained, overrides=overrides, input_size=input_size,
         map_location=map_location, notify=notify, minmax=minmax,
     )  # fmt: skip
-    model = read_weights(text, options)
-    if antialias is not None and hasattr(model.config, "antialias"):
-        model.config.antialias = bool(antialias)
-        model.weights_info["antialias"] = model.config.antialias
-    return model
+    return read_weights(text, options)
 
 
 def _needs_checkpoint(method: str) -> VitupError:
