@@ -280,6 +280,7 @@ def _rebuild(
 
 
 def is_vitup_checkpoint(path: Path) -> bool:
+    """True when ``path`` is a checkpoint in vitup's format (its ``NAME.json`` is beside it), any method."""
     return checkpoint_paths(path)[1].is_file()
 
 
