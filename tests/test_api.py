@@ -64,3 +64,20 @@ def test_torch_hub_loads_from_a_clone():
         torch.testing.assert_close(up.features(x, 16), want.features(x, 16))
     names = [u.name for u in torch.hub.load(str(ROOT), "upsamplers", source="local", trust_repo=True)]
     assert "vitup" in names
+
+
+def test_the_upsamplers_command_lists_the_registry():
+    import json
+
+    from typer.testing import CliRunner
+
+    from vitup_cli.cli import app
+
+    runner = CliRunner()
+    listed = json.loads(runner.invoke(app, ["upsamplers", "--json"]).stdout)
+    assert [r["name"] for r in listed] == [u.name for u in vitup_cli.list_upsamplers()]
+    vitup = next(r for r in listed if r["name"] == "vitup")
+    assert vitup["releases"] == ["vit-up:dinov3_splus", "vit-up:dinov3_b"] and vitup["trainable"]
+    assert next(r for r in listed if r["name"] == "loftup")["resize_filter"] == "bilinear"
+    table = runner.invoke(app, ["upsamplers"], env={"COLUMNS": "250"})
+    assert table.exit_code == 0 and "training-free" in table.stdout and "loftup:dinov2_s" in table.stdout

@@ -9,14 +9,14 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from vitup_cli.hub import open_upsampler, releases_for
-from vitup_cli.models import Upsampler, specs
+from vitup_cli.models import Capabilities, Upsampler, specs
 from vitup_cli.train.methods import METHODS
 
 
@@ -63,10 +63,16 @@ class UpsamplerInfo:
     trainable: bool
     any_backbone: bool
     native_resolution_only: bool
+    output: str
+    channel_space: str
+    resize_filter: str
     releases: tuple[str, ...]
     licences: tuple[str, ...]
     summary: str
     paper: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
 
 
 def list_upsamplers() -> list[UpsamplerInfo]:
@@ -82,6 +88,9 @@ def list_upsamplers() -> list[UpsamplerInfo]:
                 trainable=name in METHODS,
                 any_backbone=spec.capabilities.any_backbone or not spec.capabilities.trained,
                 native_resolution_only=spec.capabilities.native_resolution_only,
+                output=_output(spec.capabilities),
+                channel_space=spec.capabilities.channel_space,
+                resize_filter=spec.preprocessing.resize_filter,
                 releases=tuple(r.name for r in releases),
                 licences=tuple(x for x in licences if x),
                 summary=spec.summary,
@@ -89,3 +98,10 @@ def list_upsamplers() -> list[UpsamplerInfo]:
             )
         )
     return out
+
+
+def _output(caps: Capabilities) -> str:
+    """What output sizes a method gives, in a few words."""
+    if caps.native_resolution_only:
+        return "the token grid"
+    return "any size" + (" (queries too)" if caps.query else "")

@@ -432,6 +432,6 @@ register_upsampler(
         preprocessing=Preprocessing(resize_filter="bicubic", antialias=False),
         summary="coordinate-conditioned prediction from the ViT's own hidden states",
         paper="Wandel, Wang and Wang 2026 (ViT-Up)",
-        licence="reference code: see krispinwandel/vit-up; weights cc-by-nc-sa-4.0",
+        licence="reference code: krispinwandel/vit-up",
     )
 )
