@@ -1,17 +1,22 @@
 """Published upsampler weights by short name (``vit-up:dinov3_splus``, ``uplift:dinov2_s``, ...).
 
 One resolver for every method: a short name from ``RELEASES``, a Hugging Face file written
-``hf:ORG/REPO/FILE``, or a local path. Hub files come from the Hugging Face cache first; offline with
-nothing cached, resolution fails in well under a second with one line naming the options (no minute of
-retries). Nothing here unpickles: callers read ``.safetensors`` with safetensors and ``.bin`` files only
-through ``torch.load(weights_only=True)``.
+``hf:ORG/REPO/FILE``, or a local path. Hub files come from the Hugging Face cache first, files published at
+a URL (GitHub release assets: ``Release.url``) from torch.hub's cache (``torch.hub.get_dir()/checkpoints``)
+first; offline with nothing cached, resolution fails in well under a second with one line naming the
+options (no minute of retries). Nothing here unpickles: callers read ``.safetensors`` with safetensors and
+``.bin`` / ``.pth`` files only through ``torch.load(weights_only=True)``.
 """
 
 from __future__ import annotations
 
+import os
+import socket
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlparse
 
+import torch
 from huggingface_hub import hf_hub_download, try_to_load_from_cache
 
 from vitup_cli.backbones import ALIASES, _hub_offline
@@ -23,7 +28,8 @@ class Release:
     """One published set of upsampler weights and what it needs.
 
     ``backbone`` is a vitup backbone name (``vitup backbones``); ``backbone_tag`` the hub tag of the
-    backbone weights the release was trained on.
+    backbone weights the release was trained on. ``url``: where a file that is not on the Hugging Face hub
+    is published (a GitHub release asset); ``repo_id`` is then the GitHub repository.
     """
 
     name: str
@@ -34,12 +40,14 @@ class Release:
     backbone_tag: str
     licence: str
     note: str = ""
+    url: str = ""
 
     @property
     def hub_ref(self) -> str:
-        return f"hf:{self.repo_id}/{self.filename}"
+        return self.url or f"hf:{self.repo_id}/{self.filename}"
 
 
+_JAFAR_URL = "https://github.com/PaulCouairon/JAFAR/releases/download/Weights"
 _VITUP_LICENCE = "cc-by-nc-sa-4.0 (non-commercial, share-alike; not redistributed by vitup)"
 
 RELEASES: dict[str, Release] = {
@@ -101,6 +109,24 @@ RELEASES: dict[str, Release] = {
                 ("dinov2_s_reg", "dinov2s_reg", "DINOv2 ViT-S/14 + registers"),
                 ("dinov2_b", "dinov2b", "DINOv2 ViT-B/14"),
                 ("dinov2_b_reg", "dinov2b_reg", "DINOv2 ViT-B/14 + registers"),
+            )
+        ),
+        *(
+            Release(
+                f"jafar:{bb}",
+                "jafar",
+                "PaulCouairon/JAFAR",
+                filename,
+                bb,
+                "lvd142m",
+                "Apache-2.0 (JAFAR code and weights)",
+                f"JAFAR on {desc}",
+                f"{_JAFAR_URL}/{filename}",
+            )
+            for bb, filename, desc in (
+                ("dinov2_s", "vit_small_patch14_dinov2.lvd142m.pth", "DINOv2 ViT-S/14"),
+                ("dinov2_b", "vit_base_patch14_dinov2.lvd142m.pth", "DINOv2 ViT-B/14"),
+                ("dinov2_s_reg", "vit_small_patch14_reg4_dinov2.pth", "DINOv2 ViT-S/14 + registers"),
             )
         ),
     )
@@ -165,11 +191,46 @@ def hub_file(repo_id: str, filename: str, label: str | None = None) -> Path:
         raise VitupError(f"{label}: cannot download {repo_id}/{filename} ({type(exc).__name__}: {exc})") from None
 
 
+def _url_offline(url: str) -> bool:
+    """True when ``url``'s host cannot be reached (or vitup is told to stay offline: ``HF_HUB_OFFLINE``)."""
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in {"1", "true", "yes", "on"}:
+        return True
+    parsed = urlparse(url)
+    try:
+        with socket.create_connection((parsed.hostname or "", parsed.port or 443), timeout=3):
+            return False
+    except OSError:
+        return True
+
+
+def url_file(url: str, filename: str, label: str) -> Path:
+    """A file published at ``url``: torch.hub's cache (``torch.hub.get_dir()/checkpoints``) first, the URL
+    only when its host is reachable; downloaded into that cache."""
+    cache = Path(torch.hub.get_dir()) / "checkpoints"
+    cached = cache / filename
+    if cached.is_file():
+        return cached
+    if _url_offline(url):
+        raise VitupError(
+            f"{label}: {filename} is not in the torch hub cache ({cache}) and {urlparse(url).hostname} is "
+            f"unreachable. Fix: go online (or pre-download {url} into {cache}), pass a local copy of the file "
+            "(--checkpoint PATH), or use --upsampler bilinear"
+        )
+    cache.mkdir(parents=True, exist_ok=True)
+    try:
+        torch.hub.download_url_to_file(url, str(cached), progress=False)
+    except Exception as exc:  # network errors, missing files
+        raise VitupError(f"{label}: cannot download {url} ({type(exc).__name__}: {exc})") from None
+    return cached
+
+
 def resolve_weights(ref: str | Path) -> ResolvedWeights:
     """A short name, ``hf:ORG/REPO/FILE`` or a local path -> the file on disk and its release."""
     text = str(ref)
     if text in RELEASES:
         release = RELEASES[text]
+        if release.url:
+            return ResolvedWeights(url_file(release.url, release.filename, label=text), text, release)
         return ResolvedWeights(hub_file(release.repo_id, release.filename, label=text), text, release)
     if text.startswith("hf:"):
         repo_id, filename = _parse_hf(text)

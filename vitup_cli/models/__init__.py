@@ -15,6 +15,7 @@ from vitup_cli.models.vitup import ViTUp, ViTUpConfig
 from vitup_cli.models.uplift import UPLiFT, UPLiFTConfig
 from vitup_cli.models.loftup import LoftUp, LoftUpConfig
 from vitup_cli.models.featsharp import FeatSharp, FeatSharpConfig
+from vitup_cli.models.jafar import JAFAR, JAFARConfig
 from vitup_cli.models.simple import BilinearUpsampler, LowresUpsampler, NearestUpsampler
 from vitup_cli.models.registry import (
     Capabilities,
@@ -78,6 +79,7 @@ TRAINING_FREE: Sequence[str] = _Names(lambda s: not s.capabilities.trained)
 
 __all__ = [
     "CHECKPOINT_ONLY",
+    "JAFAR",
     "TRAINED",
     "TRAINING_FREE",
     "UPSAMPLERS",
@@ -85,6 +87,7 @@ __all__ = [
     "Capabilities",
     "FeatSharp",
     "FeatSharpConfig",
+    "JAFARConfig",
     "LoftUp",
     "LoftUpConfig",
     "LowresUpsampler",
