@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from huggingface_hub import hf_hub_download, try_to_load_from_cache
 
 from vitup_cli.backbones import ALIASES, _hub_offline
@@ -34,12 +35,14 @@ class Release:
     backbone_tag: str
     licence: str
     note: str = ""
+    url: str = ""  # a file published by URL (torch.hub), taken from torch.hub's checkpoint cache first
 
     @property
     def hub_ref(self) -> str:
         return f"hf:{self.repo_id}/{self.filename}"
 
 
+_FEATUP_URL = "https://marhamilresearch4.blob.core.windows.net/feature-upsampling-public/pretrained"
 _VITUP_LICENCE = "cc-by-nc-sa-4.0 (non-commercial, share-alike; not redistributed by vitup)"
 
 RELEASES: dict[str, Release] = {
@@ -103,6 +106,17 @@ RELEASES: dict[str, Release] = {
                 ("dinov2_b_reg", "dinov2b_reg", "DINOv2 ViT-B/14 + registers"),
             )
         ),
+        Release(
+            "featup:dinov2_s",
+            "featup",
+            "mhamilton723/FeatUp",
+            "dinov2_jbu_stack_cocostuff.ckpt",
+            "dinov2_s",
+            "lvd142m",
+            "MIT (the FeatUp repository's licence; no separate weights licence stated)",
+            "FeatUp JBU on DINOv2 ViT-S/14 with its ChannelNorm (torch.hub 'dinov2', use_norm=True)",
+            url=f"{_FEATUP_URL}/dinov2_jbu_stack_cocostuff.ckpt",
+        ),
     )
 }
 
@@ -165,11 +179,33 @@ def hub_file(repo_id: str, filename: str, label: str | None = None) -> Path:
         raise VitupError(f"{label}: cannot download {repo_id}/{filename} ({type(exc).__name__}: {exc})") from None
 
 
+def url_file(release: Release, label: str | None = None) -> Path:
+    """A release published by URL: torch.hub's checkpoint cache first, the URL only when the network is up."""
+    label = label or release.name
+    cached = Path(torch.hub.get_dir()) / "checkpoints" / release.filename
+    if cached.is_file():
+        return cached
+    if _hub_offline():
+        raise VitupError(
+            f"{label}: {release.filename} is not in the torch.hub cache ({cached.parent}) and the network is "
+            f"unreachable. Fix: go online (or pre-download {release.url} into {cached.parent}), pass a local copy "
+            "of the file (--checkpoint PATH), or use --upsampler bilinear"
+        )
+    try:
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        torch.hub.download_url_to_file(release.url, str(cached), progress=False)
+    except Exception as exc:  # network errors, a moved file
+        raise VitupError(f"{label}: cannot download {release.url} ({type(exc).__name__}: {exc})") from None
+    return cached
+
+
 def resolve_weights(ref: str | Path) -> ResolvedWeights:
     """A short name, ``hf:ORG/REPO/FILE`` or a local path -> the file on disk and its release."""
     text = str(ref)
     if text in RELEASES:
         release = RELEASES[text]
+        if release.url:
+            return ResolvedWeights(url_file(release, label=text), text, release)
         return ResolvedWeights(hub_file(release.repo_id, release.filename, label=text), text, release)
     if text.startswith("hf:"):
         repo_id, filename = _parse_hf(text)
