@@ -184,7 +184,7 @@ def test_release_offline_is_one_clear_line(tmp_path, monkeypatch, offline_cache,
     args = ["extract", str(_images(tmp_path / "i", 1)), "--out", str(tmp_path / "o.zarr"), "--upsampler", "jafar",
             "--checkpoint", "jafar:dinov2_s", "--device", "cpu"]  # fmt: skip
     result = runner.invoke(app, args)
-    one_line_error(result, "vit_small_patch14_dinov2.lvd142m.pth is not in the torch hub cache")
+    one_line_error(result, "vit_small_patch14_dinov2.lvd142m.pth is not in the torch.hub cache")
     # a file placed in the torch hub cache is taken without the network
     cached = tmp_path / "torchhub" / "checkpoints" / "vit_small_patch14_dinov2.lvd142m.pth"
     cached.parent.mkdir(parents=True)

@@ -40,7 +40,7 @@ class Release:
     backbone_tag: str
     licence: str
     note: str = ""
-    url: str = ""
+    url: str = ""  # a file published by URL (torch.hub), taken from torch.hub's checkpoint cache first
 
     @property
     def hub_ref(self) -> str:
@@ -48,6 +48,7 @@ class Release:
 
 
 _JAFAR_URL = "https://github.com/PaulCouairon/JAFAR/releases/download/Weights"
+_FEATUP_URL = "https://marhamilresearch4.blob.core.windows.net/feature-upsampling-public/pretrained"
 _VITUP_LICENCE = "cc-by-nc-sa-4.0 (non-commercial, share-alike; not redistributed by vitup)"
 
 RELEASES: dict[str, Release] = {
@@ -128,6 +129,17 @@ RELEASES: dict[str, Release] = {
                 ("dinov2_b", "vit_base_patch14_dinov2.lvd142m.pth", "DINOv2 ViT-B/14"),
                 ("dinov2_s_reg", "vit_small_patch14_reg4_dinov2.pth", "DINOv2 ViT-S/14 + registers"),
             )
+        ),
+        Release(
+            "featup:dinov2_s",
+            "featup",
+            "mhamilton723/FeatUp",
+            "dinov2_jbu_stack_cocostuff.ckpt",
+            "dinov2_s",
+            "lvd142m",
+            "MIT (the FeatUp repository's licence; no separate weights licence stated)",
+            "FeatUp JBU on DINOv2 ViT-S/14 with its ChannelNorm (torch.hub 'dinov2', use_norm=True)",
+            url=f"{_FEATUP_URL}/dinov2_jbu_stack_cocostuff.ckpt",
         ),
     )
 }
@@ -212,7 +224,7 @@ def url_file(url: str, filename: str, label: str) -> Path:
         return cached
     if _url_offline(url):
         raise VitupError(
-            f"{label}: {filename} is not in the torch hub cache ({cache}) and {urlparse(url).hostname} is "
+            f"{label}: {filename} is not in the torch.hub cache ({cache}) and {urlparse(url).hostname} is "
             f"unreachable. Fix: go online (or pre-download {url} into {cache}), pass a local copy of the file "
             "(--checkpoint PATH), or use --upsampler bilinear"
         )

@@ -16,6 +16,7 @@ from vitup_cli.models.uplift import UPLiFT, UPLiFTConfig
 from vitup_cli.models.loftup import LoftUp, LoftUpConfig
 from vitup_cli.models.featsharp import FeatSharp, FeatSharpConfig
 from vitup_cli.models.jafar import JAFAR, JAFARConfig
+from vitup_cli.models.featup import FeatUp, FeatUpConfig
 from vitup_cli.models.simple import BilinearUpsampler, LowresUpsampler, NearestUpsampler
 from vitup_cli.models.registry import (
     Capabilities,
@@ -87,6 +88,8 @@ __all__ = [
     "Capabilities",
     "FeatSharp",
     "FeatSharpConfig",
+    "FeatUp",
+    "FeatUpConfig",
     "JAFARConfig",
     "LoftUp",
     "LoftUpConfig",

@@ -1,0 +1,76 @@
+"""FeatUp's weights: the published JBU checkpoints (``*_jbu_stack_cocostuff.ckpt``, served by URL through
+torch.hub; read only through ``torch.load(weights_only=True)``) and ``.safetensors`` copies of their
+``state_dict``. Only ``upsampler.*`` and ``model.1.norm.*`` are taken; the backbone (``model.0.*``) is
+vitup's own, and ``scale_net.*`` / ``downsampler.*`` are training-only."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from vitup_cli.backbones import Backbone, load_backbone, sha256_file
+from vitup_cli.errors import VitupError
+from vitup_cli.hub.format import OpenOptions, register_readers
+from vitup_cli.hub.releases import ResolvedWeights
+from vitup_cli.models.featup import FeatUp, config_from_state, load_published_state
+
+
+def read_published_weights(path: str | Path) -> dict[str, torch.Tensor]:
+    """The ``state_dict`` of a FeatUp checkpoint: ``.safetensors``, or a torch file read ONLY with
+    ``torch.load(weights_only=True)`` (anything that needs more is refused in one line)."""
+    path = Path(path)
+    if not path.is_file():
+        raise VitupError(f"--checkpoint {path}: no such file")
+    if path.suffix == ".safetensors":
+        try:
+            state = load_file(str(path))
+        except Exception as exc:
+            raise VitupError(f"--checkpoint {path}: unreadable safetensors file ({exc})") from None
+    else:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # UnpicklingError for anything beyond tensors and plain containers
+            reason = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
+            raise VitupError(
+                f"--checkpoint {path}: refused, it cannot be read with torch.load(weights_only=True) ({reason}); "
+                "vitup never unpickles anything more than tensors"
+            ) from None
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise VitupError(f"--checkpoint {path}: not a state dict of tensors (a FeatUp *_jbu_stack_*.ckpt)")
+    return state
+
+
+def load_featup(resolved: ResolvedWeights, options: OpenOptions) -> FeatUp:
+    """FeatUp over the backbone its release names (a local file: ``options.backbone``, whose width must
+    match), at ``options.input_size`` or the published 224 px."""
+    source = f"{resolved.source} ({resolved.path})" if resolved.source != str(resolved.path) else resolved.source
+    state = read_published_weights(resolved.path)
+    channels, config = config_from_state(state, f"--checkpoint {source}")
+    release = resolved.release
+    if isinstance(options.backbone, Backbone):
+        backbone = options.backbone
+    elif release is not None:
+        tag = release.backbone_tag if options.pretrained == "hub" and options.weights is None else options.pretrained
+        backbone = load_backbone(release.backbone, weights=options.weights, pretrained=tag, overrides=options.overrides)
+    else:
+        backbone = load_backbone(
+            options.backbone or "dinov2_s", weights=options.weights, pretrained=options.pretrained,
+            overrides=options.overrides,
+        )  # fmt: skip
+    if backbone.embed_dim != channels:
+        raise VitupError(
+            f"--checkpoint {resolved.source}: FeatUp weights for {channels}-d features, but backbone {backbone.name} "
+            f"is {backbone.embed_dim}-d; pass the --backbone they were trained on"
+        )
+    model = FeatUp(
+        backbone, options.input_size, config, source=resolved.source, weights_sha256=sha256_file(resolved.path)
+    )
+    load_published_state(model.net, state, f"--checkpoint {source}")
+    return model.to(options.map_location)
+
+
+register_readers("featup", published=load_featup, suffixes=(".ckpt",))
