@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from huggingface_hub import hf_hub_download, try_to_load_from_cache
 
 from vitup_cli.backbones import ALIASES, _hub_offline
@@ -23,7 +24,10 @@ class Release:
     """One published set of upsampler weights and what it needs.
 
     ``backbone`` is a vitup backbone name (``vitup backbones``); ``backbone_tag`` the hub tag of the
-    backbone weights the release was trained on.
+    backbone weights the release was trained on. ``url``: a file published outside the Hugging Face hub
+    (a GitHub release), taken from torch.hub's cache (``torch.hub.get_dir()/checkpoints``) first.
+    ``any_backbone``: the weights work over any backbone (``backbone`` is only the one they were trained
+    on); such a release is the method's default for a backbone no release names.
     """
 
     name: str
@@ -34,13 +38,16 @@ class Release:
     backbone_tag: str
     licence: str
     note: str = ""
+    url: str = ""
+    any_backbone: bool = False
 
     @property
     def hub_ref(self) -> str:
-        return f"hf:{self.repo_id}/{self.filename}"
+        return self.url or f"hf:{self.repo_id}/{self.filename}"
 
 
 _VITUP_LICENCE = "cc-by-nc-sa-4.0 (non-commercial, share-alike; not redistributed by vitup)"
+_ANYUP_LICENCE = "CC-BY-4.0 (wimmerth/anyup; attribution required; not redistributed by vitup)"
 
 RELEASES: dict[str, Release] = {
     r.name: r
@@ -102,6 +109,30 @@ RELEASES: dict[str, Release] = {
                 ("dinov2_b", "dinov2b", "DINOv2 ViT-B/14"),
                 ("dinov2_b_reg", "dinov2b_reg", "DINOv2 ViT-B/14 + registers"),
             )
+        ),
+        Release(
+            "anyup:default",
+            "anyup",
+            "wimmerth/anyup",
+            "anyup_paper.pth",
+            "dinov2_s",
+            "lvd142m",
+            _ANYUP_LICENCE,
+            "AnyUp (the paper's model, trained on DINOv2 ViT-S/14 features; usable over any backbone)",
+            url="https://github.com/wimmerth/anyup/releases/download/checkpoint/anyup_paper.pth",
+            any_backbone=True,
+        ),
+        Release(
+            "anyup:multi_backbone",
+            "anyup",
+            "wimmerth/anyup",
+            "anyup_multi_backbone.pth",
+            "dinov2_s",
+            "lvd142m",
+            _ANYUP_LICENCE,
+            "AnyUp trained on DINOv2-S, DINOv2-R-S, CLIP-B, SigLIP-B and ViT-B features; usable over any backbone",
+            url="https://github.com/wimmerth/anyup/releases/download/checkpoint_v2/anyup_multi_backbone.pth",
+            any_backbone=True,
         ),
     )
 }
@@ -165,11 +196,34 @@ def hub_file(repo_id: str, filename: str, label: str | None = None) -> Path:
         raise VitupError(f"{label}: cannot download {repo_id}/{filename} ({type(exc).__name__}: {exc})") from None
 
 
+def url_file(url: str, filename: str, label: str) -> Path:
+    """A file published at ``url`` (a GitHub release): torch.hub's checkpoint cache first, then the URL
+    when the network is reachable; offline with nothing cached, one line naming the file and its URL."""
+    cache = Path(torch.hub.get_dir()) / "checkpoints"
+    cached = cache / filename
+    if cached.is_file():
+        return cached
+    if _hub_offline():
+        raise VitupError(
+            f"{label}: {filename} is not in torch.hub's cache ({cache}) and the network is unreachable. "
+            f"Fix: go online (or download {url} into {cache}), pass a local copy of the file (--checkpoint PATH), "
+            "or use --upsampler bilinear"
+        )
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+        torch.hub.download_url_to_file(url, str(cached), progress=True)
+    except Exception as exc:  # network errors, missing files
+        raise VitupError(f"{label}: cannot download {url} ({type(exc).__name__}: {exc})") from None
+    return cached
+
+
 def resolve_weights(ref: str | Path) -> ResolvedWeights:
     """A short name, ``hf:ORG/REPO/FILE`` or a local path -> the file on disk and its release."""
     text = str(ref)
     if text in RELEASES:
         release = RELEASES[text]
+        if release.url:
+            return ResolvedWeights(url_file(release.url, release.filename, label=text), text, release)
         return ResolvedWeights(hub_file(release.repo_id, release.filename, label=text), text, release)
     if text.startswith("hf:"):
         repo_id, filename = _parse_hf(text)
@@ -200,9 +254,10 @@ def releases_for(method: str | None = None) -> list[Release]:
 
 
 def release_for_backbone(method: str, backbone: str) -> Release | None:
-    """The first published release of ``method`` trained on ``backbone`` (aliases understood), if any."""
+    """The first published release of ``method`` trained on ``backbone`` (aliases understood), else its
+    first release usable over any backbone (``Release.any_backbone``), if any."""
     key = ALIASES.get(backbone, backbone)
     for release in releases_for(method):
         if ALIASES.get(release.backbone, release.backbone) == key:
             return release
-    return None
+    return next((r for r in releases_for(method) if r.any_backbone), None)

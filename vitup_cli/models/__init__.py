@@ -15,6 +15,7 @@ from vitup_cli.models.vitup import ViTUp, ViTUpConfig
 from vitup_cli.models.uplift import UPLiFT, UPLiFTConfig
 from vitup_cli.models.loftup import LoftUp, LoftUpConfig
 from vitup_cli.models.featsharp import FeatSharp, FeatSharpConfig
+from vitup_cli.models.anyup import AnyUp, AnyUpConfig
 from vitup_cli.models.simple import BilinearUpsampler, LowresUpsampler, NearestUpsampler
 from vitup_cli.models.registry import (
     Capabilities,
@@ -81,6 +82,8 @@ __all__ = [
     "TRAINED",
     "TRAINING_FREE",
     "UPSAMPLERS",
+    "AnyUp",
+    "AnyUpConfig",
     "BilinearUpsampler",
     "Capabilities",
     "FeatSharp",
