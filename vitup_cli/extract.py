@@ -423,7 +423,7 @@ def _build_upsampler(
             "(drop --checkpoint to store a training-free upsampler)"
         )
     torch.manual_seed(config.seed)  # a random-init backbone (--pretrained none) is the same in every run
-    method = checkpoint_method(config.checkpoint) if config.checkpoint is not None else config.upsampler
+    method = config.upsampler if config.checkpoint is None else checkpoint_method(config.checkpoint, config.upsampler)
     any_input_size = method is None or not spec_of(method).capabilities.input_size_from_weights
     try:
         model = open_upsampler(

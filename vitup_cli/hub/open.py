@@ -40,10 +40,12 @@ from vitup_cli.hub.vitup import tell_licence
 from vitup_cli.models import Upsampler, build_upsampler, spec_of, specs
 
 
-def checkpoint_method(ref: str | Path) -> str:
-    """The method a ``--checkpoint`` holds (``vitup``, ``uplift``, ``loftup``, ...), read from the release
-    table, the checkpoint's JSON or the file's suffix without loading weights (a local file without JSON
-    and with no published suffix: an official ViT-Up file)."""
+def checkpoint_method(ref: str | Path, upsampler: str | None = None) -> str:
+    """The method a ``--checkpoint`` holds (``vitup``, ``uplift``, ``loftup``, ...), read without loading
+    weights from the release table, the checkpoint's JSON, or, for a local file without JSON whose name is
+    no release's: the ``--upsampler`` given (``upsampler``) when that method reads published files (an
+    AnyUp or JAFAR ``.pth``), else the method that alone publishes the file's suffix (LoftUp ``.bin``),
+    else an official ViT-Up file."""
     text = str(ref)
     if is_release_ref(text):
         release = resolve_weights(text).release
@@ -52,14 +54,16 @@ def checkpoint_method(ref: str | Path) -> str:
         release = release_for_file(text)
         if release is not None:
             return release.method
+        if upsampler in PUBLISHED_READERS:
+            return str(upsampler)
         return PUBLISHED_SUFFIXES.get(Path(text).suffix, "vitup")
     return str(read_checkpoint_meta(text).get("upsampler", "vitup"))
 
 
-def read_weights(ref: str | Path, options: OpenOptions) -> Upsampler:
+def read_weights(ref: str | Path, options: OpenOptions, upsampler: str | None = None) -> Upsampler:
     """The trained upsampler ``ref`` names, by its method's reader (see the module docstring)."""
     text = str(ref)
-    method = checkpoint_method(text)
+    method = checkpoint_method(text, upsampler)
     if method not in specs():
         raise VitupError(f"--checkpoint {text} holds a '{method}' upsampler, which this vitup does not know")
     if checkpoint_paths(text)[1].is_file() and not is_release_ref(text):
@@ -95,6 +99,7 @@ def load_trained(
     input_size: int | None = None,
     minmax: str = "image",
     overrides: dict[str, Any] | None = None,
+    upsampler: str | None = None,
 ) -> Upsampler:
     """A trained upsampler from ``--checkpoint`` in any of its forms (see the module docstring).
 
@@ -108,7 +113,7 @@ def load_trained(
         backbone=backbone, weights=weights, pretrained=pretrained, overrides=overrides, input_size=input_size,
         map_location=map_location, notify=notify, minmax=minmax,
     )  # fmt: skip
-    return read_weights(text, options)
+    return read_weights(text, options, upsampler)
 
 
 def _needs_checkpoint(method: str) -> VitupError:
@@ -137,7 +142,7 @@ def open_upsampler(
     release for ``backbone`` where its spec says so (``Capabilities.default_release``); otherwise a
     training-free upsampler by name over the named backbone (a built ``Backbone`` is used as it is).
     ``minmax`` is LoftUp's guidance-image scaling (``image`` or the reference's ``batch``)."""
-    spec = spec_of(checkpoint_method(checkpoint) if checkpoint is not None else upsampler)
+    spec = spec_of(checkpoint_method(checkpoint, upsampler) if checkpoint is not None else upsampler)
     name = backbone.name if isinstance(backbone, Backbone) else backbone
     if checkpoint is None and spec.capabilities.trained:
         if not spec.capabilities.default_release:
@@ -153,7 +158,7 @@ def open_upsampler(
     if checkpoint is not None:
         model = load_trained(
             checkpoint, weights=weights, pretrained=pretrained, map_location=device, notify=notify, backbone=backbone,
-            input_size=input_size, minmax=minmax, overrides=overrides,
+            input_size=input_size, minmax=minmax, overrides=overrides, upsampler=upsampler,
         )  # fmt: skip
         return model.to(device).eval()
     bb = backbone if isinstance(backbone, Backbone) else load_backbone(

@@ -28,8 +28,10 @@ class Release:
     """One published set of upsampler weights and what it needs.
 
     ``backbone`` is a vitup backbone name (``vitup backbones``); ``backbone_tag`` the hub tag of the
-    backbone weights the release was trained on. ``url``: where a file that is not on the Hugging Face hub
-    is published (a GitHub release asset); ``repo_id`` is then the GitHub repository.
+    backbone weights the release was trained on. ``url``: a file published outside the Hugging Face hub
+    (a GitHub release), taken from torch.hub's cache (``torch.hub.get_dir()/checkpoints``) first.
+    ``any_backbone``: the weights work over any backbone (``backbone`` is only the one they were trained
+    on); such a release is the method's default for a backbone no release names.
     """
 
     name: str
@@ -40,7 +42,8 @@ class Release:
     backbone_tag: str
     licence: str
     note: str = ""
-    url: str = ""  # a file published by URL (torch.hub), taken from torch.hub's checkpoint cache first
+    url: str = ""
+    any_backbone: bool = False
 
     @property
     def hub_ref(self) -> str:
@@ -50,6 +53,7 @@ class Release:
 _JAFAR_URL = "https://github.com/PaulCouairon/JAFAR/releases/download/Weights"
 _FEATUP_URL = "https://marhamilresearch4.blob.core.windows.net/feature-upsampling-public/pretrained"
 _VITUP_LICENCE = "cc-by-nc-sa-4.0 (non-commercial, share-alike; not redistributed by vitup)"
+_ANYUP_LICENCE = "CC-BY-4.0 (wimmerth/anyup; attribution required; not redistributed by vitup)"
 
 RELEASES: dict[str, Release] = {
     r.name: r
@@ -140,6 +144,30 @@ RELEASES: dict[str, Release] = {
             "MIT (the FeatUp repository's licence; no separate weights licence stated)",
             "FeatUp JBU on DINOv2 ViT-S/14 with its ChannelNorm (torch.hub 'dinov2', use_norm=True)",
             url=f"{_FEATUP_URL}/dinov2_jbu_stack_cocostuff.ckpt",
+        ),
+        Release(
+            "anyup:default",
+            "anyup",
+            "wimmerth/anyup",
+            "anyup_paper.pth",
+            "dinov2_s",
+            "lvd142m",
+            _ANYUP_LICENCE,
+            "AnyUp (the paper's model, trained on DINOv2 ViT-S/14 features; usable over any backbone)",
+            url="https://github.com/wimmerth/anyup/releases/download/checkpoint/anyup_paper.pth",
+            any_backbone=True,
+        ),
+        Release(
+            "anyup:multi_backbone",
+            "anyup",
+            "wimmerth/anyup",
+            "anyup_multi_backbone.pth",
+            "dinov2_s",
+            "lvd142m",
+            _ANYUP_LICENCE,
+            "AnyUp trained on DINOv2-S, DINOv2-R-S, CLIP-B, SigLIP-B and ViT-B features; usable over any backbone",
+            url="https://github.com/wimmerth/anyup/releases/download/checkpoint_v2/anyup_multi_backbone.pth",
+            any_backbone=True,
         ),
     )
 }
@@ -273,9 +301,10 @@ def releases_for(method: str | None = None) -> list[Release]:
 
 
 def release_for_backbone(method: str, backbone: str) -> Release | None:
-    """The first published release of ``method`` trained on ``backbone`` (aliases understood), if any."""
+    """The first published release of ``method`` trained on ``backbone`` (aliases understood), else its
+    first release usable over any backbone (``Release.any_backbone``), if any."""
     key = ALIASES.get(backbone, backbone)
     for release in releases_for(method):
         if ALIASES.get(release.backbone, release.backbone) == key:
             return release
-    return None
+    return next((r for r in releases_for(method) if r.any_backbone), None)

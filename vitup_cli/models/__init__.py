@@ -15,6 +15,7 @@ from vitup_cli.models.vitup import ViTUp, ViTUpConfig
 from vitup_cli.models.uplift import UPLiFT, UPLiFTConfig
 from vitup_cli.models.loftup import LoftUp, LoftUpConfig
 from vitup_cli.models.featsharp import FeatSharp, FeatSharpConfig
+from vitup_cli.models.anyup import AnyUp, AnyUpConfig
 from vitup_cli.models.jafar import JAFAR, JAFARConfig
 from vitup_cli.models.featup import FeatUp, FeatUpConfig
 from vitup_cli.models.simple import BilinearUpsampler, LowresUpsampler, NearestUpsampler
@@ -84,6 +85,8 @@ __all__ = [
     "TRAINED",
     "TRAINING_FREE",
     "UPSAMPLERS",
+    "AnyUp",
+    "AnyUpConfig",
     "BilinearUpsampler",
     "Capabilities",
     "FeatSharp",
