@@ -9,9 +9,13 @@ through ``torch.load(weights_only=True)``.
 
 from __future__ import annotations
 
+import os
+import socket
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlparse
 
+import torch
 from huggingface_hub import hf_hub_download, try_to_load_from_cache
 
 from vitup_cli.backbones import ALIASES, _hub_offline
@@ -22,8 +26,10 @@ from vitup_cli.errors import VitupError
 class Release:
     """One published set of upsampler weights and what it needs.
 
-    ``backbone`` is a vitup backbone name (``vitup backbones``); ``backbone_tag`` the hub tag of the
-    backbone weights the release was trained on.
+    ``backbone`` is a vitup backbone name (``vitup backbones``), or ``*`` for weights that work over any
+    backbone (the release is then every backbone's default); ``backbone_tag`` the hub tag of the backbone
+    weights the release was trained on. ``url``: a file published outside the Hugging Face hub (a GitHub
+    release, a torch.hub file), taken from torch.hub's cache (``torch.hub.get_dir()/checkpoints``) first.
     """
 
     name: str
@@ -34,11 +40,15 @@ class Release:
     backbone_tag: str
     licence: str
     note: str = ""
+    url: str = ""
 
     @property
     def hub_ref(self) -> str:
-        return f"hf:{self.repo_id}/{self.filename}"
+        return self.url or f"hf:{self.repo_id}/{self.filename}"
 
+
+#: the ``backbone`` of a release whose weights work over any backbone
+ANY_BACKBONE = "*"
 
 _VITUP_LICENCE = "cc-by-nc-sa-4.0 (non-commercial, share-alike; not redistributed by vitup)"
 
@@ -103,6 +113,17 @@ RELEASES: dict[str, Release] = {
                 ("dinov2_b_reg", "dinov2b_reg", "DINOv2 ViT-B/14 + registers"),
             )
         ),
+        Release(
+            "naf:default",
+            "naf",
+            "valeoai/NAF",
+            "naf_release.pth",
+            ANY_BACKBONE,
+            "",
+            "Apache-2.0 (valeoai/NAF, code and weights)",
+            "NAF, trained on DINOv3 ViT-B/16 features, zero-shot over any backbone",
+            url="https://github.com/valeoai/NAF/releases/download/model/naf_release.pth",
+        ),
     )
 }
 
@@ -165,11 +186,44 @@ def hub_file(repo_id: str, filename: str, label: str | None = None) -> Path:
         raise VitupError(f"{label}: cannot download {repo_id}/{filename} ({type(exc).__name__}: {exc})") from None
 
 
+def _url_offline(url: str) -> bool:
+    """True when ``url``'s host cannot be reached (or the hub is set offline); decided in seconds."""
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in {"1", "true", "yes", "on"}:
+        return True
+    try:
+        with socket.create_connection((urlparse(url).hostname or "", 443), timeout=3):
+            return False
+    except OSError:
+        return True
+
+
+def url_file(url: str, label: str) -> Path:
+    """A file published at ``url``: torch.hub's cache (``torch.hub.get_dir()/checkpoints``) first, the
+    network only when reachable (one line naming the file and where to get it otherwise)."""
+    cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(urlparse(url).path).name
+    if cached.is_file():
+        return cached
+    if _url_offline(url):
+        raise VitupError(
+            f"{label}: {cached.name} is not in torch.hub's cache ({cached.parent}) and {url} is unreachable. "
+            f"Fix: go online, download it into {cached.parent}, pass a local copy of the file (--checkpoint PATH), "
+            "or use --upsampler bilinear"
+        )
+    try:
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        torch.hub.download_url_to_file(url, str(cached), progress=False)
+    except Exception as exc:  # network errors, missing files
+        raise VitupError(f"{label}: cannot download {url} ({type(exc).__name__}: {exc})") from None
+    return cached
+
+
 def resolve_weights(ref: str | Path) -> ResolvedWeights:
     """A short name, ``hf:ORG/REPO/FILE`` or a local path -> the file on disk and its release."""
     text = str(ref)
     if text in RELEASES:
         release = RELEASES[text]
+        if release.url:
+            return ResolvedWeights(url_file(release.url, text), text, release)
         return ResolvedWeights(hub_file(release.repo_id, release.filename, label=text), text, release)
     if text.startswith("hf:"):
         repo_id, filename = _parse_hf(text)
@@ -200,9 +254,10 @@ def releases_for(method: str | None = None) -> list[Release]:
 
 
 def release_for_backbone(method: str, backbone: str) -> Release | None:
-    """The first published release of ``method`` trained on ``backbone`` (aliases understood), if any."""
+    """The first published release of ``method`` trained on ``backbone`` (aliases understood), or one that
+    works over any backbone (``ANY_BACKBONE``), if any."""
     key = ALIASES.get(backbone, backbone)
     for release in releases_for(method):
-        if ALIASES.get(release.backbone, release.backbone) == key:
+        if release.backbone == ANY_BACKBONE or ALIASES.get(release.backbone, release.backbone) == key:
             return release
     return None

@@ -15,6 +15,7 @@ from vitup_cli.models.vitup import ViTUp, ViTUpConfig
 from vitup_cli.models.uplift import UPLiFT, UPLiFTConfig
 from vitup_cli.models.loftup import LoftUp, LoftUpConfig
 from vitup_cli.models.featsharp import FeatSharp, FeatSharpConfig
+from vitup_cli.models.naf import NAF, NAFConfig
 from vitup_cli.models.simple import BilinearUpsampler, LowresUpsampler, NearestUpsampler
 from vitup_cli.models.registry import (
     Capabilities,
@@ -78,6 +79,7 @@ TRAINING_FREE: Sequence[str] = _Names(lambda s: not s.capabilities.trained)
 
 __all__ = [
     "CHECKPOINT_ONLY",
+    "NAF",
     "TRAINED",
     "TRAINING_FREE",
     "UPSAMPLERS",
@@ -88,6 +90,7 @@ __all__ = [
     "LoftUp",
     "LoftUpConfig",
     "LowresUpsampler",
+    "NAFConfig",
     "NearestUpsampler",
     "Preprocessing",
     "UPLiFT",
