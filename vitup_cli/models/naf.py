@@ -205,25 +205,26 @@ class NAFNet(nn.Module):
             r1 = min(H, r0 + step)
             keys += torch.einsum("hr,bcrs,ws->bchw", kh[:, r0:r1], self._queries(enc, ph, pw, r0, r1), kw)
         n, k = cfg.heads_attn, cfg.kernel_size
-        keys = keys.reshape(B, n, cfg.dim // n, h, w)
-        values = tokens.to(enc.dtype).reshape(B, n, C // n, h, w)
-        scale = (cfg.dim // n) ** -0.5
+        dk, dv = cfg.dim // n, C // n
+        keys = keys.reshape(B, n, dk, h, w).permute(0, 1, 3, 4, 2)  # (B, n, h, w, dk): gathers stay contiguous
+        values = tokens.to(enc.dtype).reshape(B, n, dv, h, w).permute(0, 1, 3, 4, 2)
+        scale = dk**-0.5
+        cols = cols_src.reshape(-1)
         for r0 in range(0, H, step):
             r1 = min(H, r0 + step)
-            q = self._queries(enc, ph, pw, r0, r1).reshape(B, n, cfg.dim // n, r1 - r0, W)
-            cols = cols_src.reshape(-1)
+            r = r1 - r0
+            q = self._queries(enc, ph, pw, r0, r1).reshape(B, n, dk, r, W).permute(0, 1, 3, 4, 2)
             scores = []
             for a in range(k):  # k x k neighbours: rows a, all k columns at once
-                ka = keys.index_select(3, rows_src[r0:r1, a]).index_select(4, cols)
-                ka = ka.reshape(B, n, -1, r1 - r0, W, k)
-                scores.append(torch.einsum("bndrw,bndrwk->bnrwk", q, ka))
+                ka = keys.index_select(2, rows_src[r0:r1, a]).index_select(3, cols).reshape(B, n, r, W, k, dk)
+                scores.append((ka @ q.unsqueeze(-1)).squeeze(-1))  # (B, n, r, W, k)
             attn = (torch.stack(scores, dim=-2) * scale).flatten(-2).softmax(-1)  # (B, n, r, W, k*k)
-            attn = attn.reshape(B, n, r1 - r0, W, k, k)
-            out = values.new_zeros(B, n, C // n, r1 - r0, W)
+            attn = attn.reshape(B, n, r, W, k, k)
+            out = values.new_zeros(B, n, r, W, 1, dv)
             for a in range(k):
-                va = values.index_select(3, rows_src[r0:r1, a]).index_select(4, cols)
-                out += torch.einsum("bndrwk,bnrwk->bndrw", va.reshape(B, n, -1, r1 - r0, W, k), attn[..., a, :])
-            yield r0, r1, out.reshape(B, C, r1 - r0, W)
+                va = values.index_select(2, rows_src[r0:r1, a]).index_select(3, cols).reshape(B, n, r, W, k, dv)
+                out += attn[..., a, :].unsqueeze(-2) @ va
+            yield r0, r1, out.reshape(B, n, r, W, dv).permute(0, 1, 4, 2, 3).reshape(B, C, r, W)
 
     def forward(
         self, image: torch.Tensor, tokens: torch.Tensor, size: tuple[int, int], chunk_pixels: int | None = None
