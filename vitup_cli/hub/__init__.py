@@ -1,12 +1,12 @@
 """The weights layer: the vitup checkpoint format, the releases table, the foreign layouts (official ViT-Up,
-UPLiFT, LoftUp ``.bin`` and run checkpoints, JAFAR, AnyUp and FeatUp files published by URL) and the one opener
-behind every ``--checkpoint``, ``--init-from`` and ``vitup_cli.load``. It imports ``vitup_cli.models``;
+UPLiFT, LoftUp ``.bin`` and run checkpoints, AnyUp, JAFAR, NAF and FeatUp files published by URL) and the one
+opener behind every ``--checkpoint``, ``--init-from`` and ``vitup_cli.load``. It imports ``vitup_cli.models``;
 ``train``, ``extract``, ``probe`` and ``viz`` import it; nothing here imports them.
 
 Importing this package registers every method's readers (``format.register_readers``).
 """
 
-from vitup_cli.hub import anyup, featup, jafar, loftup, uplift, vitup  # noqa: F401  (they register their readers)
+from vitup_cli.hub import anyup, featup, jafar, loftup, naf, uplift, vitup  # noqa: F401  (they register their readers)
 from vitup_cli.hub.format import (
     FORMAT,
     OpenOptions,

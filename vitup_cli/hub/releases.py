@@ -169,6 +169,18 @@ RELEASES: dict[str, Release] = {
             url="https://github.com/wimmerth/anyup/releases/download/checkpoint_v2/anyup_multi_backbone.pth",
             any_backbone=True,
         ),
+        Release(
+            "naf:default",
+            "naf",
+            "valeoai/NAF",
+            "naf_release.pth",
+            "dinov3_b",
+            "lvd1689m",
+            "Apache-2.0 (valeoai/NAF, code and weights)",
+            "NAF, trained on DINOv3 ViT-B/16 features, zero-shot over any backbone",
+            url="https://github.com/valeoai/NAF/releases/download/model/naf_release.pth",
+            any_backbone=True,
+        ),
     )
 }
 

@@ -17,6 +17,7 @@ from vitup_cli.models.loftup import LoftUp, LoftUpConfig
 from vitup_cli.models.featsharp import FeatSharp, FeatSharpConfig
 from vitup_cli.models.anyup import AnyUp, AnyUpConfig
 from vitup_cli.models.jafar import JAFAR, JAFARConfig
+from vitup_cli.models.naf import NAF, NAFConfig
 from vitup_cli.models.featup import FeatUp, FeatUpConfig
 from vitup_cli.models.simple import BilinearUpsampler, LowresUpsampler, NearestUpsampler
 from vitup_cli.models.registry import (
@@ -82,6 +83,7 @@ TRAINING_FREE: Sequence[str] = _Names(lambda s: not s.capabilities.trained)
 __all__ = [
     "CHECKPOINT_ONLY",
     "JAFAR",
+    "NAF",
     "TRAINED",
     "TRAINING_FREE",
     "UPSAMPLERS",
@@ -97,6 +99,7 @@ __all__ = [
     "LoftUp",
     "LoftUpConfig",
     "LowresUpsampler",
+    "NAFConfig",
     "NearestUpsampler",
     "Preprocessing",
     "UPLiFT",
