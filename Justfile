@@ -45,9 +45,9 @@ bench-writer *args:
 bench-faithfulness *args:
     python benchmarks/faithfulness.py {{args}}
 
-# LoftUp's peak memory at 224/448/896 outputs from a 448 input (banded, exact)
-bench-loftup *args:
-    python benchmarks/loftup_memory.py {{args}}
+# Working memory of the field's upsamplers at 224/448/896 outputs from a 448 input (banded, exact; JSON in benchmarks/results)
+bench-memory *args:
+    python benchmarks/memory.py {{args}}
 
 # Runtime and memory of every upsampler at 56-448 outputs (Table 9 style; JSON in benchmarks/results)
 bench-runtime *args:

@@ -158,13 +158,14 @@ def build_upsamplers(choice: ModelChoice, names: Sequence[str] | None = None) ->
     torch.manual_seed(choice.seed)  # a random-init backbone (--pretrained none) is the same in every run
     out: list[tuple[Upsampler, bool]] = []
     if refs:
-        trained = {
-            name: load_trained(
+        trained = {}
+        for name, ref in refs.items():
+            # each method's file that runs over --backbone gets the same random-init backbone (--pretrained none)
+            torch.manual_seed(choice.seed)
+            trained[name] = load_trained(
                 ref, weights=choice.weights, pretrained=choice.pretrained, backbone=choice.backbone,
                 overrides=choice.backbone_args, input_size=choice.input_size,
-            ).eval()
-            for name, ref in refs.items()
-        }  # fmt: skip
+            ).eval()  # fmt: skip
         first = next(iter(trained.values()))
         for name, model in trained.items():
             fixed = spec_of(name).capabilities.input_size_from_weights
