@@ -120,12 +120,17 @@ def _registry_model(name: str):
     return build_upsampler(name, backbone)
 
 
-@pytest.mark.parametrize("name", ["vitup", "uplift", "loftup", "featsharp", "bilinear", "nearest", "lowres"])
+#: own compiled parts per registered upsampler (ViT-Up: 2 blocks, 3 decoders); every registered one is listed
+OWN_COMPILED = {"vitup": 5, "uplift": 2, "loftup": 3, "featsharp": 2, "anyup": 3, "jafar": 3, "naf": 2, "featup": 0,
+                "bilinear": 0, "nearest": 0, "lowres": 0}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", list(OWN_COMPILED))
 def test_compile_targets_are_the_backbone_blocks_and_the_upsamplers_own_parts(name, monkeypatch):
     from vitup_cli.features import compile_upsampler
     from vitup_cli.models import UPSAMPLERS
 
-    assert set(UPSAMPLERS) == {"vitup", "uplift", "loftup", "featsharp", "bilinear", "nearest", "lowres"}
+    assert set(UPSAMPLERS) == set(OWN_COMPILED)  # a new method says here what --compile compiles of it
     model = _registry_model(name)
     compiled = []
     monkeypatch.setattr(torch.nn.Module, "compile", lambda self, *a, **k: compiled.append(self))
@@ -134,7 +139,7 @@ def test_compile_targets_are_the_backbone_blocks_and_the_upsamplers_own_parts(na
     assert compiled[: len(blocks)] == blocks
     own = compiled[len(blocks) :]
     assert all(not any(m is p for p in model.backbone.modules()) for m in own)
-    expected = {"vitup": 5, "uplift": 2, "loftup": 3, "featsharp": 2}.get(name, 0)  # ViT-Up: 2 blocks, 3 decoders
+    expected = OWN_COMPILED[name]
     assert len(own) == expected and len({id(m) for m in own}) == expected
 
 
