@@ -7,11 +7,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 
 from vitup_cli.backbones import Backbone, load_backbone, sha256_file
 from vitup_cli.errors import VitupError
-from vitup_cli.hub.format import OpenOptions, register_readers
+from vitup_cli.hub.format import OpenOptions, read_state_dict, register_readers
 from vitup_cli.hub.releases import ResolvedWeights
 from vitup_cli.models.anyup import AnyUp, config_from_state, load_state
 
@@ -22,27 +21,7 @@ _MARKERS = ("key_features_encoder.0.basis", "image_encoder.0.weight", "rope.freq
 def read_published_weights(path: str | Path) -> dict[str, torch.Tensor]:
     """An AnyUp state dict in the published layout: ``.safetensors``, or a torch file read ONLY with
     ``torch.load(weights_only=True)`` (anything that needs more is refused in one line)."""
-    path = Path(path)
-    if not path.is_file():
-        raise VitupError(f"--checkpoint {path}: no such file")
-    if path.suffix == ".safetensors":
-        try:
-            state = load_file(str(path))
-        except Exception as exc:
-            raise VitupError(f"--checkpoint {path}: unreadable safetensors file ({exc})") from None
-    else:
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:  # UnpicklingError for anything beyond tensors and plain containers
-            reason = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
-            raise VitupError(
-                f"--checkpoint {path}: refused, it cannot be read with torch.load(weights_only=True) ({reason}); "
-                "vitup never unpickles anything more than tensors"
-            ) from None
-    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
-        state = state["state_dict"]
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise VitupError(f"--checkpoint {path}: not a state dict of tensors (an AnyUp anyup_paper.pth)")
+    state = read_state_dict(path, "an AnyUp anyup_paper.pth")
     if not all(k in state for k in _MARKERS):
         raise VitupError(f"--checkpoint {path}: not AnyUp weights in the published layout (no {' / '.join(_MARKERS)})")
     return state

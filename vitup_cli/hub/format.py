@@ -284,6 +284,34 @@ def is_vitup_checkpoint(path: Path) -> bool:
     return checkpoint_paths(path)[1].is_file()
 
 
+def read_state_dict(path: str | Path, what: str, container: str = "state_dict") -> dict[str, torch.Tensor]:
+    """A published state dict: ``.safetensors``, or a torch file read ONLY with ``torch.load(weights_only=True)``
+    (anything that needs more is refused in one line). A mapping holding it under ``container`` (Lightning's
+    ``state_dict``, JAFAR's ``jafar``) is unwrapped. ``what`` names the expected file in the error lines."""
+    path = Path(path)
+    if not path.is_file():
+        raise VitupError(f"--checkpoint {path}: no such file")
+    if path.suffix == ".safetensors":
+        try:
+            state: Any = load_file(str(path))
+        except Exception as exc:
+            raise VitupError(f"--checkpoint {path}: unreadable safetensors file ({exc})") from None
+    else:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # UnpicklingError for anything beyond tensors and plain containers
+            reason = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
+            raise VitupError(
+                f"--checkpoint {path}: refused, it cannot be read with torch.load(weights_only=True) ({reason}); "
+                "vitup never unpickles anything more than tensors"
+            ) from None
+    if isinstance(state, dict) and isinstance(state.get(container), dict):
+        state = state[container]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise VitupError(f"--checkpoint {path}: not a state dict of tensors ({what})")
+    return state
+
+
 def read_tensors(path: Path) -> dict[str, torch.Tensor]:
     """A safetensors file's tensors on the CPU, or one line naming the unreadable file."""
     try:

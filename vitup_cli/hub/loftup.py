@@ -19,7 +19,14 @@ from vitup_cli._version import __version__
 from vitup_cli.backbones import ALIASES, Backbone, load_backbone, sha256_file
 from vitup_cli.errors import VitupError
 from vitup_cli.fileio import atomic_write_bytes
-from vitup_cli.hub.format import FORMAT, OpenOptions, checkpoint_paths, read_checkpoint_meta, register_readers
+from vitup_cli.hub.format import (
+    FORMAT,
+    OpenOptions,
+    checkpoint_paths,
+    read_checkpoint_meta,
+    read_state_dict,
+    register_readers,
+)
 from vitup_cli.hub.releases import RELEASES, ResolvedWeights, licence_notice, releases_for, resolve_weights
 from vitup_cli.models.loftup import LoftUp, LoftUpConfig, LoftUpNet, config_from_state, load_state
 
@@ -28,27 +35,7 @@ from vitup_cli.models.loftup import LoftUp, LoftUpConfig, LoftUpNet, config_from
 def read_published_weights(path: str | Path) -> dict[str, torch.Tensor]:
     """A LoftUp state dict in the published layout: ``.safetensors``, or a torch file read ONLY with
     ``torch.load(weights_only=True)`` (anything that needs more is refused)."""
-    path = Path(path)
-    if not path.is_file():
-        raise VitupError(f"--checkpoint {path}: no such file")
-    if path.suffix == ".safetensors":
-        try:
-            state = load_file(str(path))
-        except Exception as exc:
-            raise VitupError(f"--checkpoint {path}: unreadable safetensors file ({exc})") from None
-    else:
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:  # UnpicklingError for anything beyond tensors and plain containers
-            reason = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
-            raise VitupError(
-                f"--checkpoint {path}: refused, it cannot be read with torch.load(weights_only=True) ({reason}); "
-                "vitup never unpickles anything more than tensors"
-            ) from None
-    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
-        state = state["state_dict"]
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise VitupError(f"--checkpoint {path}: not a state dict of tensors (a LoftUp pytorch_model.bin)")
+    state = read_state_dict(path, "a LoftUp pytorch_model.bin")
     if "channelnorm.norm.weight" not in state or "upsampler.fourier_feat.1.biases" not in state:
         raise VitupError(
             f"--checkpoint {path}: not LoftUp weights in the published layout (no channelnorm.norm.weight / "
