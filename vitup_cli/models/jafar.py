@@ -34,7 +34,7 @@ from torch import nn
 
 from vitup_cli.backbones import Backbone
 from vitup_cli.errors import VitupError
-from vitup_cli.models.base import Upsampler, _as_size
+from vitup_cli.models.base import Upsampler, _as_size, sample_map
 from vitup_cli.models.registry import Capabilities, Preprocessing, UpsamplerSpec, register_upsampler
 
 #: the input size (and output size) of JAFAR's own evaluation (``img_size: 448``)
@@ -319,10 +319,7 @@ class JAFAR(Upsampler):
 
     def query(self, images: torch.Tensor, xy: torch.Tensor, tap: int | None = None) -> torch.Tensor:
         """Bilinear samples ``(B, N, C)`` of the dense map at the images' own size (border clamped)."""
-        dense = self.features(images, tuple(images.shape[-2:]), tap)
-        grid = (xy.float() * 2 - 1).unsqueeze(1)
-        out = F.grid_sample(dense, grid, mode="bilinear", padding_mode="border", align_corners=False)
-        return out[:, :, 0].transpose(1, 2)
+        return sample_map(self.features(images, tuple(images.shape[-2:]), tap), xy)
 
 
 def count_parameters(dim: int, config: JAFARConfig | None = None) -> int:
