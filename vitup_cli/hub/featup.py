@@ -9,9 +9,8 @@ from pathlib import Path
 
 import torch
 
-from vitup_cli.backbones import Backbone, load_backbone, sha256_file
-from vitup_cli.errors import VitupError
-from vitup_cli.hub.format import OpenOptions, read_state_dict, register_readers
+from vitup_cli.backbones import sha256_file
+from vitup_cli.hub.format import OpenOptions, published_backbone, read_state_dict, register_readers
 from vitup_cli.hub.releases import ResolvedWeights
 from vitup_cli.models.featup import FeatUp, config_from_state, load_published_state
 
@@ -30,21 +29,10 @@ def load_featup(resolved: ResolvedWeights, options: OpenOptions) -> FeatUp:
     state = read_published_weights(resolved.path)
     channels, config = config_from_state(state, f"--checkpoint {source}")
     release = resolved.release
-    if isinstance(options.backbone, Backbone):
-        backbone = options.backbone
-    elif release is not None:
-        tag = release.backbone_tag if options.pretrained == "hub" and options.weights is None else options.pretrained
-        backbone = load_backbone(release.backbone, weights=options.weights, pretrained=tag, overrides=options.overrides)
-    else:
-        backbone = load_backbone(
-            options.backbone or "dinov2_s", weights=options.weights, pretrained=options.pretrained,
-            overrides=options.overrides,
-        )  # fmt: skip
-    if backbone.embed_dim != channels:
-        raise VitupError(
-            f"--checkpoint {resolved.source}: FeatUp weights for {channels}-d features, but backbone {backbone.name} "
-            f"is {backbone.embed_dim}-d; pass the --backbone they were trained on"
-        )
+    backbone = published_backbone(
+        release, options.backbone or "dinov2_s", weights=options.weights, pretrained=options.pretrained,
+        overrides=options.overrides, dim=channels, label=resolved.source, what="FeatUp",
+    )  # fmt: skip
     model = FeatUp(
         backbone, options.input_size, config, source=resolved.source, weights_sha256=sha256_file(resolved.path)
     )

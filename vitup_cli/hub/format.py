@@ -312,6 +312,35 @@ def read_state_dict(path: str | Path, what: str, container: str = "state_dict") 
     return state
 
 
+def published_backbone(
+    release: Any,
+    backbone: str | Backbone,
+    *,
+    weights: str | Path | None,
+    pretrained: str,
+    overrides: dict[str, Any] | None,
+    dim: int,
+    label: str,
+    what: str,
+) -> Backbone:
+    """The backbone a per-backbone published file runs over: ``backbone`` when built; else the one its
+    ``release`` names (with the hub tag it was trained on, unless ``weights``/``pretrained`` say otherwise);
+    else ``backbone`` by name. Its width must be the file's ``dim`` (one line naming ``label`` otherwise)."""
+    if isinstance(backbone, Backbone):
+        bb = backbone
+    elif release is not None:
+        tag = release.backbone_tag if pretrained == "hub" and weights is None else pretrained
+        bb = load_backbone(release.backbone, weights=weights, pretrained=tag, overrides=overrides)
+    else:
+        bb = load_backbone(backbone, weights=weights, pretrained=pretrained, overrides=overrides)
+    if bb.embed_dim != dim:
+        raise VitupError(
+            f"--checkpoint {label}: {what} weights for {dim}-d features, but backbone {bb.name} is "
+            f"{bb.embed_dim}-d; pass the --backbone they were trained on"
+        )
+    return bb
+
+
 def read_tensors(path: Path) -> dict[str, torch.Tensor]:
     """A safetensors file's tensors on the CPU, or one line naming the unreadable file."""
     try:

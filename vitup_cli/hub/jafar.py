@@ -10,9 +10,9 @@ from typing import Any
 
 import torch
 
-from vitup_cli.backbones import ALIASES, Backbone, load_backbone, sha256_file
+from vitup_cli.backbones import ALIASES, Backbone, sha256_file
 from vitup_cli.errors import VitupError
-from vitup_cli.hub.format import OpenOptions, read_state_dict, register_readers
+from vitup_cli.hub.format import OpenOptions, published_backbone, read_state_dict, register_readers
 from vitup_cli.hub.releases import RELEASES, ResolvedWeights, licence_notice, releases_for, resolve_weights
 from vitup_cli.models.jafar import JAFAR, config_from_state, load_state
 
@@ -65,18 +65,10 @@ def load_jafar(
     release = resolved.release
     state = read_published_weights(resolved.path)
     dim, config = config_from_state(state)
-    if isinstance(backbone, Backbone):
-        bb = backbone
-    elif release is not None:
-        tag = release.backbone_tag if pretrained == "hub" and weights is None else pretrained
-        bb = load_backbone(release.backbone, weights=weights, pretrained=tag, overrides=overrides)
-    else:
-        bb = load_backbone(backbone, weights=weights, pretrained=pretrained, overrides=overrides)
-    if bb.embed_dim != dim:
-        raise VitupError(
-            f"--checkpoint {checkpoint}: JAFAR weights for {dim}-d features, but backbone {bb.name} is "
-            f"{bb.embed_dim}-d; pass the --backbone they were trained on"
-        )
+    bb = published_backbone(
+        release, backbone, weights=weights, pretrained=pretrained, overrides=overrides, dim=dim,
+        label=str(checkpoint), what="JAFAR",
+    )  # fmt: skip
     model = JAFAR(bb, config, input_size, source=resolved.source, weights_sha256=sha256_file(resolved.path))
     load_state(model.net, state, str(checkpoint))
     if release is not None:

@@ -23,6 +23,7 @@ from vitup_cli.hub.format import (
     FORMAT,
     OpenOptions,
     checkpoint_paths,
+    published_backbone,
     read_checkpoint_meta,
     read_state_dict,
     register_readers,
@@ -95,18 +96,10 @@ def load_loftup(
     release = resolved.release
     state = read_published_weights(resolved.path)
     dim, config = config_from_state(state, minmax=minmax)
-    if isinstance(backbone, Backbone):
-        bb = backbone
-    elif release is not None:
-        tag = release.backbone_tag if pretrained == "hub" and weights is None else pretrained
-        bb = load_backbone(release.backbone, weights=weights, pretrained=tag, overrides=overrides)
-    else:
-        bb = load_backbone(backbone, weights=weights, pretrained=pretrained, overrides=overrides)
-    if bb.embed_dim != dim:
-        raise VitupError(
-            f"--checkpoint {checkpoint}: LoftUp weights for {dim}-d features, but backbone {bb.name} is "
-            f"{bb.embed_dim}-d; pass the --backbone they were trained on"
-        )
+    bb = published_backbone(
+        release, backbone, weights=weights, pretrained=pretrained, overrides=overrides, dim=dim,
+        label=str(checkpoint), what="LoftUp",
+    )  # fmt: skip
     model = LoftUp(bb, config, input_size, source=resolved.source, weights_sha256=sha256_file(resolved.path))
     load_state(model.net, state, str(checkpoint))
     if release is not None:
