@@ -218,3 +218,32 @@ BatchSizeOpt = Annotated[
 # -- training (of an upsampler, or of a probe's head) -----------------------------------------------------
 LrOpt = Annotated[float, typer.Option("--lr", help="Peak AdamW learning rate.")]
 ScheduleOpt = Annotated[str, typer.Option("--schedule", help="cosine (warm-up, then cosine to --min-lr) or constant.")]
+
+# -- the probes' protocol (vitup probe, vitup leaderboard) -------------------------------------------------
+PROBE_DATA, PROBE_PROTOCOL, PROBE_CACHE = "Dataset", "Protocol", "Cache and report"
+LimitOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--limit",
+        rich_help_panel=PROBE_DATA,
+        help="Use the first N images of each split (correspondence: N pairs per category).",
+    ),
+]
+EpochsOpt = Annotated[
+    int | None,
+    typer.Option("--epochs", rich_help_panel=PROBE_PROTOCOL, help="Default 20 (COCO-Stuff 5); depth 5."),
+]
+CropOpt = Annotated[
+    int,
+    typer.Option(
+        "--crop", rich_help_panel=PROBE_PROTOCOL, help="Short side resize + centre crop of images and labels."
+    ),
+]
+CacheOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--cache",
+        rich_help_panel=PROBE_CACHE,
+        help="Feature store cache (default $VITUP_CACHE/probe or ~/.cache/vitup/probe).",
+    ),
+]

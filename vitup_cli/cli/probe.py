@@ -11,15 +11,22 @@ from rich.console import Console
 
 from vitup_cli.choice import parse_overrides
 from vitup_cli.cli._app import (
+    PROBE_CACHE,
+    PROBE_DATA,
+    PROBE_PROTOCOL,
     RUN,
     BackboneArgsOpt,
     BackboneOpt,
     BatchSizeOpt,
+    CacheOpt,
     CheckpointOpt,
     CompileOpt,
+    CropOpt,
     DeviceOpt,
     DtypeOpt,
+    EpochsOpt,
     InputSizeOpt,
+    LimitOpt,
     LrOpt,
     OutOpt,
     OverwriteOpt,
@@ -37,7 +44,7 @@ from vitup_cli.cli._app import (
 )
 from vitup_cli.errors import VitupError
 
-_PR_DATA, _PR_PROTO, _PR_CACHE = "Dataset", "Protocol", "Cache and report"  # and _app.py's panels
+_PR_DATA, _PR_PROTO, _PR_CACHE = PROBE_DATA, PROBE_PROTOCOL, PROBE_CACHE
 _PR_CORR = "Correspondence (spair, keypoints)"
 _PROBE_EPILOG = (
     "Examples:\n\n"
@@ -53,7 +60,8 @@ def probe_cmd(
     dataset: Annotated[
         str,
         typer.Argument(
-            help="voc, ade20k, cityscapes, cocostuff, folder (linear probes); spair (SPair-71k PCK) or keypoints "
+            help="voc, ade20k, cityscapes, cocostuff, nyu (depth), folder (linear probes); spair (SPair-71k PCK) or "
+            "keypoints "
             "(your own pairs.json) for correspondence."
         ),
     ],
@@ -64,16 +72,14 @@ def probe_cmd(
         ),
     ],
     task: Annotated[
-        str, typer.Option("--task", rich_help_panel=_PR_DATA, help="seg (segmentation) or depth (folder only).")
-    ] = "seg",
-    limit: Annotated[
-        int | None,
+        str | None,
         typer.Option(
-            "--limit",
+            "--task",
             rich_help_panel=_PR_DATA,
-            help="Use the first N images of each split (correspondence: N pairs per category).",
+            help="seg (segmentation) or depth (nyu, folder; default: nyu depth, else seg).",
         ),
     ] = None,
+    limit: LimitOpt = None,
     depth_scale: Annotated[
         float | None,
         typer.Option(
@@ -107,10 +113,7 @@ def probe_cmd(
     pretrained: PretrainedOpt = "hub",
     backbone_args: BackboneArgsOpt = None,
     input_size: InputSizeOpt = None,
-    epochs: Annotated[
-        int | None,
-        typer.Option("--epochs", rich_help_panel=_PR_PROTO, help="Default 20 (COCO-Stuff 5); depth 5."),
-    ] = None,
+    epochs: EpochsOpt = None,
     lr: Annotated[float | None, variant(LrOpt, _PR_PROTO, help="AdamW learning rate (seg 2e-3, depth 5e-3).")] = None,
     batch_size: Annotated[int, variant(BatchSizeOpt, _PR_PROTO, help="Images per step.")] = 4,
     schedule: Annotated[
@@ -130,22 +133,12 @@ def probe_cmd(
             help="Stored feature grid (default 224, 448 = the exact protocol; spair and keypoints: 448).",
         ),
     ] = None,
-    crop: Annotated[
-        int,
-        typer.Option("--crop", rich_help_panel=_PR_PROTO, help="Short side resize + centre crop of images and labels."),
-    ] = 448,
+    crop: CropOpt = 448,
     no_flip: Annotated[
         bool, typer.Option("--no-flip", rich_help_panel=_PR_PROTO, help="No random horizontal flips in training.")
     ] = False,
     seed: Annotated[int, variant(SeedOpt, _PR_PROTO, help="Seeds the head, order and flips.")] = 0,
-    cache: Annotated[
-        Path | None,
-        typer.Option(
-            "--cache",
-            rich_help_panel=_PR_CACHE,
-            help="Feature store cache (default $VITUP_CACHE/probe or ~/.cache/vitup/probe).",
-        ),
-    ] = None,
+    cache: CacheOpt = None,
     no_cache: Annotated[
         bool,
         typer.Option(
@@ -225,7 +218,7 @@ def probe_cmd(
     if dataset in PAIR_READERS:
         if no_cache:
             raise VitupError(f"--no-cache: not for `vitup probe {dataset}`, which reuses each image's features")
-        if task != "seg":
+        if task not in (None, "seg"):
             raise VitupError(f"--task {task}: not for `vitup probe {dataset}` (correspondence has no task)")
         _correspondence(
             dataset, root, split=split, categories=categories, limit=limit,
@@ -238,6 +231,7 @@ def probe_cmd(
         )  # fmt: skip
         return
 
+    task = task or ("depth" if dataset == "nyu" else "seg")
     # they import torch: lazy for CLI start-up speed
     from vitup_cli.probe import ProbeConfig, run_probe
     from vitup_cli.probe.report import results_table

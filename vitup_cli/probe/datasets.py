@@ -19,6 +19,11 @@ name           layout under ``--root`` (what is looked for)                     
                ``*_labelTrainIds.png``, 171 classes); the curated list
                ``curated/{train,val}2017/Coco164kFull_Stuff_Coarse.txt`` is used
                when present (what JAFAR evaluates on)
+``nyu``        ``[nyu_depth_v2/]official_splits/{train,test}/SCENE/rgb_N.jpg``       depth only (metres;
+               with ``sync_depth_N.png`` beside each (16-bit millimetres): the     ``--task depth``)
+               795 / 654 labelled images of NYU Depth v2's official split, as
+               BTS's ``extract_official_train_test_set_from_mat.py`` writes
+               them (``val`` reads ``test``)
 ``folder``     ``{train,val}/images/`` + ``{train,val}/labels/`` (or                ``classes.txt`` (one
                ``images/{train,val}/`` + ``labels/{train,val}/``): label PNGs of    name a line), else the
                class indices with the image's stem; for ``--task depth``            largest label + 1
@@ -163,7 +168,7 @@ class ProbeDataset:
     """One split of a probe dataset.
 
     Attributes:
-        name: ``voc``, ``ade20k``, ``cityscapes``, ``cocostuff`` or ``folder``.
+        name: ``voc``, ``ade20k``, ``cityscapes``, ``cocostuff``, ``nyu`` or ``folder``.
         split: ``train`` or ``val``. task: ``seg`` or ``depth``.
         root: the folder the layout was found in.
         images, targets: matching files, in a stable (sorted) order.
@@ -467,7 +472,22 @@ def _folder(root: Path, split: str, task: str, depth_scale: float | None) -> Pro
     return ProbeDataset("folder", split, task, root, images, targets, notes=notes)
 
 
-DATASETS = ("voc", "ade20k", "cityscapes", "cocostuff", "folder")
+def _nyu(root: Path, split: str) -> ProbeDataset:
+    folder = "train" if split == "train" else "test"
+    candidates = ["nyu_depth_v2/official_splits", "official_splits", "nyu_depth_v2", ""]
+    base = _locate(root, "nyu", candidates, folder, [f"{folder}/"], "official_splits/{train,test}/SCENE/rgb_N.jpg")
+    images = [p for p in _images_in(base / folder, (".jpg", ".png")) if p.name.startswith("rgb_")]
+    if not images:
+        raise VitupError(f"--root {root}: no rgb_*.jpg images under {base / folder} (the nyu layout: see the README)")
+    targets = [p.with_name(f"sync_depth_{p.stem[len('rgb_') :]}.png") for p in images]
+    _pairs_or_error("nyu", images, targets, root)
+    notes = [f"NYU Depth v2 official split '{folder}' from {base}; sync_depth PNGs in millimetres"]
+    return ProbeDataset("nyu", split, DEPTH, base, images, targets, depth_scale=1000.0, notes=notes)
+
+
+DATASETS = ("voc", "ade20k", "cityscapes", "cocostuff", "nyu", "folder")
+#: the datasets with depth targets (``--task depth``); ``nyu`` has nothing else
+DEPTH_DATASETS = ("nyu", "folder")
 #: default epochs per dataset (segmentation); depth probes use ``DEPTH_EPOCHS``.
 DEFAULT_EPOCHS = {"voc": 20, "ade20k": 20, "cityscapes": 20, "cocostuff": 5, "folder": 20}
 DEPTH_EPOCHS = 5
@@ -496,11 +516,15 @@ def open_dataset(
     root = Path(root).expanduser()
     if not root.is_dir():
         raise VitupError(f"--root {root}: no such folder")
-    if task == DEPTH and name != "folder":
+    if task == DEPTH and name not in DEPTH_DATASETS:
         raise VitupError(
-            f"--task depth reads depth maps from a folder layout; {name} ships no depth. Put the images and "
+            f"--task depth reads depth maps (nyu, or a folder layout); {name} ships no depth. Put the images and "
             "their depth maps in ROOT/{train,val}/{images,depth}/ and use `vitup probe folder --task depth`"
         )
+    if name == "nyu":
+        if task != DEPTH:
+            raise VitupError("nyu is a depth dataset: pass --task depth")
+        return _nyu(root, split)
     if name == "voc":
         return _voc(root, split, task)
     if name == "ade20k":

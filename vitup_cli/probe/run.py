@@ -63,7 +63,8 @@ class ProbeConfig(ModelChoice):
 
     The model fields (``checkpoint``, ``backbone``, ``weights``, ``pretrained``, ``backbone_args``,
     ``input_size``, ``device``, ``seed``) are ``vitup_cli.choice.ModelChoice``'s, keyword-only; ``seed`` also
-    seeds the heads' training. ``checkpoint``: one reference or one per trained upsampler.
+    seeds the heads' training unless ``head_seed`` is given (repeats over seeds of one fixed model, as
+    ``vitup leaderboard --seeds`` runs them). ``checkpoint``: one reference or one per trained upsampler.
     ``upsamplers``: names to compare (default ``vitup`` with a checkpoint, else ``bilinear``); the first is
     the reference column. ``epochs``/``lr``: None takes the task's default (seg 20 epochs, COCO-Stuff 5,
     lr 2e-3; depth 5 epochs, lr 5e-3). ``crop``: label (and score) size. ``res``: stored feature grid.
@@ -99,6 +100,7 @@ class ProbeConfig(ModelChoice):
     depth_scale: float | None = None
     max_depth: float = 10.0
     visualize: int = 4
+    head_seed: int | None = None
 
 
 # =================================================================================================
@@ -173,7 +175,8 @@ def run_probe(config: ProbeConfig, reporter: Any = None) -> ProbeReport:
     lr = config.lr or (DEPTH_LR if task == DEPTH else SEG_LR)
     settings = TrainSettings(
         task=task, epochs=epochs, lr=lr, batch_size=config.batch_size, weight_decay=config.weight_decay,
-        schedule=config.schedule, flip=config.flip, seed=config.seed, device=device, max_depth=config.max_depth,
+        schedule=config.schedule, flip=config.flip, seed=config.seed if config.head_seed is None else config.head_seed,
+        device=device, max_depth=config.max_depth,
     )  # fmt: skip
     cache_dir = Path(config.cache).expanduser() if config.cache else _cache.default_cache_dir()
     cache_dir.mkdir(parents=True, exist_ok=True)
@@ -277,6 +280,7 @@ def run_probe(config: ProbeConfig, reporter: Any = None) -> ProbeReport:
         "crop": config.crop, "res": config.res, "fit": "crop", "epochs": epochs, "lr": lr,
         "batch_size": config.batch_size, "weight_decay": config.weight_decay, "schedule": config.schedule,
         "flip": config.flip, "seed": config.seed, "dtype": config.dtype, "no_cache": config.no_cache,
+        **({"head_seed": config.head_seed} if config.head_seed is not None else {}),
         "limit": config.limit, "cache": str(cache_dir), "device": device,
         "backbone": upsamplers[0][0].backbone.describe(),
         "checkpoint": (list(refs.values()) if len(refs) > 1 else next(iter(refs.values()))) if refs else None,
