@@ -6,7 +6,6 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from click.core import ParameterSource
 
 from vitup_cli.choice import parse_overrides
 from vitup_cli.cli._app import (
@@ -193,7 +192,8 @@ def leaderboard_cmd(
             raise VitupError(f"--config {config}: unknown setting {unknown[0]}; use the flags' names ({known})")
         for key, value in suite.items():
             key = "compile_" if key == "compile" else key
-            if ctx.get_parameter_source(key) != ParameterSource.COMMANDLINE:
+            # by name: typer may ship its own click, whose ParameterSource is another enum
+            if getattr(ctx.get_parameter_source(key), "name", None) != "COMMANDLINE":
                 given[key] = value
     names = _as_list(given["upsamplers"])
     task_specs = _as_list(given["tasks"])

@@ -158,14 +158,20 @@ def build_upsamplers(choice: ModelChoice, names: Sequence[str] | None = None) ->
     torch.manual_seed(choice.seed)  # a random-init backbone (--pretrained none) is the same in every run
     out: list[tuple[Upsampler, bool]] = []
     if refs:
-        trained = {}
-        for name, ref in refs.items():
+        loaded = {}
+        # methods whose weights fix their input come first: without --input-size, the others follow their backbone
+        # resolution (a LoftUp file beside a ViT-Up checkpoint runs at ViT-Up's input, not at LoftUp's default)
+        fixed_first = sorted(refs, key=lambda n: not spec_of(n).capabilities.input_size_from_weights)
+        for name in fixed_first:
             # each method's file that runs over --backbone gets the same random-init backbone (--pretrained none)
             torch.manual_seed(choice.seed)
-            trained[name] = load_trained(
-                ref, weights=choice.weights, pretrained=choice.pretrained, backbone=choice.backbone,
-                overrides=choice.backbone_args, input_size=choice.input_size,
+            fixed = spec_of(name).capabilities.input_size_from_weights
+            anchor = next(iter(loaded.values())).backbone_size if loaded and not fixed else None
+            loaded[name] = load_trained(
+                refs[name], weights=choice.weights, pretrained=choice.pretrained, backbone=choice.backbone,
+                overrides=choice.backbone_args, input_size=choice.input_size or anchor,
             ).eval()  # fmt: skip
+        trained = {name: loaded[name] for name in refs}
         first = next(iter(trained.values()))
         for name, model in trained.items():
             fixed = spec_of(name).capabilities.input_size_from_weights
