@@ -291,3 +291,18 @@ def test_a_run_killed_at_a_random_moment_resumes_to_the_same_table(tmp_path):
         assert ours[key] == pytest.approx(theirs[key], rel=1e-6, abs=1e-9), key
     md = (out / "leaderboard.md").read_text()
     assert "±" in md  # two seeds: mean ± std
+
+
+def test_weights_missing_offline_mark_their_cells(tmp_path, offline_cache):
+    """A release that is not in the cache offline: the table is still written, its cells say which file is
+    missing and how to get it, and the command exits 1 because no cell could run."""
+    data = make_folder(tmp_path / "seg", n_train=2, n_val=1)
+    out = tmp_path / "lb"
+    args = ["leaderboard", "--upsamplers", "uplift,bilinear", "--tasks", f"folder:{data}", "--checkpoint",
+            "uplift:dinov3_splus", *TINY, "--cache", str(tmp_path / "cache"), "--out", str(out)]  # fmt: skip
+    result = runner.invoke(app, args)
+    assert result.exit_code == 1, result.output
+    md = (out / "leaderboard.md").read_text()
+    assert md.count("failed [1]") == 4 and "uplift_dinov3_splus" in md  # main and task tables and "hf download" in md
+    assert json.loads((out / "leaderboard.json").read_text())["cells"][0]["status"] == "failed"
+    assert not list((out / "cells").rglob("cell.json"))  # nothing finished: the next run retries them

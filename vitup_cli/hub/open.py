@@ -29,6 +29,7 @@ from vitup_cli.hub.format import (
     refuse_pickle,
 )
 from vitup_cli.hub.releases import (
+    RELEASES,
     ResolvedWeights,
     is_release_ref,
     release_for_backbone,
@@ -47,6 +48,8 @@ def checkpoint_method(ref: str | Path, upsampler: str | None = None) -> str:
     AnyUp or JAFAR ``.pth``), else the method that alone publishes the file's suffix (LoftUp ``.bin``),
     else an official ViT-Up file."""
     text = str(ref)
+    if text in RELEASES:  # a short name says its method: nothing is fetched (a file missing offline fails later)
+        return RELEASES[text].method
     if is_release_ref(text):
         release = resolve_weights(text).release
         return release.method if release is not None else PUBLISHED_SUFFIXES.get(Path(text).suffix, "vitup")
