@@ -303,6 +303,7 @@ def test_weights_missing_offline_mark_their_cells(tmp_path, offline_cache):
     result = runner.invoke(app, args)
     assert result.exit_code == 1, result.output
     md = (out / "leaderboard.md").read_text()
-    assert md.count("failed [1]") == 4 and "uplift_dinov3_splus" in md  # main and task tables and "hf download" in md
+    assert md.count("failed [1]") == 4  # the main table and the task's
+    assert "uplift:dinov3_splus" in md and "hf download" in md
     assert json.loads((out / "leaderboard.json").read_text())["cells"][0]["status"] == "failed"
     assert not list((out / "cells").rglob("cell.json"))  # nothing finished: the next run retries them
