@@ -53,6 +53,10 @@ bench-memory *args:
 bench-runtime *args:
     python benchmarks/runtime.py {{args}}
 
+# On a CUDA machine: the full DINOv3-S+ leaderboard (every upsampler x voc, ade20k, cityscapes, cocostuff, nyu, spair; 3 seeds, 448^2), after a timing pass that prints each cell's expected time on this GPU
+leaderboard-gpu data out="lb-dinov3_splus" *args:
+    python examples/leaderboard_gpu.py --data-root {{data}} --out {{out}} {{args}}
+
 # On a CUDA machine: the paper's Table 9 setting (bf16), eager, then torch.compile'd; then end-to-end extraction with the published ViT-Up at 224^2/448^2 (JSON in benchmarks/results)
 bench-gpu:
     python benchmarks/runtime.py --device cuda --precision bf16

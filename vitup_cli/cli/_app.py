@@ -219,6 +219,11 @@ BatchSizeOpt = Annotated[
 LrOpt = Annotated[float, typer.Option("--lr", help="Peak AdamW learning rate.")]
 ScheduleOpt = Annotated[str, typer.Option("--schedule", help="cosine (warm-up, then cosine to --min-lr) or constant.")]
 
+ConfigOpt = Annotated[
+    Path | None,
+    typer.Option("--config", "-c", dir_okay=False, help="YAML or TOML file of settings; flags override it."),
+]
+
 # -- the probes' protocol (vitup probe, vitup leaderboard) -------------------------------------------------
 PROBE_DATA, PROBE_PROTOCOL, PROBE_CACHE = "Dataset", "Protocol", "Cache and report"
 LimitOpt = Annotated[

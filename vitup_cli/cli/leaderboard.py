@@ -17,6 +17,7 @@ from vitup_cli.cli._app import (
     CacheOpt,
     CheckpointOpt,
     CompileOpt,
+    ConfigOpt,
     CropOpt,
     DeviceOpt,
     DtypeOpt,
@@ -103,9 +104,9 @@ def leaderboard_cmd(
     ] = None,
     config: Annotated[
         Path | None,
-        typer.Option(
-            "--config",
-            rich_help_panel="Leaderboard",
+        variant(
+            ConfigOpt,
+            "Leaderboard",
             help="A YAML suite whose keys are these flags' names (tasks, upsamplers, checkpoint: [...], seeds, ...); "
             "flags given on the command line win.",
         ),

@@ -30,6 +30,7 @@ from vitup_cli.cli._app import (
     BackboneArgsOpt,
     BackboneOpt,
     BatchSizeOpt,
+    ConfigOpt,
     DeviceOpt,
     LrOpt,
     OutOpt,
@@ -210,16 +211,7 @@ def train_cmd(
     val_images: Annotated[
         int, typer.Option("--val-images", rich_help_panel=_RUN, help="At most this many held-out images.")
     ] = _DEFAULTS.val_images,
-    config: Annotated[
-        Path | None,
-        typer.Option(
-            "--config",
-            "-c",
-            rich_help_panel=_RUN,
-            dir_okay=False,
-            help="YAML or TOML file of settings; flags override it.",
-        ),
-    ] = None,
+    config: Annotated[Path | None, variant(ConfigOpt, _RUN)] = None,
     resume: Annotated[
         Path | None,
         variant(ResumeOpt, _RUN, help="Continue this run exactly where its last save left it.", file_okay=False),
