@@ -37,7 +37,7 @@ import platform
 import re
 import traceback
 from collections.abc import Sequence
-from dataclasses import KW_ONLY, asdict, dataclass, field
+from dataclasses import KW_ONLY, asdict, dataclass, field, replace
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -874,7 +874,7 @@ def run_leaderboard(config: LeaderboardConfig, reporter: Any = None, quiet_cells
     reporter = reporter or default_reporter()
     out = Path(config.out).expanduser()
     out.mkdir(parents=True, exist_ok=True)
-    config.out = out
+    config = replace(config, out=out)
     cells = plan_cells(config, tasks, names)
     problems = {t.label: _dataset_problem(t) for t in tasks}
     todo = 0
@@ -908,8 +908,10 @@ def run_leaderboard(config: LeaderboardConfig, reporter: Any = None, quiet_cells
             cell.status, cell.reason = "failed", _one_line(exc)
             if not isinstance(exc, VitupError):
                 (out / "cells").mkdir(parents=True, exist_ok=True)
-                (out / "cells" / "errors.log").open("a").write(f"{what}\n{traceback.format_exc()}\n")
-            reporter.warning(f"[{k}/{todo}] {what}: failed: {cell.reason}")
+                with (out / "cells" / "errors.log").open("a", encoding="utf-8") as log:
+                    log.write(f"{what}\n{traceback.format_exc()}\n")
+            where = "" if isinstance(exc, VitupError) else f" (traceback in {out / 'cells' / 'errors.log'})"
+            reporter.warning(f"[{k}/{todo}] {what}: failed: {cell.reason}{where}")
             continue
         main = next(iter(cell.metrics.items()), ("", float("nan")))
         reporter.info(

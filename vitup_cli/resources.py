@@ -9,7 +9,6 @@ thread (``ru_maxrss`` only ever grows, so it cannot tell one block's peak from a
 from __future__ import annotations
 
 import os
-import resource
 import sys
 import threading
 import time
@@ -24,6 +23,8 @@ def resident_bytes() -> int:
         with open("/proc/self/statm") as fh:
             return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     except (OSError, ValueError, IndexError):
+        import resource  # POSIX only; Linux never gets here
+
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         return peak if sys.platform == "darwin" else peak * 1024  # macOS reports bytes, Linux kilobytes
 
