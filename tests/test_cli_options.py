@@ -112,3 +112,12 @@ def test_the_command_line_starts_without_torch(args):
     )
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True, cwd=ROOT)
     assert done.stdout.split() == ["False"]
+
+
+def test_no_command_gives_one_flag_to_two_options():
+    """A short flag shared by two options of one command (``-c`` for --config and --checkpoint) would silently
+    go to one of them."""
+    group = typer.main.get_command(app)
+    for name, command in group.commands.items():
+        opts = Counter(o for p in command.params for o in (*p.opts, *p.secondary_opts))
+        assert not [o for o, n in opts.items() if n > 1], name

@@ -107,6 +107,7 @@ def leaderboard_cmd(
         variant(
             ConfigOpt,
             "Leaderboard",
+            param_decls=(),  # no -c here: it is --checkpoint's
             help="A YAML suite whose keys are these flags' names (tasks, upsamplers, checkpoint: [...], seeds, ...); "
             "flags given on the command line win.",
         ),
@@ -224,7 +225,10 @@ def leaderboard_cmd(
     )  # fmt: skip
     progress = reporter()
     lb = run_leaderboard(lb_config, reporter=progress)
-    typer.echo(Path(lb.files["md"]).read_text(encoding="utf-8"))
+    md = Path(lb.files["md"]).read_text(encoding="utf-8")
+    typer.echo(md.split("\n## ")[0].rstrip())  # the header and the main table; the per-task tables are in the file
+    if lb.failed:
+        typer.echo("\nfailed cells: " + "; ".join(f"[{i}] {r}" for i, r in enumerate(lb.reasons, start=1)))
     done = sum(c.status == "done" for c in lb.cells)
     reused = sum(c.reused for c in lb.cells)
     typer.echo(
