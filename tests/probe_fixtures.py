@@ -153,3 +153,18 @@ def make_folder(
             else:
                 Image.fromarray(ids, mode="L").save(tgt_dir / f"{name}.png")
     return root
+
+
+def make_nyu(root, scenes=(("kitchen_0001", 3), ("bathroom_0002", 2)), test=(("office_0003", 2),)):
+    """BTS's ``official_splits/{train,test}/SCENE/rgb_N.jpg`` + ``sync_depth_N.png`` (16-bit millimetres)."""
+    rng = np.random.default_rng(0)
+    for split, listing in (("train", scenes), ("test", test)):
+        for room, n in listing:
+            folder = root / "nyu_depth_v2" / "official_splits" / split / room
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                Image.fromarray(rng.integers(0, 255, (24, 32, 3), dtype=np.uint8)).save(folder / f"rgb_{i:05d}.jpg")
+                mm = np.full((24, 32), 1000 * (i + 1), dtype=np.uint16)
+                mm[0, 0] = 0  # invalid
+                Image.fromarray(mm).save(folder / f"sync_depth_{i:05d}.png")
+    return root

@@ -2,7 +2,7 @@
 
 import json
 
-from probe_fixtures import make_folder, make_voc
+from probe_fixtures import make_folder, make_nyu, make_voc
 from typer.testing import CliRunner
 
 from vitup_cli.cli import app
@@ -59,3 +59,15 @@ def test_bad_flags_are_one_clear_line(tmp_path, one_line_error):
     one_line_error(runner.invoke(app, [*base, "--schedule", "linear"]), "--schedule")
     one_line_error(runner.invoke(app, ["probe", "kitti", "--root", str(tmp_path), *TINY]), "unknown dataset")
     one_line_error(runner.invoke(app, ["probe", "voc", "--root", str(tmp_path), "--task", "depth"]), "--task depth")
+
+
+def test_nyu_probes_depth_without_being_told(tmp_path, one_line_error):
+    """`vitup probe nyu` is a depth probe by default (NYU has nothing else); `--task seg` is refused in one line."""
+    make_nyu(tmp_path)
+    args = ["probe", "nyu", "--root", str(tmp_path), *TINY, "--epochs", "1", "--no-cache",
+            "--out", str(tmp_path / "rep"), "--cache", str(tmp_path / "cache")]  # fmt: skip
+    result = runner.invoke(app, args, env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "rep" / "report.json").read_text())
+    assert report["dataset"]["task"] == "depth" and report["dataset"]["train_images"] == 5
+    one_line_error(runner.invoke(app, [*args[:4], "--task", "seg", *TINY]), "nyu is a depth dataset")

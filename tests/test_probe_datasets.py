@@ -10,6 +10,7 @@ from probe_fixtures import (
     make_cityscapes,
     make_cocostuff,
     make_folder,
+    make_nyu,
     make_voc,
     scene,
 )
@@ -219,23 +220,8 @@ def test_depth_needs_a_folder_layout(tmp_path):
         open_splits("voc", tmp_path, "depth")
 
 
-def _make_nyu(root, scenes=(("kitchen_0001", 3), ("bathroom_0002", 2)), test=(("office_0003", 2),)):
-    """BTS's ``official_splits/{train,test}/SCENE/rgb_N.jpg`` + ``sync_depth_N.png`` (16-bit millimetres)."""
-    rng = np.random.default_rng(0)
-    for split, listing in (("train", scenes), ("test", test)):
-        for room, n in listing:
-            folder = root / "nyu_depth_v2" / "official_splits" / split / room
-            folder.mkdir(parents=True, exist_ok=True)
-            for i in range(n):
-                Image.fromarray(rng.integers(0, 255, (24, 32, 3), dtype=np.uint8)).save(folder / f"rgb_{i:05d}.jpg")
-                mm = np.full((24, 32), 1000 * (i + 1), dtype=np.uint16)
-                mm[0, 0] = 0  # invalid
-                Image.fromarray(mm).save(folder / f"sync_depth_{i:05d}.png")
-    return root
-
-
 def test_nyu_reads_the_official_split_in_metres(tmp_path):
-    _make_nyu(tmp_path)
+    make_nyu(tmp_path)
     train, val = open_splits("nyu", tmp_path, "depth")
     assert (len(train), len(val)) == (5, 2)
     assert train.images[0].name == "rgb_00000.jpg" and train.images[0].parent.name == "bathroom_0002"
@@ -245,7 +231,7 @@ def test_nyu_reads_the_official_split_in_metres(tmp_path):
 
 
 def test_nyu_is_depth_only_and_says_what_is_missing(tmp_path):
-    _make_nyu(tmp_path)
+    make_nyu(tmp_path)
     with pytest.raises(VitupError, match="nyu is a depth dataset: pass --task depth"):
         open_splits("nyu", tmp_path, "seg")
     next((tmp_path / "nyu_depth_v2").rglob("sync_depth_00001.png")).unlink()
