@@ -121,7 +121,7 @@ def _registry_model(name: str):
 
 
 #: own compiled parts per registered upsampler (ViT-Up: 2 blocks, 3 decoders); every registered one is listed
-OWN_COMPILED = {"vitup": 5, "uplift": 2, "loftup": 3, "featsharp": 2, "anyup": 3, "jafar": 3, "naf": 2, "featup": 0,
+OWN_COMPILED = {"vitup": 5, "uplift": 2, "loftup": 3, "featsharp": 2, "anyup": 6, "jafar": 6, "naf": 2, "featup": 0,
                 "bilinear": 0, "nearest": 0, "lowres": 0}  # fmt: skip
 
 

@@ -21,14 +21,19 @@ Per image (``D = qk_dim``, 128 in the releases; every convolution of the encoder
 ``query_encoder.*``, ``key_features_encoder.*``, ``cross_decode.*``, ``aggregation.*``, ``rope.freqs``), so
 the released ``anyup_paper.pth`` / ``anyup_multi_backbone.pth`` load as they are.
 
-Memory: the reference builds the whole ``H*W x h*w`` attention and its boolean window mask (AnyUp issue
-#22: out of memory at 2048^2). Here the output is made in bands of rows (``chunk_pixels`` output pixels a
-band, all images together): the 3x3 query conv runs on the band plus a one-row halo (zero padding at the
-true borders only), the window mask is computed for the band's rows only, and the attention of a band
-holds ``B * heads * band_pixels * h * w`` floats. Queries never attend to each other, so the result does
-not depend on the band size. The feature unification runs over ``channel_chunk`` channels at a time. The
-1x1 encoders still run on the whole guidance image (memory linear in the output pixels, about
-``D`` floats per pixel per live tensor): GroupNorm's statistics are over the whole image.
+Memory: the reference builds the whole ``H*W x h*w`` attention and its boolean window mask (AnyUp issue #22:
+out of memory at 2048^2), and its encoders hold several ``D``-channel maps at the output size. Here nothing of
+either size is held. The output is made in bands of rows (``chunk_pixels`` output pixels a band, all images
+together): the window mask is computed for the band's rows only, and the attention of a band holds
+``B * heads * band_pixels * h * w`` floats; queries never attend to each other, so the result does not depend
+on the band size. The encoders are streamed (``models.streamed.StreamedGuidance``): each GroupNorm's
+statistics are learnt in a pass over row chunks of the guidance image (``chunk_pixels`` pixels a chunk), the
+key encoder's map is pooled to the token grid chunk by chunk, and each band's query rows (with the 3x3 conv's
+one-row halo, zero padding at the true borders only) are made on demand from the guidance image. Exact up to
+float summation order; the price is compute: 9 passes over the image before the first band, each recomputing
+the 1x1 convs before the norm it learns (about 4.5x the encoders' arithmetic). The feature unification runs
+over ``channel_chunk`` channels at a time. Working memory at a 896^2 output is that at 224^2
+(``benchmarks/memory.py``).
 """
 
 from __future__ import annotations
@@ -46,6 +51,7 @@ from vitup_cli.backbones import Backbone
 from vitup_cli.errors import VitupError
 from vitup_cli.models.base import Upsampler, _as_size, sample_map
 from vitup_cli.models.registry import Capabilities, Preprocessing, UpsamplerSpec, register_upsampler
+from vitup_cli.models.streamed import Stats, StreamedGuidance, conv_rows, group_norm
 
 
 @dataclass
@@ -81,8 +87,17 @@ class ResBlock(nn.Module):
             nn.Conv2d(dim, dim, 1, bias=False),
         )
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.block(x) + x
+    @property
+    def norms(self) -> tuple[nn.GroupNorm, nn.GroupNorm]:
+        return self.block[0], self.block[3]
+
+    def hidden(self, x: torch.Tensor, stats: Stats | None = None) -> torch.Tensor:
+        """The first half, ``conv(SiLU(GN(x)))`` (GroupNorm by ``stats`` when given: ``streamed.group_norm``)."""
+        return self.block[2](self.block[1](group_norm(x, self.block[0], stats)))
+
+    def forward(self, x: torch.Tensor, stats: tuple[Stats, Stats] | None = None) -> torch.Tensor:
+        s1, s2 = (None, None) if stats is None else stats
+        return self.block[5](self.block[4](group_norm(self.hidden(x, s1), self.block[3], s2))) + x
 
 
 class FeatureUnification(nn.Module):
@@ -129,10 +144,11 @@ class RoPE2d(nn.Module):
         freqs[1, -dim // 2 :] = f1
         self.freqs = nn.Parameter(freqs * 2 * math.pi)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``(B, D, H, W)`` -> same, each pixel rotated by its grid position (``linspace(0, 1)``, ends included)."""
+    def forward(self, x: torch.Tensor, row0: int = 0, height: int | None = None) -> torch.Tensor:
+        """``(B, D, H, W)`` -> same, each pixel rotated by its grid position (``linspace(0, 1)``, ends included);
+        ``x`` may be rows ``row0..row0 + H`` of a map of ``height`` rows."""
         _, D, H, W = x.shape
-        rows = torch.linspace(0.0, 1.0, H, device=x.device, dtype=x.dtype)
+        rows = torch.linspace(0.0, 1.0, height or H, device=x.device, dtype=x.dtype)[row0 : row0 + H]
         cols = torch.linspace(0.0, 1.0, W, device=x.device, dtype=x.dtype)
         yy, xx = torch.meshgrid(rows, cols, indexing="ij")
         angle = torch.stack([yy, xx], -1).view(H * W, 2) @ self.freqs  # (HW, D)
@@ -205,25 +221,26 @@ class AnyUpNet(nn.Module):
         self.rope = RoPE2d(d)
 
     def prepare(
-        self, guidance: torch.Tensor, tokens: torch.Tensor, size: tuple[int, int]
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The queries before their 3x3 conv ``(B, D, *size)`` and the projected keys ``(B, heads, h*w, D/heads)``."""
-        enc = self.rope(self.image_encoder(guidance))
-        q = self.query_encoder(enc)
-        if tuple(q.shape[-2:]) != tuple(size):
-            q = F.adaptive_avg_pool2d(q, size)
+        self, guidance: torch.Tensor, tokens: torch.Tensor, size: tuple[int, int], chunk_pixels: int | None = None
+    ) -> tuple[StreamedGuidance, torch.Tensor]:
+        """The queries before their 3x3 conv (``StreamedGuidance``: rows ``(B, D, r, W)`` on demand, never the
+        whole map) and the projected keys ``(B, heads, h*w, D/heads)``. The encoders run over the guidance in
+        chunks of about ``chunk_pixels`` pixels (default ``config.chunk_pixels``)."""
+        chunk = self.config.chunk_pixels if chunk_pixels is None else chunk_pixels
         h, w = tokens.shape[-2:]
-        k = F.adaptive_avg_pool2d(self.key_encoder(enc), (h, w))
+        queries = StreamedGuidance(
+            guidance, size, (h, w), self.image_encoder, self.rope, self.query_encoder, self.key_encoder, chunk
+        )
         lfu, *blocks = self.key_features_encoder
         unified = lfu(F.normalize(tokens, dim=1), self.config.channel_chunk)
         for block in blocks:
             unified = block(unified)
-        k = self.aggregation(torch.cat([k, unified], dim=1))
+        k = self.aggregation(torch.cat([queries.keys.to(unified.dtype), unified], dim=1))
         attn = self.cross_decode.cross_attn
         w_k = attn.attention.in_proj_weight.chunk(3)[1]
         b_k = attn.attention.in_proj_bias.chunk(3)[1]
         k = F.linear(attn.norm_k(k.flatten(2).transpose(1, 2)), w_k, b_k)
-        return q, self._heads(k)
+        return queries, self._heads(k)
 
     def _heads(self, x: torch.Tensor) -> torch.Tensor:
         B, N, D = x.shape
@@ -231,13 +248,19 @@ class AnyUpNet(nn.Module):
         return x.view(B, N, heads, D // heads).transpose(1, 2)
 
     def band(
-        self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, low: tuple[int, int], r0: int, r1: int
+        self,
+        queries: StreamedGuidance,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        low: tuple[int, int],
+        r0: int,
+        r1: int,
     ) -> torch.Tensor:
-        """Output rows ``[r0, r1)``: queries ``(B, D, H, W)``, keys, values ``(B, h*w, C)`` -> ``(B, C, r1-r0, W)``."""
-        B, _, H, W = q.shape
-        e0, e1 = max(0, r0 - 1), min(H, r1 + 1)
-        x = F.pad(q[:, :, e0:e1], (0, 0, 1 if r0 == 0 else 0, 1 if r1 == H else 0))
-        x = F.conv2d(x, self.cross_decode.conv2d.weight, padding=(0, 1))  # rows r0..r1
+        """Output rows ``[r0, r1)``: queries (their rows ``r0 - 1 .. r1 + 1`` made for the 3x3 conv), keys,
+        values ``(B, h*w, C)`` -> ``(B, C, r1 - r0, W)``."""
+        H, W = queries.size
+        x = conv_rows(self.cross_decode.conv2d, queries.rows, H, r0, r1)  # zero padding at the true borders only
+        B = x.shape[0]
         attn = self.cross_decode.cross_attn
         w_q, b_q = attn.attention.in_proj_weight.chunk(3)[0], attn.attention.in_proj_bias.chunk(3)[0]
         x = self._heads(F.linear(attn.norm_q(x.flatten(2).transpose(1, 2)), w_q, b_q))  # (B, heads, P, d)
@@ -266,15 +289,16 @@ class AnyUpNet(nn.Module):
     ) -> Iterator[tuple[int, int, torch.Tensor]]:
         """``(r0, r1, rows r0..r1 of the output (B, C, r1 - r0, W))`` band by band."""
         size = tuple(guidance.shape[-2:]) if size is None else _as_size(size)
-        q, keys = self.prepare(guidance, tokens, size)
-        values = tokens.flatten(2).transpose(1, 2)
-        B, _, H, W = q.shape
         chunk = self.config.chunk_pixels if chunk_pixels is None else chunk_pixels
+        queries, keys = self.prepare(guidance, tokens, size, chunk)
+        values = tokens.flatten(2).transpose(1, 2)
+        B = tokens.shape[0]
+        H, W = size
         step = max(1, min(H, chunk // max(1, B * W)))
         low = tuple(tokens.shape[-2:])
         for r0 in range(0, H, step):
             r1 = min(H, r0 + step)
-            yield r0, r1, self.band(q, keys, values, low, r0, r1)
+            yield r0, r1, self.band(queries, keys, values, low, r0, r1)
 
     def forward(
         self,
@@ -325,7 +349,8 @@ class AnyUp(Upsampler):
     """
 
     name = "anyup"
-    compile_parts = ("net.image_encoder", "net.query_encoder", "net.key_encoder")
+    #: the encoders' residual blocks: what the streamed encoders call as modules (``models.streamed``)
+    compile_parts = tuple(f"net.{e}_encoder.{i}" for e in ("image", "query", "key") for i in (1, 2))
 
     def __init__(
         self,

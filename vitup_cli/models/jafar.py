@@ -14,12 +14,17 @@ but do not touch the output (the reference keeps only the attention weights).
 ``JAFARNet`` keeps the published state-dict layout (the ``jafar`` entry of the GitHub release ``.pth``
 files), so the released weights load as they are.
 
-Memory: the reference materialises the ``H*W x h*w`` attention of every head (its issue #7: out of memory
-near 672^2). Here the output is made in bands of rows: the 3x3 conv runs on the band plus a 1-row halo of
-the (globally GroupNorm'ed) query map and fused attention (``scaled_dot_product_attention``, the raw tokens
-as values, averaged over heads) runs per band. Queries never attend to each other, so banding is exact. The
-encoders (1x1 convs, GroupNorm statistics over the whole map) still hold ``qk_dim`` channels per guidance
-pixel, a fraction of the output itself.
+Memory: the reference materialises the ``H*W x h*w`` attention of every head (its issue #7: out of memory near
+672^2) and holds several ``qk_dim``-channel maps at the output size. Here neither is held. The output is made
+in bands of rows: fused attention (``scaled_dot_product_attention``, the raw tokens as values, averaged over
+heads) runs per band, and queries never attend to each other, so banding is exact. The encoders are streamed
+(``models.streamed.StreamedGuidance``): each GroupNorm's statistics (the query map's affine-free one included)
+are learnt in a pass over row chunks of the guidance image (``chunk_pixels`` pixels a chunk; the first conv,
+1x1 in the releases, gets a reflect-padded halo when it is wider), the key encoder's map is pooled to the
+token grid chunk by chunk, and each band's GroupNorm'ed query rows plus the 3x3 conv's one-row halo are made
+on demand from the guidance image. Exact up to float summation order; the price is compute: 9 passes over the
+image before the first band, each recomputing the 1x1 convs before the norm it learns (about 4.5x the
+encoders' arithmetic). Working memory at a 896^2 output is that at 224^2 (``benchmarks/memory.py``).
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ from vitup_cli.backbones import Backbone
 from vitup_cli.errors import VitupError
 from vitup_cli.models.base import Upsampler, _as_size, sample_map
 from vitup_cli.models.registry import Capabilities, Preprocessing, UpsamplerSpec, register_upsampler
+from vitup_cli.models.streamed import Stats, StreamedGuidance, conv_rows, group_norm
 
 #: the input size (and output size) of JAFAR's own evaluation (``img_size: 448``)
 REFERENCE_SIZE = 448
@@ -69,9 +75,17 @@ class ResBlock(nn.Module):
         self.norm2 = nn.GroupNorm(8, dim)
         self.conv2 = nn.Conv2d(dim, dim, 1, bias=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.conv1(F.silu(self.norm1(x)))
-        return x + self.conv2(F.silu(self.norm2(h)))
+    @property
+    def norms(self) -> tuple[nn.GroupNorm, nn.GroupNorm]:
+        return self.norm1, self.norm2
+
+    def hidden(self, x: torch.Tensor, stats: Stats | None = None) -> torch.Tensor:
+        """``conv1(SiLU(GN(x)))`` (GroupNorm by ``stats`` when given: ``streamed.group_norm``)."""
+        return self.conv1(F.silu(group_norm(x, self.norm1, stats)))
+
+    def forward(self, x: torch.Tensor, stats: tuple[Stats, Stats] | None = None) -> torch.Tensor:
+        s1, s2 = (None, None) if stats is None else stats
+        return x + self.conv2(F.silu(group_norm(self.hidden(x, s1), self.norm2, s2)))
 
 
 def _encoder(in_dim: int, dim: int, kernel_size: int, layers: int) -> nn.Sequential:
@@ -105,10 +119,11 @@ class RoPE(nn.Module):
         freqs[1, -dim // 2 :] = base
         self.freqs = nn.Parameter(freqs * 2 * torch.pi)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``(B, C, H, W)`` -> same, rotated by ``row * freqs[0] + col * freqs[1]`` (coordinates in [0, 1])."""
+    def forward(self, x: torch.Tensor, row0: int = 0, height: int | None = None) -> torch.Tensor:
+        """``(B, C, H, W)`` -> same, rotated by ``row * freqs[0] + col * freqs[1]`` (coordinates in [0, 1]);
+        ``x`` may be rows ``row0..row0 + H`` of a map of ``height`` rows."""
         H, W = x.shape[-2:]
-        rows = torch.linspace(0, 1, H, device=x.device, dtype=x.dtype)
+        rows = torch.linspace(0, 1, height or H, device=x.device, dtype=x.dtype)[row0 : row0 + H]
         cols = torch.linspace(0, 1, W, device=x.device, dtype=x.dtype)
         angle = rows.view(H, 1, 1) * self.freqs[0] + cols.view(1, W, 1) * self.freqs[1]  # (H, W, C)
         angle = angle.permute(2, 0, 1).unsqueeze(0)
@@ -184,37 +199,44 @@ class JAFARNet(nn.Module):
         self.rope = RoPE(qk)
 
     def prepare(
-        self, image: torch.Tensor, tokens: torch.Tensor, size: tuple[int, int]
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Normalised guidance ``(B, 3, H, W)``, raw tokens ``(B, C, h, w)`` -> the GroupNorm'ed query map
-        ``(B, qk, *size)``, the projected keys ``(B, heads, h*w, qk / heads)`` and the values ``(B, h*w, C)``."""
+        self, image: torch.Tensor, tokens: torch.Tensor, size: tuple[int, int], chunk_pixels: int | None = None
+    ) -> tuple[StreamedGuidance, torch.Tensor, torch.Tensor]:
+        """Normalised guidance ``(B, 3, Hg, Wg)``, raw tokens ``(B, C, h, w)`` -> the GroupNorm'ed query map at
+        ``size`` (``StreamedGuidance``: rows on demand, never the whole map), the projected keys
+        ``(B, heads, h*w, qk / heads)`` and the values ``(B, h*w, C)``. The encoders run over the guidance in
+        chunks of about ``chunk_pixels`` pixels (default ``config.chunk_pixels``)."""
         if tokens.shape[1] != self.dim:
             raise VitupError(f"JAFAR for {self.dim}-d features was given {tokens.shape[1]}-d tokens")
-        encoded = self.rope(self.image_encoder(image))
-        queries = self.norm(F.adaptive_avg_pool2d(self.query_encoder(encoded), output_size=size))
-        keys = F.adaptive_avg_pool2d(self.key_encoder(encoded), output_size=tokens.shape[-2:])
-        keys = self.sft_key(keys, self.key_features_encoder(F.normalize(tokens, dim=1)))
+        chunk = self.config.chunk_pixels if chunk_pixels is None else chunk_pixels
+        queries = StreamedGuidance(
+            image, size, tuple(tokens.shape[-2:]), self.image_encoder, self.rope, self.query_encoder,
+            self.key_encoder, chunk, query_norm=self.norm,
+        )  # fmt: skip
+        features = self.key_features_encoder(F.normalize(tokens, dim=1))
+        keys = self.sft_key(queries.keys.to(features.dtype), features)
         attn = self.cross_decode.cross_attn
         keys = attn.attention.keys(attn.norm_k(keys.flatten(2).transpose(1, 2)))
         return queries, keys, tokens.flatten(2).transpose(1, 2)
 
-    def band(self, queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, r0: int, r1: int) -> torch.Tensor:
-        """Output rows ``[r0, r1)``: ``(B, C, r1 - r0, W)`` (the 3x3 conv sees a 1-row halo: exact)."""
-        B, _, H, W = queries.shape
-        e0, e1 = max(0, r0 - 1), min(H, r1 + 1)
-        q = F.pad(queries[:, :, e0:e1], (0, 0, 1 if r0 == 0 else 0, 1 if r1 == H else 0))
-        q = F.conv2d(q, self.cross_decode.conv2d.weight, padding=(0, 1))  # rows: halo / zero rows, cols: zeros
+    def band(
+        self, queries: StreamedGuidance, keys: torch.Tensor, values: torch.Tensor, r0: int, r1: int
+    ) -> torch.Tensor:
+        """Output rows ``[r0, r1)``: ``(B, C, r1 - r0, W)`` (the 3x3 conv sees query rows ``r0 - 1 .. r1 + 1``,
+        zero rows at the true borders only: exact)."""
+        H, W = queries.size
+        q = conv_rows(self.cross_decode.conv2d, queries.rows, H, r0, r1)
         attn = self.cross_decode.cross_attn
         out = attn.attention(attn.norm_q(q.flatten(2).transpose(1, 2)), keys, values)  # (B, P, C)
-        return out.transpose(1, 2).reshape(B, -1, r1 - r0, W)
+        return out.transpose(1, 2).reshape(q.shape[0], -1, r1 - r0, W)
 
     def bands(
         self, image: torch.Tensor, tokens: torch.Tensor, size: tuple[int, int], chunk_pixels: int | None = None
     ) -> Iterator[tuple[int, int, torch.Tensor]]:
         """``(r0, r1, rows r0..r1 of the output (B, C, r1 - r0, W))`` band by band."""
-        queries, keys, values = self.prepare(image, tokens, size)
-        B, _, H, W = queries.shape
         chunk = self.config.chunk_pixels if chunk_pixels is None else chunk_pixels
+        queries, keys, values = self.prepare(image, tokens, size, chunk)
+        B = tokens.shape[0]
+        H, W = queries.size
         step = max(1, min(H, chunk // max(1, B * W)))
         for r0 in range(0, H, step):
             r1 = min(H, r0 + step)
@@ -268,7 +290,6 @@ class JAFAR(Upsampler):
     """
 
     name = "jafar"
-    compile_parts = ("net.image_encoder", "net.query_encoder", "net.key_encoder")
 
     def __init__(
         self,
@@ -286,6 +307,12 @@ class JAFAR(Upsampler):
         self.net = JAFARNet(backbone.embed_dim, self.config)
         self.source = source  # where the weights came from (release name, path); None = untrained
         self.weights_sha256 = weights_sha256
+
+    @property
+    def compile_parts(self) -> tuple[str, ...]:  # type: ignore[override]
+        """The encoders' residual blocks: what the streamed encoders call as modules (``models.streamed``)."""
+        layers = range(1, self.config.num_layers + 1)
+        return tuple(f"net.{e}_encoder.{i}" for e in ("image", "query", "key") for i in layers)
 
     def trained_tensors(self) -> dict[str, torch.Tensor]:
         """JAFAR's own tensors in the published layout (no backbone)."""
