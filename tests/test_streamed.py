@@ -137,3 +137,16 @@ def test_no_full_resolution_encoder_map_is_held(name):
             assert band.shape == (2, 24, r1 - r0, 100)
             rows += r1 - r0
     assert rows == 96 and seen.numel < 2 * 16 * 96 * 100 / 4, seen.numel
+
+
+@pytest.mark.parametrize("net", ["anyup", "jafar"])
+def test_rope_positions_stay_apart_in_bfloat16(net):
+    """Under bf16 autocast the rotary positions of a 896-row map are still float32: the last two rows get
+    different rotations (bf16 positions would round both to 1.0), and the result is the float32 one, rounded."""
+    rope = AnyUpNet().rope if net == "anyup" else JAFARNet(8).rope
+    x = torch.ones(1, rope.freqs.shape[1], 896, 2)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = rope(x.to(torch.bfloat16))
+    assert low.dtype == torch.bfloat16
+    assert not torch.equal(low[..., 894, :], low[..., 895, :])
+    assert torch.allclose(low.float(), rope(x), atol=1e-2)

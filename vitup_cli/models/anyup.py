@@ -148,13 +148,17 @@ class RoPE2d(nn.Module):
         """``(B, D, H, W)`` -> same, each pixel rotated by its grid position (``linspace(0, 1)``, ends included);
         ``x`` may be rows ``row0..row0 + H`` of a map of ``height`` rows."""
         _, D, H, W = x.shape
-        rows = torch.linspace(0.0, 1.0, height or H, device=x.device, dtype=x.dtype)[row0 : row0 + H]
-        cols = torch.linspace(0.0, 1.0, W, device=x.device, dtype=x.dtype)
+        # positions and angles in float32 at least: in bfloat16 (autocast) neighbouring rows of a large map
+        # would share one position; float32 and float64 inputs are computed as the reference does
+        dtype = torch.promote_types(x.dtype, torch.float32)
+        rows = torch.linspace(0.0, 1.0, height or H, device=x.device, dtype=dtype)[row0 : row0 + H]
+        cols = torch.linspace(0.0, 1.0, W, device=x.device, dtype=dtype)
         yy, xx = torch.meshgrid(rows, cols, indexing="ij")
-        angle = torch.stack([yy, xx], -1).view(H * W, 2) @ self.freqs  # (HW, D)
+        with torch.autocast(x.device.type, enabled=False):  # the product too: autocast would make it bfloat16
+            angle = torch.stack([yy, xx], -1).view(H * W, 2) @ self.freqs.to(dtype)  # (HW, D)
         angle = angle.T.reshape(1, D, H, W)
         a, b = x.chunk(2, dim=1)
-        return x * angle.cos() + torch.cat([-b, a], dim=1) * angle.sin()
+        return (x * angle.cos() + torch.cat([-b, a], dim=1) * angle.sin()).to(x.dtype)
 
 
 class PackedProjections(nn.Module):

@@ -123,12 +123,16 @@ class RoPE(nn.Module):
         """``(B, C, H, W)`` -> same, rotated by ``row * freqs[0] + col * freqs[1]`` (coordinates in [0, 1]);
         ``x`` may be rows ``row0..row0 + H`` of a map of ``height`` rows."""
         H, W = x.shape[-2:]
-        rows = torch.linspace(0, 1, height or H, device=x.device, dtype=x.dtype)[row0 : row0 + H]
-        cols = torch.linspace(0, 1, W, device=x.device, dtype=x.dtype)
-        angle = rows.view(H, 1, 1) * self.freqs[0] + cols.view(1, W, 1) * self.freqs[1]  # (H, W, C)
+        # positions and angles in float32 at least: in bfloat16 (autocast) neighbouring rows of a large map
+        # would share one position (JAFAR #7); float32 and float64 inputs are computed as the reference does
+        dtype = torch.promote_types(x.dtype, torch.float32)
+        freqs = self.freqs.to(dtype)
+        rows = torch.linspace(0, 1, height or H, device=x.device, dtype=dtype)[row0 : row0 + H]
+        cols = torch.linspace(0, 1, W, device=x.device, dtype=dtype)
+        angle = rows.view(H, 1, 1) * freqs[0] + cols.view(1, W, 1) * freqs[1]  # (H, W, C)
         angle = angle.permute(2, 0, 1).unsqueeze(0)
         x1, x2 = x.chunk(2, dim=1)
-        return x * angle.cos() + torch.cat([-x2, x1], dim=1) * angle.sin()
+        return (x * angle.cos() + torch.cat([-x2, x1], dim=1) * angle.sin()).to(x.dtype)
 
 
 class SplitAttention(nn.Module):
