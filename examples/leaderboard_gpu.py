@@ -1,10 +1,12 @@
-"""The full DINOv3-S+ leaderboard on one GPU (``just leaderboard-gpu DATA CACHE``), with its expected time per cell.
+"""The full DINOv3-S+ leaderboard on one GPU (``just leaderboard-gpu DATA [OUT]``), with its expected time per cell.
 
 1. A timing pass: every cell on the first ``--probe-images`` images of each split (into OUT/timing), which
    measures this machine's seconds per image of each (task, upsampler), extraction and head training included.
 2. The projection: those rates times each dataset's real size (every split counted on disk), printed per cell
    and in total, and written to OUT/expected_times.json, before anything long starts.
-3. The table itself, the paper's protocol (`vitup leaderboard`, resumable: rerun the script after a crash).
+3. The table itself, the paper's protocol but for the stored grid (224^2 by default, resized to the 448^2
+   labels, as the table's header says; ``--res 448`` for the exact one if the disk allows), 3 seeds
+   (`vitup leaderboard`, resumable: rerun the script after a crash).
 
 Needs the datasets under DATA (VOCdevkit, ADEChallengeData2016, cityscapes, cocostuff, nyu_depth_v2, SPair-71k)
 and the weights in the torch.hub / Hugging Face caches (ViT-Up and UPLiFT releases for dinov3_s+; AnyUp, NAF
@@ -19,7 +21,7 @@ import argparse
 import json
 from pathlib import Path
 
-from vitup_cli.leaderboard import CORRESPONDENCE, LeaderboardConfig, parse_tasks, run_leaderboard
+from vitup_cli.leaderboard import CORRESPONDENCE, LeaderboardConfig, Task, parse_tasks, run_leaderboard
 from vitup_cli.probe.datasets import open_splits
 from vitup_cli.probe.spair import PAIR_READERS
 
@@ -27,7 +29,7 @@ UPSAMPLERS = "vitup,uplift,loftup,anyup,jafar,naf,featup,bilinear,lowres"
 TASKS = "voc,ade20k,cityscapes,cocostuff,nyu,spair"
 
 
-def _images(task, limit: int | None = None) -> int:
+def _images(task: Task, limit: int | None = None) -> int:
     """How many images a cell of ``task`` reads (train + val, or the correspondence pairs' images)."""
     if task.kind.kind == CORRESPONDENCE:
         return len(PAIR_READERS[task.kind.dataset](task.root, split="test", limit=limit).images)
@@ -35,21 +37,27 @@ def _images(task, limit: int | None = None) -> int:
     return len(train) + len(val)
 
 
-def main() -> None:
+def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data-root", type=Path, required=True)
     parser.add_argument("--out", type=Path, default=Path("lb-dinov3_splus"))
     parser.add_argument("--cache", type=Path, default=None, help="probe feature cache (default ~/.cache/vitup/probe)")
     parser.add_argument("--upsamplers", default=UPSAMPLERS)
     parser.add_argument("--tasks", default=TASKS)
-    parser.add_argument("--checkpoint", action="append", default=None, help="e.g. vit-up:dinov3_splus (repeat)")
+    parser.add_argument(
+        "--checkpoint", action="append", default=[], help="more checkpoints (a JAFAR dinov3_s+ file...), repeatable"
+    )
     parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--res", type=int, default=448, help="448: the paper's exact protocol (224 quarters the cache)")
+    parser.add_argument(
+        "--res", type=int, default=224,
+        help="stored grid: 224 (resized to the 448 labels); 448 is the paper's exact protocol at 4x the cache "
+        "(a 384-d map at 448^2 is 154 MB a image in float16: COCO-Stuff alone would need terabytes)",
+    )  # fmt: skip
     parser.add_argument("--probe-images", type=int, default=32, help="images per split in the timing pass")
     parser.add_argument("--skip-timing", action="store_true")
     parser.add_argument("--device", default="cuda")
     args = parser.parse_args()
-    checkpoints = args.checkpoint or ["vit-up:dinov3_splus", "uplift:dinov3_splus"]
+    checkpoints = ["vit-up:dinov3_splus", "uplift:dinov3_splus", *args.checkpoint]
     common = dict(
         upsamplers=args.upsamplers.split(","), tasks=args.tasks.split(","), checkpoint=checkpoints,
         backbone="dinov3_s+", data_root=args.data_root, res=args.res, cache=args.cache, device=args.device,
@@ -77,7 +85,8 @@ def main() -> None:
         print(f"expected in total: {total / 3600:.1f} h on this GPU, measured by the timing pass above")
     lb = run_leaderboard(LeaderboardConfig(out=args.out, seeds=args.seeds, **common))
     print(Path(lb.files["md"]).read_text())
+    return 3 if lb.failed else 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

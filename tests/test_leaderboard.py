@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import tiny_backbone, tiny_vitup
+from PIL import Image
 from probe_fixtures import make_folder, make_voc
 from spair_fixtures import make_spair
 from typer.testing import CliRunner
@@ -32,6 +33,7 @@ from vitup_cli.leaderboard import (
     parse_tasks,
     published_for,
     published_numbers,
+    t_critical,
     versus_baseline,
 )
 from vitup_cli.models import UPSAMPLERS, UPLiFT
@@ -70,6 +72,7 @@ def test_tasks_take_paths_and_labels(tmp_path):
         (["voc"], None, "give its folder (voc:/path) or --data-root"),
         (["folder:/a", "folder:/b"], None, "'folder' is given twice"),
         ([" "], "/d", "give at least one task"),
+        (["..=folder:/x"], None, "unknown task"),  # a label cannot climb out of cells/
     ],
 )
 def test_bad_tasks_are_one_clear_line(specs, data_root, needle):
@@ -112,12 +115,20 @@ def _agg(values, deterministic=False):
                      None, None, None, {}, deterministic)  # fmt: skip
 
 
-def test_a_difference_within_twice_the_standard_error_is_noise():
+def test_t_critical_values():
+    assert t_critical(1) == 12.706 and t_critical(2.9) == 4.303 and t_critical(30) == 2.042
+    assert t_critical(0.3) == 12.706 and t_critical(1000) == 1.96
+
+
+def test_a_difference_welchs_t_cannot_tell_from_zero_is_noise():
     base = _agg([0.50, 0.52, 0.48])
     close = versus_baseline(_agg([0.51, 0.53, 0.49]), base, "miou")
     assert close["within_noise"] is True and close["delta"] == pytest.approx(0.01)
+    # Welch: SE sqrt(0.01^2/3 + 0.02^2/3) = 0.0129 on 2.9 degrees of freedom, t = 4.303: noise 0.0556
     far = versus_baseline(_agg([0.60, 0.61, 0.59]), base, "miou")
-    assert far["within_noise"] is False
+    assert far["within_noise"] is False and far["noise"] == pytest.approx(4.303 * 0.012910, rel=1e-3)
+    near = versus_baseline(_agg([0.55, 0.56, 0.54]), base, "miou")  # 0.05: beyond 2 SE, within Welch's t
+    assert near["within_noise"] is True
     assert versus_baseline(_agg([0.6]), _agg([0.5]), "miou")["within_noise"] is None  # one seed: unknown
     exact = versus_baseline(_agg([0.6], True), _agg([0.5], True), "miou")
     assert exact["noise"] == 0.0 and exact["within_noise"] is None
@@ -158,6 +169,11 @@ def test_config_file_gives_settings_and_flags_win(tmp_path, monkeypatch, one_lin
     c = seen["config"]
     assert (c.tasks, c.upsamplers, c.checkpoint) == (["voc", "spair"], ["vitup", "bilinear"], ["vit-up:dinov3_splus"])
     assert (c.seeds, c.limit, str(c.data_root), c.backbone_args) == (3, 7, "/data", {"depth": 2})
+    suite.write_text("tasks: voc\nupsamplers: bilinear\nseeds: three\n")
+    one_line_error(runner.invoke(app, ["leaderboard", "--config", str(suite)]), f"--config {suite}: seeds: ")
+    suite.write_text("tasks: voc\nupsamplers: bilinear\nlimit: '5'\ncheckpoint: ck/last\n")
+    one_line_error(runner.invoke(app, ["leaderboard", "--config", str(suite)]), "stop here")
+    assert (seen["config"].limit, seen["config"].checkpoint) == (5, ["ck/last"])
     suite.write_text("tasks: voc\nupsampler: bilinear\n")
     one_line_error(runner.invoke(app, ["leaderboard", "--config", str(suite)]), "unknown setting upsampler")
     suite.write_text("- voc\n")
@@ -217,7 +233,7 @@ def test_the_whole_table_over_seg_depth_and_spair(tmp_path, monkeypatch):
             "--tasks", f"voc,folder-depth:{depth},spair,cityscapes", *[a for c in ck for a in ("--checkpoint", str(c))],
             *TINY, "--cache", str(tmp_path / "cache"), "--out", str(out)]  # fmt: skip
     result = runner.invoke(app, args, env={"COLUMNS": "200"})
-    assert result.exit_code == 0, result.output
+    assert result.exit_code == 3, result.output  # the table is written; some cells (cityscapes) failed
     md = (out / "leaderboard.md").read_text()
     doc = json.loads((out / "leaderboard.json").read_text())
     cells = doc["cells"]
@@ -232,7 +248,8 @@ def test_the_whole_table_over_seg_depth_and_spair(tmp_path, monkeypatch):
     assert {c["task"] for c in cells if c["status"] == "failed"} == {"cityscapes"}
     assert all("no Cityscapes layout found" in c["reason"] for c in cells if c["status"] == "failed")
     # the failing task is marked in the table, with its reason once
-    assert "| vitup | 0." in md or "| vitup | " in md
+    main_row = next(line for line in md.splitlines() if line.startswith("| vitup | "))
+    assert main_row.endswith("| failed [1] |") and "paper 87.47" in main_row  # voc, depth, spair, cityscapes
     assert md.count("no Cityscapes layout found") == 1 and "failed [1]" in md
     # the published numbers of this backbone sit beside the measured cells, with the difference
     assert "paper 87.47" in md and "paper 51.27" in md and "ViT-Up (2026), Table 2" in md
@@ -243,13 +260,13 @@ def test_the_whole_table_over_seg_depth_and_spair(tmp_path, monkeypatch):
     assert len(rows) == 1 + len(names) * (2 + 3 + 3 + 2)  # voc 2, depth 3, spair 3, cityscapes 2 metrics
     voc_vitup = next(r for r in rows[1:] if r.startswith("voc,voc,seg,vitup,miou"))
     assert ",87.47,vitup-t1," in voc_vitup
-    png = (out / "leaderboard.png").read_bytes()
-    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 20_000
+    with Image.open(out / "leaderboard.png") as png:  # the bar chart (400 px) above a row of PCA panels
+        assert png.format == "PNG" and png.height > 600 and png.width >= 800
     # a rerun recomputes nothing and writes the same tables
     before = _cells(out)
     tables = {n: (out / n).read_bytes() for n in ("leaderboard.md", "leaderboard.csv", "leaderboard.json")}
     again = runner.invoke(app, args, env={"COLUMNS": "200"})
-    assert again.exit_code == 0, again.output
+    assert again.exit_code == 3, again.output
     assert f"{len(done)} found finished" in again.output
     assert _cells(out) == before
     assert {n: (out / n).read_bytes() for n in tables} == tables
@@ -302,17 +319,26 @@ def test_a_run_killed_at_a_random_moment_resumes_to_the_same_table(tmp_path):
     assert "±" in md  # two seeds: mean ± std
 
 
-def test_weights_missing_offline_mark_their_cells(tmp_path, offline_cache):
-    """A release that is not in the cache offline: the table is still written, its cells say which file is
-    missing and how to get it, and the command exits 1 because no cell could run."""
+def test_weights_missing_offline_mark_only_their_cells(tmp_path, offline_cache):
+    """A release that is not in the cache offline fails its own cells, with the file and how to get it; the
+    others run over the checkpoint that can be opened (the LoftUp file here); the command exits 3. With nothing
+    that can run, it exits 1."""
     data = make_folder(tmp_path / "seg", n_train=2, n_val=1)
+    torch.manual_seed(5)
+    torch.save(LoftUpNet(64).state_dict(), tmp_path / "pytorch_model.bin")
     out = tmp_path / "lb"
-    args = ["leaderboard", "--upsamplers", "uplift,bilinear", "--tasks", f"folder:{data}", "--checkpoint",
-            "uplift:dinov3_splus", *TINY, "--cache", str(tmp_path / "cache"), "--out", str(out)]  # fmt: skip
+    args = ["leaderboard", "--upsamplers", "uplift,loftup,bilinear", "--tasks", f"folder:{data}",
+            "--checkpoint", "uplift:dinov3_splus", "--checkpoint", str(tmp_path / "pytorch_model.bin"), *TINY,
+            "--input-size", "64", "--cache", str(tmp_path / "cache"), "--out", str(out)]  # fmt: skip
     result = runner.invoke(app, args)
-    assert result.exit_code == 1, result.output
+    assert result.exit_code == 3, result.output
     md = (out / "leaderboard.md").read_text()
-    assert md.count("failed [1]") == 4  # the main table and the task's
+    assert md.count("failed [1]") == 2  # the main table and the task's: uplift only
     assert "uplift:dinov3_splus" in md and "hf download" in md
-    assert json.loads((out / "leaderboard.json").read_text())["cells"][0]["status"] == "failed"
-    assert not list((out / "cells").rglob("cell.json"))  # nothing finished: the next run retries them
+    cells = {c["upsampler"]: c for c in json.loads((out / "leaderboard.json").read_text())["cells"]}
+    assert cells["uplift"]["status"] == "failed" and cells["loftup"]["status"] == cells["bilinear"]["status"] == "done"
+    assert cells["bilinear"]["checkpoints"] == [str(tmp_path / "pytorch_model.bin")]  # over the file that opens
+    assert len(list((out / "cells").rglob("cell.json"))) == 2  # the failed cell is retried by the next run
+    alone = runner.invoke(app, ["leaderboard", "--upsamplers", "uplift", "--tasks", f"folder:{data}", "--checkpoint",
+                                "uplift:dinov3_splus", *TINY, "--out", str(tmp_path / "lb2")])  # fmt: skip
+    assert alone.exit_code == 1, alone.output

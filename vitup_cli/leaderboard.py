@@ -20,7 +20,8 @@ are marked in the table with their one-line reason and retried by the next run; 
 
 With ``seeds`` > 1 the probe heads are trained with seeds ``seed .. seed + seeds - 1`` on the same features
 (the correspondence probe has nothing random: it runs once). A cell's difference from ``bilinear`` is
-*within the noise* when it is at most twice its standard error, ``2 * sqrt(s_a^2 / n_a + s_b^2 / n_b)``.
+*within the noise* when Welch's t-test at 95% cannot tell them apart: ``|delta| <= t(df) * sqrt(s_a^2 / n_a +
+s_b^2 / n_b)``, with the Welch-Satterthwaite degrees of freedom.
 
 Published numbers (``published.json``: ViT-Up's Tables 1, 2 and 4, UPLiFT's Tables 1 and 8, JAFAR's README)
 are shown beside the cells of the same backbone, task and upsampler, with the difference.
@@ -53,12 +54,14 @@ from vitup_cli.data.images import ImageLoadError, load_image
 from vitup_cli.errors import VitupError
 from vitup_cli.features import fit_image
 from vitup_cli.fileio import atomic_write_bytes, jsonable
+from vitup_cli.hub import RELEASES, checkpoint_paths, resolve_weights
 from vitup_cli.models import UPSAMPLERS, spec_of
 from vitup_cli.probe.correspondence import CorrespondenceConfig, run_correspondence
 from vitup_cli.probe.datasets import DEPTH, SEG, open_splits
+from vitup_cli.probe.heads import SCHEDULES
 from vitup_cli.probe.run import ProbeConfig, run_probe
 from vitup_cli.probe.spair import PAIR_READERS
-from vitup_cli.probe.upsamplers import checkpoint_refs, choose_names
+from vitup_cli.probe.upsamplers import checkpoint_refs, choose_names, resolve_device
 from vitup_cli.progress import SilentReporter, default_reporter
 from vitup_cli.resources import PeakMemory
 from vitup_cli.stores import DONE, open_store
@@ -104,6 +107,9 @@ TASK_KINDS: dict[str, TaskKind] = {
 
 @dataclass(frozen=True)
 class Metric:
+    """A score of a task: its key in the probe reports, its label, its direction, and ``scale``: measured value
+    times ``scale`` is the number shown (100: fractions shown as percent, as the papers print them)."""
+
     key: str
     label: str
     higher_is_better: bool
@@ -135,7 +141,7 @@ class Task:
         return METRICS[self.kind.kind]
 
 
-_TASK_RE = re.compile(r"^(?:(?P<label>[A-Za-z0-9_.+-]+)=)?(?P<name>[A-Za-z0-9_-]+)(?::(?P<path>.+))?$")
+_TASK_RE = re.compile(r"^(?:(?P<label>[A-Za-z0-9_][A-Za-z0-9_.+-]*)=)?(?P<name>[A-Za-z0-9_-]+)(?::(?P<path>.+))?$")
 
 
 def parse_tasks(specs: Sequence[str], data_root: str | Path | None) -> list[Task]:
@@ -186,8 +192,7 @@ class LeaderboardConfig(ModelChoice):
     with any LoRA off, as the paper compares them). ``tasks``: ``parse_tasks`` specs. ``seeds``: probe-head
     seeds per cell. ``res``: stored feature grid of the linear probes (the paper: 448; 224 by default to keep
     the cache small, resized to the 448 labels); ``correspondence_res``: the SPair grid (448). ``limit``: the
-    first K images of each split (K pairs per category for correspondence). ``image``: the picture's PCA
-    image (default: the first validation image of the first linear-probe task).
+    first K images of each split (K pairs per category for correspondence).
     """
 
     upsamplers: Sequence[str]
@@ -210,7 +215,6 @@ class LeaderboardConfig(ModelChoice):
     compile: bool = False
     cache: str | Path | None = None
     workers: int | None = None
-    image: str | Path | None = None
 
 
 def _validate(config: LeaderboardConfig) -> list[str]:
@@ -227,9 +231,21 @@ def _validate(config: LeaderboardConfig) -> list[str]:
         raise VitupError(f"--seeds {config.seeds}: must be at least 1")
     if config.limit is not None and config.limit < 1:
         raise VitupError(f"--limit {config.limit}: must be at least 1")
-    for flag, value in (("--res", config.res), ("--crop", config.crop), ("--batch-size", config.batch_size)):
+    for flag, value in (("--res", config.res), ("--crop", config.crop), ("--batch-size", config.batch_size),
+                        ("--correspondence-res", config.correspondence_res)):  # fmt: skip
         if value < 1:
             raise VitupError(f"{flag} {value}: must be at least 1")
+    if config.epochs is not None and config.epochs < 1:
+        raise VitupError(f"--epochs {config.epochs}: must be at least 1")
+    if config.lr is not None and not config.lr > 0:
+        raise VitupError(f"--lr {config.lr}: must be positive")
+    if config.schedule not in SCHEDULES:
+        raise VitupError(f"--schedule {config.schedule}: use {' or '.join(SCHEDULES)}")
+    if config.dtype not in ("float16", "float32"):
+        raise VitupError(f"--dtype {config.dtype}: use float16 or float32")
+    if config.precision not in ("auto", "bf16", "fp32"):
+        raise VitupError(f"--precision {config.precision}: use auto, bf16 or fp32")
+    resolve_device(config.device)  # --device cuda without CUDA: one line now, not in every cell
     # a trained method with no checkpoint and no published weights fails in its cells, not here
     return names
 
@@ -246,7 +262,57 @@ def _file_signature(ref: str) -> Any:
 
 
 def _digest(data: Any) -> str:
+    """sha256 of ``data`` as sorted JSON (cell keys, plans)."""
     return hashlib.sha256(json.dumps(jsonable(data), sort_keys=True).encode()).hexdigest()
+
+
+# =================================================================================================
+# which checkpoints each cell loads
+# =================================================================================================
+def _unavailable(ref: str) -> str | None:
+    """Why ``ref`` cannot be opened (a release missing offline, no such file), in one line; None if it can."""
+    try:
+        if ref in RELEASES or ref.startswith("hf:"):
+            resolve_weights(ref)  # the cache first; fetched once when online
+        elif not (Path(ref).expanduser().exists() or checkpoint_paths(Path(ref).expanduser())[0].is_file()):
+            return f"--checkpoint {ref}: no such file or folder"
+    except VitupError as exc:
+        return _one_line(exc)
+    return None
+
+
+@dataclass(frozen=True)
+class CheckpointPlan:
+    """Which ``--checkpoint`` each cell loads.
+
+    ``refs``: method -> its checkpoint. ``anchor``: the checkpoint whose backbone and input size every cell
+    without its own runs over (training-free methods with any LoRA off, published any-backbone weights), and
+    that methods free in their input size follow: the first one that can be opened, methods whose weights fix
+    their input first. ``missing``: checkpoint -> why it cannot be opened (only its own cells fail).
+    """
+
+    refs: dict[str, str]
+    anchor: str | None
+    missing: dict[str, str]
+
+    @classmethod
+    def make(cls, checkpoint: Any) -> CheckpointPlan:
+        refs = checkpoint_refs(checkpoint)  # two checkpoints of one method: one line now, not in every cell
+        missing = {ref: why for ref in refs.values() if (why := _unavailable(ref)) is not None}
+        order = sorted(refs, key=lambda n: not spec_of(n).capabilities.input_size_from_weights)
+        anchor = next((refs[n] for n in order if refs[n] not in missing), None)
+        return cls(refs, anchor, missing)
+
+    def for_cell(self, name: str, input_size: int | None) -> list[str]:
+        """The checkpoints the cell of upsampler ``name`` loads: its own (with the anchor when it must follow the
+        anchor's input size), else the anchor."""
+        own = self.refs.get(name)
+        if own is None:
+            return [self.anchor] if self.anchor else []
+        fixed = spec_of(name).capabilities.input_size_from_weights
+        if own == self.anchor or self.anchor is None or fixed or input_size is not None:
+            return [own]
+        return [own, self.anchor]
 
 
 # =================================================================================================
@@ -261,6 +327,7 @@ class Cell:
     seed: int | None  # None: correspondence (nothing random)
     key: dict[str, Any]
     folder: Path
+    checkpoints: list[str] = field(default_factory=list)  # what this cell loads (``plan_checkpoints``)
     status: str = "pending"  # done | failed | pending
     reason: str | None = None
     metrics: dict[str, float] = field(default_factory=dict)
@@ -272,21 +339,26 @@ class Cell:
     stores: dict[str, str] = field(default_factory=dict)
     weights: dict[str, Any] = field(default_factory=dict)
     report: str | None = None
+    backbone: dict[str, Any] = field(default_factory=dict)  # what the cell ran over (its report's)
+    ran_on: dict[str, Any] = field(default_factory=dict)  # device, versions: where its time and memory come from
 
     @property
     def cell_json(self) -> Path:
         return self.folder / "cell.json"
 
     def record(self) -> dict[str, Any]:
+        """``cell.json``: everything but where it lives and this run's view of it."""
         out = {k: v for k, v in asdict(self).items() if k not in ("folder", "reused", "status", "reason")}
         return {"format": CELL_FORMAT, "vitup_version": __version__, **out}
 
 
-def _cell_key(config: LeaderboardConfig, task: Task, name: str, seed: int | None) -> dict[str, Any]:
-    refs = checkpoint_refs(config.checkpoint)
+def _cell_key(
+    config: LeaderboardConfig, task: Task, name: str, seed: int | None, checkpoints: Sequence[str]
+) -> dict[str, Any]:
+    """Every setting that decides the numbers of one cell (its ``cell.json`` is reused only when they match)."""
     common = {
         "task": task.kind.name, "root": str(task.root.resolve()) if task.root else None, "upsampler": name,
-        "checkpoints": {m: [r, _file_signature(r)] for m, r in refs.items()}, "backbone": config.backbone,
+        "checkpoints": [[r, _file_signature(r)] for r in checkpoints], "backbone": config.backbone,
         "weights": str(config.weights) if config.weights else None, "pretrained": config.pretrained,
         "backbone_args": config.backbone_args, "input_size": config.input_size, "model_seed": config.seed,
         "limit": config.limit, "dtype": config.dtype, "precision": config.precision,
@@ -299,7 +371,9 @@ def _cell_key(config: LeaderboardConfig, task: Task, name: str, seed: int | None
     }  # fmt: skip
 
 
-def plan_cells(config: LeaderboardConfig, tasks: Sequence[Task], names: Sequence[str]) -> list[Cell]:
+def plan_cells(
+    config: LeaderboardConfig, tasks: Sequence[Task], names: Sequence[str], plan: CheckpointPlan
+) -> list[Cell]:
     """Every cell of the table, in run order (task by task, upsampler by upsampler, seed by seed)."""
     cells = []
     for task in tasks:
@@ -307,10 +381,12 @@ def plan_cells(config: LeaderboardConfig, tasks: Sequence[Task], names: Sequence
             [None] if task.kind.kind == CORRESPONDENCE else [config.seed + k for k in range(config.seeds)]
         )
         for name in names:
+            checkpoints = plan.for_cell(name, config.input_size)
             for seed in seeds:
-                key = _cell_key(config, task, name, seed)
+                key = _cell_key(config, task, name, seed, checkpoints)
                 tag = f"{'once' if seed is None else f's{seed}'}-{_digest(key)[:12]}"
-                cells.append(Cell(task.label, name, seed, key, Path(config.out) / "cells" / task.label / name / tag))
+                folder = Path(config.out) / "cells" / task.label / name / tag
+                cells.append(Cell(task.label, name, seed, key, folder, checkpoints=checkpoints))
     return cells
 
 
@@ -322,8 +398,10 @@ def _load_finished(cell: Cell) -> bool:
         return False
     if data.get("format") != CELL_FORMAT or data.get("key") != jsonable(cell.key):
         return False
-    for name in ("metrics", "seconds", "peak_rss", "cuda_peak", "features_cached", "stores", "weights", "report"):
-        setattr(cell, name, data.get(name))
+    fields = ("metrics", "seconds", "peak_rss", "cuda_peak", "features_cached", "stores", "weights", "report",
+              "backbone", "ran_on")  # fmt: skip
+    for name in fields:
+        setattr(cell, name, data.get(name, getattr(cell, name)))
     cell.status, cell.reused = "done", True
     return True
 
@@ -356,7 +434,7 @@ def _weights_of(stores: dict[str, str], name: str) -> dict[str, Any]:
 def _run_cell(cell: Cell, task: Task, config: LeaderboardConfig, reporter: Any) -> None:
     probe_out = cell.folder / "probe"
     model = {
-        "checkpoint": config.checkpoint, "backbone": config.backbone, "weights": config.weights,
+        "checkpoint": cell.checkpoints or None, "backbone": config.backbone, "weights": config.weights,
         "pretrained": config.pretrained, "backbone_args": config.backbone_args, "input_size": config.input_size,
         "device": config.device, "seed": config.seed,
     }  # fmt: skip
@@ -386,6 +464,12 @@ def _run_cell(cell: Cell, task: Task, config: LeaderboardConfig, reporter: Any) 
     cell.features_cached = bool(result.cached) and all(result.cached.values())
     cell.weights = _weights_of(cell.stores, cell.upsampler)
     cell.report = str((probe_out / "report.json").relative_to(Path(config.out)))
+    cell.backbone = dict(report.protocol.get("backbone") or {})
+    cell.ran_on = {
+        "device": report.protocol.get("device"), "torch": torch.__version__, "vitup": __version__,
+        "cuda_device": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        "peak_rss_growth": peak.peak_rss - peak.base_rss,
+    }  # fmt: skip
     cell.status, cell.reused = "done", False
     cell.folder.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(cell.cell_json, (json.dumps(jsonable(cell.record()), indent=2) + "\n").encode())
@@ -402,7 +486,7 @@ def _dataset_problem(task: Task) -> str | None:
             PAIR_READERS[task.kind.dataset](task.root, split="test", categories=None, limit=1)
         else:
             open_splits(task.kind.dataset, task.root, task.kind.kind, limit=1)
-    except VitupError as exc:
+    except Exception as exc:  # an unreadable dataset (a permission, a broken file) marks its cells; others run
         return _one_line(exc)
     return None
 
@@ -484,17 +568,35 @@ def aggregate(cells: Sequence[Cell]) -> dict[tuple[str, str], Aggregate]:
     return out
 
 
+#: Student's t, two-sided 95% (the 0.975 quantile), for 1..30 degrees of freedom; 1.96 beyond
+_T975 = (
+    12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
+    2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042,
+)  # fmt: skip
+
+
+def t_critical(df: float) -> float:
+    """The two-sided 95% critical value of Student's t at ``df`` degrees of freedom (rounded down: conservative)."""
+    k = max(1, math.floor(df))
+    return _T975[k - 1] if k <= len(_T975) else 1.96
+
+
 def versus_baseline(cell: Aggregate, base: Aggregate | None, key: str) -> dict[str, Any] | None:
-    """The difference of ``cell`` from the baseline on ``key`` and whether it is within the noise (None: no
-    noise estimate, one seed of a trained head)."""
+    """The difference of ``cell`` from the baseline on ``key`` and whether it is within the noise: Welch's t-test
+    at 95% over the seeds' finite values (``noise`` is the half-width ``t * SE``). ``within_noise`` None: no
+    estimate (one seed, or both deterministic)."""
     if base is None or key not in cell.mean or key not in base.mean:
         return None
     delta = cell.mean[key] - base.mean[key]
     if cell.deterministic and base.deterministic:
         return {"delta": delta, "within_noise": None, "noise": 0.0}
-    if cell.n < 2 or base.n < 2:
+    n1, n2 = len(cell.values.get(key, [])), len(base.values.get(key, []))
+    if n1 < 2 or n2 < 2:
         return {"delta": delta, "within_noise": None, "noise": None}
-    noise = 2 * math.sqrt(cell.std[key] ** 2 / cell.n + base.std[key] ** 2 / base.n)
+    a, b = cell.std[key] ** 2 / n1, base.std[key] ** 2 / n2
+    se = math.sqrt(a + b)
+    df = (a + b) ** 2 / (a**2 / (n1 - 1) + b**2 / (n2 - 1)) if a + b > 0 else float(n1 + n2 - 2)
+    noise = t_critical(df) * se
     return {"delta": delta, "within_noise": abs(delta) <= noise, "noise": noise}
 
 
@@ -512,6 +614,7 @@ class Leaderboard:
     header: list[str]
     settings: dict[str, Any]
     files: dict[str, str] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)  # what went wrong outside the cells (the picture)
 
     @property
     def failed(self) -> list[Cell]:
@@ -523,7 +626,16 @@ class Leaderboard:
         return list(dict.fromkeys(c.reason or "unknown" for c in self.failed))
 
     def footnote(self, reason: str | None) -> str:
-        return f"failed [{self.reasons.index(reason or 'unknown') + 1}]"
+        key = reason or "unknown"
+        return f"failed [{self.reasons.index(key) + 1}]" if key in self.reasons else "failed"
+
+    def empty_text(self, agg: Aggregate | None) -> str:
+        """What a (task, upsampler) without a number shows: not run, failed [N], or no score (NaN metrics)."""
+        if agg is None or agg.status == "pending":
+            return "not run"
+        if agg.status == "failed":
+            return self.footnote(agg.reason)
+        return "no score (its metrics are NaN: no valid target pixel?)"
 
     def baseline(self, task: str) -> Aggregate | None:
         base = self.aggregates.get((task, BASELINE))
@@ -549,7 +661,7 @@ def _cell_text(lb: Leaderboard, task: Task, name: str, metric: Metric) -> str:
     if agg is None or agg.status == "pending":
         return "not run"
     if not agg.mean:
-        return lb.footnote(agg.reason)
+        return lb.empty_text(agg)
     text = _fmt(agg.mean.get(metric.key), metric)
     if agg.n > 1 and not agg.deterministic:
         text += f" ± {_fmt(agg.std.get(metric.key), metric)}"
@@ -572,7 +684,7 @@ def render_markdown(lb: Leaderboard) -> str:
     """``leaderboard.md``: the header (protocol, deviations), the main table (each task's first metric), then
     one table per task with every metric, time and peak memory, and the published numbers beside them."""
     lines = [f"# vitup leaderboard: {lb.settings['backbone']['describe']}", ""]
-    lines += [f"- {h}" for h in lb.header] + [""]
+    lines += [f"- {h}" for h in [*lb.header, *lb.notes]] + [""]
     cols = [f"{t.label} {t.metrics[0].label}" for t in lb.tasks]
     lines += ["| upsampler | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
     for name in lb.upsamplers:
@@ -580,17 +692,18 @@ def render_markdown(lb: Leaderboard) -> str:
     lines.append("")
     lines.append(
         'Each cell: the mean over seeds (± the standard deviation), its difference from bilinear ("within noise" '
-        "when at most twice the standard error), and the published number for this backbone, task and upsampler "
-        "with the difference. Percent, except AbsRel and RMSE (metres)."
+        "when Welch's t-test at 95% cannot tell them apart), and the published number for this backbone, task and "
+        "upsampler with the difference. Percent, except AbsRel and RMSE (metres)."
     )
     for task in lb.tasks:
         lines += ["", f"## {task.label} ({task.kind.dataset}, {task.kind.kind}; {task.root})", ""]
-        head = [m.label for m in task.metrics] + ["seeds", "time / seed (s)", "peak RSS (MiB)", "peak CUDA (MiB)"]
+        head = [m.label for m in task.metrics]
+        head += ["seeds", "time / seed (s)", "process peak RSS (MiB)", "peak CUDA (MiB)"]
         lines += ["| upsampler | " + " | ".join(head) + " |", "|---" * (len(head) + 1) + "|"]
         for name in lb.upsamplers:
             agg = lb.aggregates.get((task.label, name))
             if agg is None or not agg.mean:
-                why = "not run" if agg is None or agg.status == "pending" else lb.footnote(agg.reason)
+                why = lb.empty_text(agg)
                 lines.append(f"| {name} | {why} |" + " |" * (len(head) - 1))
                 continue
             vals = [_cell_text(lb, task, name, m) for m in task.metrics]
@@ -642,6 +755,8 @@ def _csv_rows(lb: Leaderboard) -> list[dict[str, Any]]:
                     "delta_vs_bilinear": None if vs is None else vs["delta"] * metric.scale,
                     "within_noise": None if vs is None else vs["within_noise"],
                     "paper": pv, "paper_source": paper["source"] if pv is not None else None,
+                    "paper_other": ";".join(f"{r['source']}={r[metric.key]}" for r in
+                                            lb.published.get((task.kind.name, name), [])[1:] if metric.key in r),
                     "paper_delta": None if pv is None or mean is None else mean * metric.scale - pv,
                     "status": agg.status if agg else "pending", "reason": agg.reason if agg else None,
                     "seconds_per_seed": agg.seconds if agg else None,
@@ -667,8 +782,11 @@ def render_json(lb: Leaderboard) -> dict[str, Any]:
         "format": TABLE_FORMAT,
         "settings": lb.settings,
         "header": lb.header,
+        "notes": lb.notes,
         "tasks": [{"label": t.label, "name": t.kind.name, "dataset": t.kind.dataset, "kind": t.kind.kind,
-                   "root": str(t.root) if t.root else None, "metrics": [m.key for m in t.metrics]} for t in lb.tasks],
+                   "root": str(t.root) if t.root else None,
+                   "metrics": [{"key": m.key, "label": m.label, "higher_is_better": m.higher_is_better,
+                                "scale": m.scale} for m in t.metrics]} for t in lb.tasks],
         "upsamplers": {n: {"licence": spec_of(n).licence, "paper": spec_of(n).paper} for n in lb.upsamplers},
         "cells": [{**c.record(), "status": c.status, "reason": c.reason, "folder": str(c.folder)} for c in lb.cells],
         "table": [
@@ -686,35 +804,39 @@ def render_json(lb: Leaderboard) -> dict[str, Any]:
 # =================================================================================================
 # the picture
 # =================================================================================================
+def _stored_row(path: str, image: str | None) -> tuple[np.ndarray, str, Any] | None:
+    """``(features (C, H, W), image path as stored, images root)`` of the row of ``image`` in the store at
+    ``path`` (its first finished row when ``image`` is None); None when there is no such row."""
+    with open_store(path) as store:
+        paths = store.paths
+        rows = [i for i, p in enumerate(paths) if int(store.status[i]) == DONE and (image is None or p == image)]
+        if not rows:
+            return None
+        return np.asarray(store[rows[0]], dtype=np.float32), paths[rows[0]], store.attrs.get("images")
+
+
 def _pca_row(lb: Leaderboard) -> VizRow | None:
-    """The same validation image in every upsampler's stored features (one joint PCA), from the first linear
-    probe task whose cells finished; None when there is none."""
+    """The same validation image in every upsampler's stored features (matched by its path; one joint PCA),
+    from the first linear-probe task with finished cells; None when there is none."""
     for task in lb.tasks:
         if task.kind.kind == CORRESPONDENCE:
             continue
-        panels, image, size, label = [], None, None, ""
+        panels: list[FeaturePanel] = []
+        image, size, label, chosen = None, None, "", None
         for name in lb.upsamplers:
             done = [c for c in lb.cells if c.task == task.label and c.upsampler == name and c.status == "done"]
             path = done[0].stores.get("val") if done else None
-            if not path:
+            found = _stored_row(path, chosen) if path else None
+            if found is None:
                 continue
-            try:
-                with open_store(path) as store:
-                    rows = [i for i in range(len(store.paths)) if int(store.status[i]) == DONE]
-                    if not rows:
-                        continue
-                    feats = np.asarray(store[rows[0]], dtype=np.float32)
-                    rel = store.paths[rows[0]]
-                    root = store.attrs.get("images")
-            except (VitupError, OSError):
-                continue
+            feats, rel, root = found
             panels.append(FeaturePanel(name, torch.from_numpy(feats), nearest=name in ("lowres", "nearest")))
-            if image is None:
+            if chosen is None:
+                chosen = rel
                 candidate = Path(rel) if Path(rel).is_absolute() else Path(str(root or "")) / rel
                 label = f"{task.label}: {candidate.name}"
                 try:
-                    pil = load_image(Path(lb.config.image) if lb.config.image else candidate)
-                    img = fit_image(pil, lb.config.crop, "crop", resample="bilinear")[0]
+                    img = fit_image(load_image(candidate), lb.config.crop, "crop", resample="bilinear")[0]
                     image = (img.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
                     size = image.shape[:2]
                 except (ImageLoadError, OSError):
@@ -733,11 +855,15 @@ def render_picture(lb: Leaderboard, out: Path) -> Path:
     from PIL import Image
 
     pca_png = None
-    row = _pca_row(lb)
-    if row is not None:
-        tmp = out.with_name(f".{out.stem}-pca.png")
-        render_rows([row], tmp, title="the same image, every upsampler: one PCA fitted jointly on all panels")
-        pca_png = np.asarray(Image.open(tmp).convert("RGB"))
+    tmp = out.with_name(f".{out.stem}-pca.png")
+    try:
+        row = _pca_row(lb)
+        if row is not None:
+            render_rows([row], tmp, title="the same image, every upsampler: one PCA fitted jointly on all panels")
+            pca_png = np.asarray(Image.open(tmp).convert("RGB"))
+    except Exception as exc:  # the picture's PCA half is a courtesy: the tables are written either way
+        lb.notes.append(f"picture: no PCA panels ({_one_line(exc)})")
+    finally:
         tmp.unlink(missing_ok=True)
     width = max(8.0, 1.2 * len(lb.tasks) * max(1, len(lb.upsamplers)) / 2)
     bar_h = 4.0
@@ -839,23 +965,30 @@ def _settings(config: LeaderboardConfig, names: Sequence[str], device_backbone: 
     })  # fmt: skip
 
 
-def _describe_backbone(config: LeaderboardConfig) -> dict[str, Any]:
+def _describe_backbone(config: LeaderboardConfig, cells: Sequence[Cell]) -> dict[str, Any]:
+    """The backbone the cells ran over, as their reports recorded it (a checkpoint brings its own backbone,
+    whatever ``--backbone`` says); ``--backbone`` when no cell finished. ``differs``: the two disagree."""
+    ran = next((c.backbone for c in cells if c.status == "done" and c.backbone), None)
     try:
-        timm_name, tag = resolve_name(config.backbone)
+        flag_timm, flag_tag = resolve_name(config.backbone)
     except VitupError:
-        timm_name, tag = config.backbone, None
-    if config.pretrained == "none":
-        tag = None
-    elif config.pretrained != "hub":
-        tag = config.pretrained
-    text = f"{config.backbone} ({timm_name}{'.' + tag if tag else ''})"
+        flag_timm, flag_tag = config.backbone, None
+    if ran:
+        timm_name, weights_id = str(ran.get("timm_name")), str(ran.get("weights_id"))
+        overrides = ran.get("overrides") or {}
+        text = f"{ran.get('name') or timm_name} ({timm_name}, weights {weights_id})"
+        text += "".join(f", {k}={v}" for k, v in overrides.items())
+        return {"name": ran.get("name"), "timm_name": timm_name, "weights_id": weights_id, "describe": text,
+                "from": "the cells' reports", "differs": timm_name != flag_timm}  # fmt: skip
+    tag = None if config.pretrained == "none" else (flag_tag if config.pretrained == "hub" else config.pretrained)
+    text = f"{config.backbone} ({flag_timm}{'.' + tag if tag else ''})"
     if config.weights:
         text += f", weights {config.weights}"
     if config.pretrained == "none":
         text += ", random init"
-    if config.backbone_args:
-        text += f", {', '.join(f'{k}={v}' for k, v in config.backbone_args.items())}"
-    return {"name": config.backbone, "timm_name": timm_name, "tag": tag, "describe": text}
+    text += "".join(f", {k}={v}" for k, v in (config.backbone_args or {}).items())
+    return {"name": config.backbone, "timm_name": flag_timm, "weights_id": tag, "describe": text,
+            "from": "--backbone (no cell finished)", "differs": False}  # fmt: skip
 
 
 def run_leaderboard(config: LeaderboardConfig, reporter: Any = None, quiet_cells: bool = True) -> Leaderboard:
@@ -870,19 +1003,22 @@ def run_leaderboard(config: LeaderboardConfig, reporter: Any = None, quiet_cells
     """
     names = _validate(config)
     tasks = parse_tasks(config.tasks, config.data_root)
-    checkpoint_refs(config.checkpoint)  # two checkpoints of one method: one line now, not in every cell
     reporter = reporter or default_reporter()
+    plan = CheckpointPlan.make(config.checkpoint)
+    for ref, why in plan.missing.items():
+        reporter.warning(f"the cells that need {ref} are skipped: {why}")
     out = Path(config.out).expanduser()
     out.mkdir(parents=True, exist_ok=True)
     config = replace(config, out=out)
-    cells = plan_cells(config, tasks, names)
+    cells = plan_cells(config, tasks, names, plan)
     problems = {t.label: _dataset_problem(t) for t in tasks}
     todo = 0
     for cell in cells:
         if _load_finished(cell):
             continue
-        if problems[cell.task]:
-            cell.status, cell.reason = "failed", problems[cell.task]
+        missing = next((plan.missing[r] for r in cell.checkpoints if r in plan.missing), None)
+        if problems[cell.task] or missing:
+            cell.status, cell.reason = "failed", problems[cell.task] or missing
         else:
             todo += 1
     reporter.info(
@@ -918,24 +1054,43 @@ def run_leaderboard(config: LeaderboardConfig, reporter: Any = None, quiet_cells
             f"[{k}/{todo}] {what}: {main[0]} {main[1]:.4f} ({cell.seconds:.1f} s, peak RSS "
             f"{_mb(cell.peak_rss)} MiB{'' if cell.cuda_peak is None else f', CUDA {_mb(cell.cuda_peak)} MiB'})"
         )
-    backbone = _describe_backbone(config)
+    backbone = _describe_backbone(config, cells)
+    header = _header(config, names, tasks)
+    if backbone["differs"]:
+        ran = backbone["timm_name"]
+        header.insert(0, f"backbone: the cells ran over {ran}, from the checkpoints, not over --backbone "
+                         f"{config.backbone}; the published numbers shown are {ran}'s")  # fmt: skip
     data = published_numbers()
     lb = Leaderboard(
         config=config, tasks=tasks, upsamplers=names, cells=cells, aggregates=aggregate(cells),
-        published=published_for(config.backbone, data), sources=data["sources"],
-        header=_header(config, names, tasks), settings=_settings(config, names, backbone),
+        published=published_for(backbone["timm_name"], data), sources=data["sources"], header=header,
+        settings={**_settings(config, names, backbone), "plan": _digest([c.key for c in cells])[:16]},
     )  # fmt: skip
+    previous = out / "leaderboard.json"
+    if previous.is_file():
+        try:
+            old_plan = json.loads(previous.read_text()).get("settings", {}).get("plan")
+        except (OSError, ValueError, AttributeError):
+            old_plan = None
+        if old_plan and old_plan != lb.settings["plan"]:
+            reporter.warning(
+                f"{out}: replacing the table of other settings; their finished cells are kept under {out / 'cells'} "
+                "(rerun their command to draw that table again)"
+            )
     write_outputs(lb, out)
+    for note in lb.notes:
+        reporter.warning(note)
     return lb
 
 
 def write_outputs(lb: Leaderboard, out: Path) -> None:
     """The three tables and the picture, each written atomically (the tables depend only on the cells, so a
     rerun that recomputes nothing writes the same tables)."""
+    png = render_picture(lb, out / "leaderboard.png")  # first: what it could not draw goes into the tables' notes
     atomic_write_bytes(out / "leaderboard.md", render_markdown(lb).encode())
     atomic_write_bytes(out / "leaderboard.csv", render_csv(lb).encode())
     atomic_write_bytes(out / "leaderboard.json", (json.dumps(render_json(lb), indent=2) + "\n").encode())
     for name in ("leaderboard.md", "leaderboard.csv", "leaderboard.json"):
         (out / name).chmod(0o644)
     lb.files = {k: str(out / f"leaderboard.{k}") for k in ("md", "csv", "json")}
-    lb.files["png"] = str(render_picture(lb, out / "leaderboard.png"))
+    lb.files["png"] = str(png)

@@ -66,6 +66,22 @@ def _read_suite(path: Path) -> dict[str, Any]:
     return {str(k).replace("-", "_"): v for k, v in data.items()}
 
 
+def _cast(ctx: typer.Context, param: Any, value: Any, path: Path) -> Any:
+    """A ``--config`` value through its flag's own type (``seeds: three`` is refused as ``--seeds three`` is);
+    lists for comma-separated flags are joined, one value for a repeatable flag is a list of one."""
+    if isinstance(value, list) and not param.multiple:
+        value = ",".join(str(v) for v in value)
+    if param.multiple and not isinstance(value, list):
+        value = [value]
+    if isinstance(value, dict):
+        value = ",".join(f"{k}={v}" for k, v in value.items())  # backbone_args: {depth: 2}
+    try:
+        return param.process_value(ctx, value)
+    except Exception as exc:  # click's BadParameter (typer may ship its own click) or a conversion error
+        text = getattr(exc, "message", None) or str(exc)
+        raise VitupError(f"--config {path}: {param.name.rstrip('_')}: {text}") from None
+
+
 def _as_list(value: Any) -> list[str]:
     if value is None:
         return []
@@ -184,6 +200,7 @@ def leaderboard_cmd(
 
     Resumable: rerun the same command after a crash or kill and finished cells are not recomputed. A cell
     that cannot run (a missing dataset, weights missing offline) is marked with its reason; the others run.
+    Exit code 0: every cell finished; 3: the table is written but some cells failed; 1: no cell could run.
     """
     given = dict(ctx.params)
     if config is not None:
@@ -192,11 +209,13 @@ def leaderboard_cmd(
         if unknown:
             known = ", ".join(sorted(k.rstrip("_") for k in given))
             raise VitupError(f"--config {config}: unknown setting {unknown[0]}; use the flags' names ({known})")
+        params = {p.name: p for p in ctx.command.params}
         for key, value in suite.items():
             key = "compile_" if key == "compile" else key
             # by name: typer may ship its own click, whose ParameterSource is another enum
-            if getattr(ctx.get_parameter_source(key), "name", None) != "COMMANDLINE":
-                given[key] = value
+            if getattr(ctx.get_parameter_source(key), "name", None) == "COMMANDLINE":
+                continue
+            given[key] = _cast(ctx, params[key], value, config)
     names = _as_list(given["upsamplers"])
     task_specs = _as_list(given["tasks"])
     if not names:
@@ -208,14 +227,14 @@ def leaderboard_cmd(
         res_px = 224 if res_value is None else int(res_value)
     except ValueError:
         raise VitupError(f"--res {res_value}: give one size in pixels, e.g. 224 or 448") from None
-    ck = _as_list(given["checkpoint"]) if isinstance(given["checkpoint"], str) else list(given["checkpoint"] or [])
-    overrides = given["backbone_args"]
+    ck = [str(c) for c in given["checkpoint"] or []]
+    overrides = given["backbone_args"]  # a string, from the flag or the suite
     from vitup_cli.leaderboard import LeaderboardConfig, run_leaderboard  # imports torch: lazy for a fast --help
 
     lb_config = LeaderboardConfig(
         upsamplers=names, tasks=task_specs, out=given["out"] or Path("leaderboard"), checkpoint=ck or None,
         backbone=given["backbone"], weights=given["weights"], pretrained=given["pretrained"],
-        backbone_args=overrides if isinstance(overrides, dict) else parse_overrides(overrides),
+        backbone_args=parse_overrides(overrides),
         input_size=given["input_size"], device=given["device"], seed=int(given["seed"]),
         data_root=given["data_root"], seeds=int(given["seeds"]), limit=given["limit"], res=res_px,
         crop=int(given["crop"]), correspondence_res=int(given["correspondence_res"]), epochs=given["epochs"],
@@ -235,5 +254,5 @@ def leaderboard_cmd(
         f"{done}/{len(lb.cells)} cells done ({reused} found finished), {len(lb.failed)} failed; "
         f"tables: {lb.files['md']}, {lb.files['csv']}, {lb.files['json']}; picture: {lb.files['png']}"
     )
-    if lb.failed and done == 0:
-        raise typer.Exit(1)
+    if lb.failed:
+        raise typer.Exit(1 if done == 0 else 3)
