@@ -188,11 +188,12 @@ class LeaderboardConfig(ModelChoice):
 
     The model fields (``checkpoint``, ``backbone``, ``weights``, ``pretrained``, ``backbone_args``,
     ``input_size``, ``device``, ``seed``) are ``vitup_cli.choice.ModelChoice``'s. ``checkpoint``: one per
-    trained method, given to every cell (the training-free upsamplers then run over the checkpoints' backbone
-    with any LoRA off, as the paper compares them). ``tasks``: ``parse_tasks`` specs. ``seeds``: probe-head
-    seeds per cell. ``res``: stored feature grid of the linear probes (the paper: 448; 224 by default to keep
-    the cache small, resized to the 448 labels); ``correspondence_res``: the SPair grid (448). ``limit``: the
-    first K images of each split (K pairs per category for correspondence).
+    trained method; each cell loads its own method's, and the cells without one run over the anchor's backbone
+    (``CheckpointPlan``; training-free upsamplers with any LoRA off, as the paper compares them).
+    ``tasks``: ``parse_tasks`` specs. ``seeds``: probe-head seeds per cell. ``res``: stored feature grid of
+    the linear probes (the paper: 448; 224 by default to keep the cache small, resized to the 448 labels);
+    ``correspondence_res``: the SPair grid (448). ``limit``: the first K images of each split (K pairs per
+    category for correspondence).
     """
 
     upsamplers: Sequence[str]
