@@ -45,6 +45,8 @@ app = typer.Typer(
         "vitup train --backbone dinov3_s+ --data /data/imagenet/train --out runs/splus\n\n"
         "vitup extract ./images --out feats.zarr --res 224 --checkpoint runs/splus/last\n\n"
         "vitup probe cityscapes --root /data/cityscapes --checkpoint runs/splus/last --upsampler vitup,bilinear\n\n"
+        "vitup leaderboard --upsamplers vitup,anyup,bilinear --tasks voc,spair --data-root /data --checkpoint "
+        "runs/splus/last\n\n"
         "vitup visualize photo.jpg --checkpoint runs/splus/last --point 320,240\n\n"
         "Offline demo of all four: bash examples/quickstart.sh"
     ),
