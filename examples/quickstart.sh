@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# vitup quickstart: train -> extract -> probe -> visualize, on CPU, offline, in a few minutes.
+# vitup quickstart: train -> extract -> probe -> visualize -> leaderboard, on CPU, offline, in a few minutes.
 #
 #   bash examples/quickstart.sh [OUT_DIR]              # default: out/quickstart
 #   VITUP_DEMO_SIZE=smallest bash examples/quickstart.sh  # the CI smoke run (about a minute)
@@ -28,24 +28,29 @@ fi
 
 step() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
 
-step "1/4 train a tiny ViT-Up on examples/images ($steps steps, 224 px canvas)"
+step "1/5 train a tiny ViT-Up on examples/images ($steps steps, 224 px canvas)"
 vitup train "${backbone[@]}" --data "$here/images" --out "$out/run" \
     --steps "$steps" --batch-size 2 --lr 1e-3 --input-tokens 14 --embed-grid 56 \
     --teacher-sizes 112,224,448 --queries 28 --kl-window 14 \
     --save-every "$steps" --log-every 10 --workers 0 --no-tensorboard
 
-step "2/4 extract ViT-Up features for examples/images into a Zarr store"
+step "2/5 extract ViT-Up features for examples/images into a Zarr store"
 vitup extract "$here/images" --out "$out/feats.zarr" --checkpoint "$out/run/last" --res 112
 
-step "3/4 linear probe on a generated segmentation dataset (folder layout): ViT-Up vs bilinear"
+step "3/5 linear probe on a generated segmentation dataset (folder layout): ViT-Up vs bilinear"
 python "$here/make_toy_dataset.py" "$out/toyseg" --train "$train_scenes" --val "$val_scenes"
 vitup probe folder --root "$out/toyseg" --checkpoint "$out/run/last" --upsampler vitup,bilinear \
     --epochs "$probe_epochs" --res 56 --crop 224 --input-size 224 \
     --cache "$out/probe-cache" --out "$out/probe"
 
-step "4/4 picture: joint PCA of tokens, ViT-Up and bilinear, plus a similarity map"
+step "4/5 picture: joint PCA of tokens, ViT-Up and bilinear, plus a similarity map"
 vitup visualize "$here/images/chelsea.jpg" --checkpoint "$out/run/last" --compare vitup,bilinear \
     --res 112 --point 150,120 --dpi 80 --out "$out/chelsea.png"
+
+step "5/5 leaderboard: ViT-Up, bilinear and the raw tokens on the same data, 2 probe seeds each (features reused)"
+vitup leaderboard --upsamplers vitup,bilinear,lowres --tasks "toyseg=folder:$out/toyseg" \
+    --checkpoint "$out/run/last" --seeds 2 --epochs "$probe_epochs" --res 56 --crop 224 \
+    --cache "$out/probe-cache" --out "$out/leaderboard"
 
 step "done"
 cat <<EOF
@@ -54,5 +59,6 @@ cat <<EOF
                   with xarray, pip install 'vitup[xarray]': python -c "import xarray as xr; print(xr.open_zarr('$out/feats.zarr'))")
   probe report    $out/probe/report.json, $out/probe/predictions.png
   picture         $out/chelsea.png
+  leaderboard     $out/leaderboard/leaderboard.md (.csv, .json, .png)
 Random-init backbone: these numbers and pictures show the pipeline, not feature quality.
 EOF

@@ -1057,11 +1057,15 @@ def run_leaderboard(config: LeaderboardConfig, reporter: Any = None, quiet_cells
         )
     backbone = _describe_backbone(config, cells)
     header = _header(config, names, tasks)
+    data = published_numbers()
     if backbone["differs"]:
         ran = backbone["timm_name"]
+        shown = f"the published numbers shown are {ran}'s" if published_for(ran, data) else "none is published for it"
         header.insert(0, f"backbone: the cells ran over {ran}, from the checkpoints, not over --backbone "
-                         f"{config.backbone}; the published numbers shown are {ran}'s")  # fmt: skip
-    data = published_numbers()
+                         f"{config.backbone}; {shown}")  # fmt: skip
+    random_init = "random init" in str(backbone.get("weights_id"))
+    if random_init and config.pretrained != "none":  # a checkpoint made with --pretrained none carries it
+        header.append("deviation: the checkpoints' backbone is random-init; the numbers say nothing about the methods")
     lb = Leaderboard(
         config=config, tasks=tasks, upsamplers=names, cells=cells, aggregates=aggregate(cells),
         published=published_for(backbone["timm_name"], data), sources=data["sources"], header=header,

@@ -48,7 +48,7 @@ app = typer.Typer(
         "vitup leaderboard --upsamplers vitup,anyup,bilinear --tasks voc,spair --data-root /data --checkpoint "
         "runs/splus/last\n\n"
         "vitup visualize photo.jpg --checkpoint runs/splus/last --point 320,240\n\n"
-        "Offline demo of all four: bash examples/quickstart.sh"
+        "Offline demo of all five: bash examples/quickstart.sh"
     ),
     pretty_exceptions_enable=False,
     add_completion=False,
