@@ -48,7 +48,7 @@ vitup visualize "$here/images/chelsea.jpg" --checkpoint "$out/run/last" --compar
     --res 112 --point 150,120 --dpi 80 --out "$out/chelsea.png"
 
 step "5/5 leaderboard: ViT-Up, bilinear and the raw tokens on the same data, 2 probe seeds each (features reused)"
-vitup leaderboard --upsamplers vitup,bilinear,lowres --tasks "toyseg=folder:$out/toyseg" \
+vitup leaderboard --upsamplers vitup,bilinear,lowres --tasks toyseg=folder:"$out/toyseg" \
     --checkpoint "$out/run/last" --seeds 2 --epochs "$probe_epochs" --res 56 --crop 224 \
     --cache "$out/probe-cache" --out "$out/leaderboard"
 

@@ -216,6 +216,8 @@ class LeaderboardConfig(ModelChoice):
     compile: bool = False
     cache: str | Path | None = None
     workers: int | None = None
+    depth_scale: float | None = None  # folder-depth: integer PNG value per metre (None: 1000, millimetres)
+    max_depth: float = 10.0  # depth probes: the range of the head's bins, metres
 
 
 def _validate(config: LeaderboardConfig) -> list[str]:
@@ -244,6 +246,10 @@ def _validate(config: LeaderboardConfig) -> list[str]:
         raise VitupError(f"--schedule {config.schedule}: use {' or '.join(SCHEDULES)}")
     if config.dtype not in ("float16", "float32"):
         raise VitupError(f"--dtype {config.dtype}: use float16 or float32")
+    if config.depth_scale is not None and not config.depth_scale > 0:
+        raise VitupError(f"--depth-scale {config.depth_scale}: must be positive")
+    if not config.max_depth > 0:
+        raise VitupError(f"--max-depth {config.max_depth}: must be positive")
     if config.precision not in ("auto", "bf16", "fp32"):
         raise VitupError(f"--precision {config.precision}: use auto, bf16 or fp32")
     resolve_device(config.device)  # --device cuda without CUDA: one line now, not in every cell
@@ -369,6 +375,7 @@ def _cell_key(
     return {
         **common, "head_seed": seed, "res": config.res, "crop": config.crop, "epochs": config.epochs,
         "lr": config.lr, "batch_size": config.batch_size, "schedule": config.schedule,
+        **({"depth_scale": config.depth_scale, "max_depth": config.max_depth} if task.kind.kind == DEPTH else {}),
     }  # fmt: skip
 
 
@@ -455,7 +462,8 @@ def _run_cell(cell: Cell, task: Task, config: LeaderboardConfig, reporter: Any) 
                 ProbeConfig(dataset=task.kind.dataset, root=task.root, upsamplers=[cell.upsampler],
                             task=task.kind.kind, epochs=config.epochs, lr=config.lr, batch_size=config.batch_size,
                             schedule=config.schedule, res=config.res, crop=config.crop, head_seed=cell.seed,
-                            visualize=0, **model, **run),
+                            depth_scale=config.depth_scale, max_depth=config.max_depth, visualize=0, **model,
+                            **run),
                 reporter=reporter,
             )  # fmt: skip
     result = report.results[0]

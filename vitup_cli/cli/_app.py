@@ -236,6 +236,15 @@ LimitOpt = Annotated[
         help="Use the first N images of each split (correspondence: N pairs per category).",
     ),
 ]
+DepthScaleOpt = Annotated[
+    float | None,
+    typer.Option(
+        "--depth-scale", rich_help_panel=PROBE_DATA, help="Integer depth PNG value per metre (default 1000: mm)."
+    ),
+]
+MaxDepthOpt = Annotated[
+    float, typer.Option("--max-depth", rich_help_panel=PROBE_DATA, help="Depth range of the head's bins, metres.")
+]
 EpochsOpt = Annotated[
     int | None,
     typer.Option("--epochs", rich_help_panel=PROBE_PROTOCOL, help="Default 20 (COCO-Stuff 5); depth 5."),

@@ -19,12 +19,14 @@ from vitup_cli.cli._app import (
     CompileOpt,
     ConfigOpt,
     CropOpt,
+    DepthScaleOpt,
     DeviceOpt,
     DtypeOpt,
     EpochsOpt,
     InputSizeOpt,
     LimitOpt,
     LrOpt,
+    MaxDepthOpt,
     OutOpt,
     PrecisionOpt,
     PretrainedOpt,
@@ -157,6 +159,10 @@ def leaderboard_cmd(
             "table's header says what it changes.",
         ),
     ] = None,
+    depth_scale: Annotated[
+        float | None, variant(DepthScaleOpt, help="folder-depth: integer depth PNG value per metre (default 1000).")
+    ] = None,
+    max_depth: MaxDepthOpt = 10.0,
     epochs: EpochsOpt = None,
     lr: Annotated[
         float | None, variant(LrOpt, PROBE_PROTOCOL, help="AdamW learning rate (seg 2e-3, depth 5e-3).")
@@ -241,6 +247,7 @@ def leaderboard_cmd(
         lr=given["lr"], batch_size=int(given["batch_size"]),
         schedule=given["schedule"], dtype=given["dtype"], precision=given["precision"],
         compile=bool(given["compile_"]), cache=given["cache"], workers=given["workers"],
+        depth_scale=given["depth_scale"], max_depth=float(given["max_depth"]),
     )  # fmt: skip
     progress = reporter()
     lb = run_leaderboard(lb_config, reporter=progress)

@@ -22,12 +22,14 @@ from vitup_cli.cli._app import (
     CheckpointOpt,
     CompileOpt,
     CropOpt,
+    DepthScaleOpt,
     DeviceOpt,
     DtypeOpt,
     EpochsOpt,
     InputSizeOpt,
     LimitOpt,
     LrOpt,
+    MaxDepthOpt,
     OutOpt,
     OverwriteOpt,
     PrecisionOpt,
@@ -80,15 +82,8 @@ def probe_cmd(
         ),
     ] = None,
     limit: LimitOpt = None,
-    depth_scale: Annotated[
-        float | None,
-        typer.Option(
-            "--depth-scale", rich_help_panel=_PR_DATA, help="Integer depth PNG value per metre (default 1000: mm)."
-        ),
-    ] = None,
-    max_depth: Annotated[
-        float, typer.Option("--max-depth", rich_help_panel=_PR_DATA, help="Depth range of the head's bins, metres.")
-    ] = 10.0,
+    depth_scale: DepthScaleOpt = None,
+    max_depth: MaxDepthOpt = 10.0,
     checkpoint: Annotated[
         list[str] | None,
         variant(
