@@ -143,7 +143,8 @@ def leaderboard_cmd(
         variant(
             CheckpointOpt,
             help="A trained upsampler's weights (a release such as vit-up:dinov3_splus, a file, a `vitup train` "
-            "checkpoint); once per method. Every cell runs over the checkpoints' backbone.",
+            "checkpoint); once per method. Each cell loads its own method's; the others run over the first one that "
+            "opens (its backbone and input size).",
         ),
     ] = None,
     backbone: BackboneOpt = "dinov3_s+",
