@@ -63,8 +63,7 @@ def probe_cmd(
         str,
         typer.Argument(
             help="voc, ade20k, cityscapes, cocostuff, nyu (depth), folder (linear probes); spair (SPair-71k PCK) or "
-            "keypoints "
-            "(your own pairs.json) for correspondence."
+            "keypoints (your own pairs.json) for correspondence."
         ),
     ],
     root: Annotated[
