@@ -58,8 +58,7 @@ from vitup_cli.hub import RELEASES, checkpoint_paths, resolve_weights
 from vitup_cli.models import UPSAMPLERS, spec_of
 from vitup_cli.probe.correspondence import CorrespondenceConfig, run_correspondence
 from vitup_cli.probe.datasets import DEPTH, SEG, open_splits
-from vitup_cli.probe.heads import SCHEDULES
-from vitup_cli.probe.run import ProbeConfig, run_probe
+from vitup_cli.probe.run import ProbeConfig, check_protocol, run_probe
 from vitup_cli.probe.spair import PAIR_READERS
 from vitup_cli.probe.upsamplers import checkpoint_refs, choose_names, resolve_device
 from vitup_cli.progress import SilentReporter, default_reporter
@@ -234,24 +233,16 @@ def _validate(config: LeaderboardConfig) -> list[str]:
         raise VitupError(f"--seeds {config.seeds}: must be at least 1")
     if config.limit is not None and config.limit < 1:
         raise VitupError(f"--limit {config.limit}: must be at least 1")
-    for flag, value in (("--res", config.res), ("--crop", config.crop), ("--batch-size", config.batch_size),
-                        ("--correspondence-res", config.correspondence_res)):  # fmt: skip
-        if value < 1:
-            raise VitupError(f"{flag} {value}: must be at least 1")
-    if config.epochs is not None and config.epochs < 1:
-        raise VitupError(f"--epochs {config.epochs}: must be at least 1")
-    if config.lr is not None and not config.lr > 0:
-        raise VitupError(f"--lr {config.lr}: must be positive")
-    if config.schedule not in SCHEDULES:
-        raise VitupError(f"--schedule {config.schedule}: use {' or '.join(SCHEDULES)}")
-    if config.dtype not in ("float16", "float32"):
-        raise VitupError(f"--dtype {config.dtype}: use float16 or float32")
+    check_protocol(
+        res=config.res, crop=config.crop, batch_size=config.batch_size, epochs=config.epochs, lr=config.lr,
+        schedule=config.schedule, dtype=config.dtype, precision=config.precision,
+    )  # fmt: skip
+    if config.correspondence_res < 1:
+        raise VitupError(f"--correspondence-res {config.correspondence_res}: must be at least 1")
     if config.depth_scale is not None and not config.depth_scale > 0:
         raise VitupError(f"--depth-scale {config.depth_scale}: must be positive")
     if not config.max_depth > 0:
         raise VitupError(f"--max-depth {config.max_depth}: must be positive")
-    if config.precision not in ("auto", "bf16", "fp32"):
-        raise VitupError(f"--precision {config.precision}: use auto, bf16 or fp32")
     resolve_device(config.device)  # --device cuda without CUDA: one line now, not in every cell
     # a trained method with no checkpoint and no published weights fails in its cells, not here
     return names

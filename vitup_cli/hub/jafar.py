@@ -10,10 +10,17 @@ from typing import Any
 
 import torch
 
-from vitup_cli.backbones import ALIASES, Backbone, sha256_file
+from vitup_cli.backbones import Backbone, sha256_file
 from vitup_cli.errors import VitupError
 from vitup_cli.hub.format import OpenOptions, published_backbone, read_state_dict, register_readers
-from vitup_cli.hub.releases import RELEASES, ResolvedWeights, licence_notice, releases_for, resolve_weights
+from vitup_cli.hub.releases import (
+    RELEASES,
+    ResolvedWeights,
+    licence_notice,
+    release_for_backbone,
+    releases_for,
+    resolve_weights,
+)
 from vitup_cli.models.jafar import JAFAR, config_from_state, load_state
 
 _MARKERS = ("key_features_encoder.0.weight", "image_encoder.0.weight", "rope.freqs")
@@ -27,12 +34,6 @@ def read_published_weights(path: str | Path) -> dict[str, torch.Tensor]:
     if not all(k in state for k in _MARKERS):
         raise VitupError(f"--checkpoint {path}: not JAFAR weights in the published layout (no {' / '.join(_MARKERS)})")
     return state
-
-
-def default_release(backbone: str) -> str | None:
-    """The published JAFAR release trained on ``backbone`` (``jafar:dinov2_s``), if there is one."""
-    name = f"jafar:{ALIASES.get(backbone, backbone)}"
-    return name if name in RELEASES else None
 
 
 def load_jafar(
@@ -51,7 +52,8 @@ def load_jafar(
     ``backbone``, and its width must match."""
     if checkpoint is None:
         name = backbone.name if isinstance(backbone, Backbone) else backbone
-        checkpoint = default_release(name)
+        release = release_for_backbone("jafar", name)
+        checkpoint = release.name if release is not None else None
         if checkpoint is None:
             names = ", ".join(r.name for r in releases_for("jafar"))
             raise VitupError(

@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file, save
 
 from vitup_cli._version import __version__
-from vitup_cli.backbones import ALIASES, Backbone, load_backbone, sha256_file
+from vitup_cli.backbones import Backbone, load_backbone, sha256_file
 from vitup_cli.errors import VitupError
 from vitup_cli.fileio import atomic_write_bytes
 from vitup_cli.hub.format import (
@@ -28,7 +28,14 @@ from vitup_cli.hub.format import (
     read_state_dict,
     register_readers,
 )
-from vitup_cli.hub.releases import RELEASES, ResolvedWeights, licence_notice, releases_for, resolve_weights
+from vitup_cli.hub.releases import (
+    RELEASES,
+    ResolvedWeights,
+    licence_notice,
+    release_for_backbone,
+    releases_for,
+    resolve_weights,
+)
 from vitup_cli.models.loftup import LoftUp, LoftUpConfig, LoftUpNet, config_from_state, load_state
 
 
@@ -43,12 +50,6 @@ def read_published_weights(path: str | Path) -> dict[str, torch.Tensor]:
             "upsampler.fourier_feat.1.biases)"
         )
     return state
-
-
-def default_release(backbone: str) -> str | None:
-    """The published LoftUp release trained on ``backbone`` (``loftup:dinov2_s``), if there is one."""
-    name = f"loftup:{ALIASES.get(backbone, backbone)}"
-    return name if name in RELEASES else None
 
 
 def load_loftup(
@@ -71,7 +72,8 @@ def load_loftup(
     """
     if checkpoint is None:
         name = backbone.name if isinstance(backbone, Backbone) else backbone
-        checkpoint = default_release(name)
+        release = release_for_backbone("loftup", name)
+        checkpoint = release.name if release is not None else None
         if checkpoint is None:
             names = ", ".join(r.name for r in releases_for("loftup"))
             raise VitupError(

@@ -113,8 +113,31 @@ def _default_budget() -> int:
         return 4 << 30
 
 
+def check_protocol(
+    *, res: int, crop: int, batch_size: int, epochs: int | None, lr: float | None, schedule: str, dtype: str,
+    precision: str,
+) -> None:  # fmt: skip
+    """The linear-probe protocol's settings, each refused in one line naming its flag, before anything loads
+    (``vitup probe`` and ``vitup leaderboard`` both check theirs here)."""
+    resolve_precision(precision, "cpu")
+    if schedule not in SCHEDULES:
+        raise VitupError(f"--schedule {schedule}: use {' or '.join(SCHEDULES)}")
+    for flag, value in (("--res", res), ("--crop", crop), ("--batch-size", batch_size)):
+        if value < 1:
+            raise VitupError(f"{flag} {value}: must be at least 1")
+    if epochs is not None and epochs < 1:
+        raise VitupError(f"--epochs {epochs}: must be at least 1")
+    if lr is not None and not lr > 0:
+        raise VitupError(f"--lr {lr}: must be positive")
+    if dtype not in ("float16", "float32"):
+        raise VitupError(f"--dtype {dtype}: use float16 or float32")
+
+
 def _validate(config: ProbeConfig) -> None:
-    resolve_precision(config.precision, "cpu")  # a bad value is one line before anything loads
+    check_protocol(
+        res=config.res, crop=config.crop, batch_size=config.batch_size, epochs=config.epochs, lr=config.lr,
+        schedule=config.schedule, dtype=config.dtype, precision=config.precision,
+    )  # fmt: skip
     if config.out is not None and (Path(config.out) / "report.json").exists() and not config.overwrite:
         raise VitupError(
             f"--out {config.out} already holds a probe report; nothing was changed. Pass --overwrite to "
@@ -122,17 +145,6 @@ def _validate(config: ProbeConfig) -> None:
         )
     if config.task not in TASKS:
         raise VitupError(f"--task {config.task}: use seg or depth")
-    if config.schedule not in SCHEDULES:
-        raise VitupError(f"--schedule {config.schedule}: use cosine or jafar")
-    for flag, value in (("--res", config.res), ("--crop", config.crop), ("--batch-size", config.batch_size)):
-        if value < 1:
-            raise VitupError(f"{flag} {value}: must be at least 1")
-    if config.epochs is not None and config.epochs < 1:
-        raise VitupError(f"--epochs {config.epochs}: must be at least 1")
-    if config.lr is not None and not config.lr > 0:
-        raise VitupError(f"--lr {config.lr}: must be positive")
-    if config.dtype not in ("float16", "float32"):
-        raise VitupError(f"--dtype {config.dtype}: use float16 or float32")
 
 
 def _with_progress(reporter: Any, total: int, label: str):
